@@ -1,0 +1,352 @@
+//! Record value decoding. The only module that knows Avro and the Confluent wire format.
+//!
+//! A value is either Confluent-framed Avro (magic byte `0x00`, a big-endian `i32` schema id,
+//! then Avro binary, resolved through a schema registry) or plain JSON. Both become an
+//! [`Event`]: CloudEvents-style attributes plus a JSON payload. Attributes come from the Avro
+//! envelope (`schemas/event.avsc`) when the record uses it, else from the CloudEvents Kafka
+//! headers (`ce_id`, `ce_source`, `ce_type`, `ce_time`), else from the record's coordinates.
+//!
+//! Every failure is typed and classified: a value that can never decode is deterministic
+//! (it goes to the DLQ); an unreachable registry is transient (it is retried). Nothing panics.
+
+use std::time::Duration;
+
+use apache_avro::types::Value as AvroValue;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::config::{CodecConfig, CodecFormat};
+
+/// Confluent wire-format magic byte.
+pub const MAGIC_BYTE: u8 = 0;
+
+/// A decoded event: CloudEvents-style attributes plus its payload.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Source-namespaced delivery id; the idempotency key.
+    pub id: String,
+    /// Where the event came from, e.g. `/webhooks/github` or `kafka://orders`.
+    pub source: String,
+    /// Event type, e.g. `com.github.issue_comment`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// RFC 3339 time of the occurrence, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// The payload.
+    pub data: Json,
+}
+
+/// Why a value could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The record has no value (a tombstone); there is nothing to process.
+    #[error("record has no value (tombstone)")]
+    Tombstone,
+    /// Not JSON, and not Confluent-framed Avro either.
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// Avro expected but the value is shorter than the 5-byte Confluent header.
+    #[error("value is {0} bytes, shorter than the 5-byte Confluent header")]
+    Truncated(usize),
+    /// Avro expected but the first byte is not the Confluent magic byte.
+    #[error("first byte is {0:#04x}, not the Confluent magic byte 0x00")]
+    BadMagicByte(u8),
+    /// An Avro value arrived but no schema registry is configured.
+    #[error("Avro value with schema id {0} but codec.schema_registry_url is not set")]
+    NoRegistry(u32),
+    /// The registry does not know the schema id.
+    #[error("schema id {0} is unknown to the schema registry")]
+    UnknownSchemaId(u32),
+    /// The registry refused the lookup for another non-retriable reason.
+    #[error("schema registry rejected schema id {id}: {message}")]
+    RegistryRejected { id: u32, message: String },
+    /// The registry could not be reached or failed transiently.
+    #[error("schema registry unavailable: {0}")]
+    RegistryUnavailable(String),
+    /// The Avro binary does not match its schema.
+    #[error("Avro value does not match schema id {id}: {message}")]
+    AvroInvalid { id: u32, message: String },
+}
+
+impl CodecError {
+    /// Stable, low-cardinality code for metrics and DLQ headers.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            CodecError::Tombstone => "tombstone",
+            CodecError::InvalidJson(_) => "invalid_json",
+            CodecError::Truncated(_) => "avro_truncated",
+            CodecError::BadMagicByte(_) => "avro_bad_magic_byte",
+            CodecError::NoRegistry(_) => "avro_without_registry",
+            CodecError::UnknownSchemaId(_) => "unknown_schema_id",
+            CodecError::RegistryRejected { .. } => "schema_registry_rejected",
+            CodecError::RegistryUnavailable(_) => "schema_registry_unavailable",
+            CodecError::AvroInvalid { .. } => "avro_invalid",
+        }
+    }
+
+    /// Transient errors may succeed on retry; all others never will.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::RegistryUnavailable(_))
+    }
+}
+
+/// Decodes record values into [`Event`]s.
+pub struct Codec {
+    format: CodecFormat,
+    avro: Option<AvroDecoder>,
+}
+
+impl Codec {
+    /// Builds a codec; the registry client is only created when a URL is configured.
+    pub fn new(config: &CodecConfig) -> Result<Codec, CodecError> {
+        let avro = match &config.schema_registry_url {
+            Some(url) => {
+                let settings = SrSettings::new_builder(url.clone())
+                    .set_timeout(Duration::from_millis(config.schema_registry_timeout_ms))
+                    .build()
+                    .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
+                Some(AvroDecoder::new(settings))
+            }
+            None => None,
+        };
+        Ok(Codec {
+            format: config.format,
+            avro,
+        })
+    }
+
+    /// Decodes one record.
+    pub async fn decode(&self, record: &OwnedMessage) -> Result<Event, CodecError> {
+        let bytes = record.payload().ok_or(CodecError::Tombstone)?;
+        let is_avro = match self.format {
+            CodecFormat::Json => false,
+            CodecFormat::Avro => true,
+            CodecFormat::Auto => bytes.first() == Some(&MAGIC_BYTE),
+        };
+        if is_avro {
+            let value = self.decode_avro(bytes).await?;
+            Ok(event_from_avro(value, record))
+        } else {
+            let data: Json = serde_json::from_slice(bytes)
+                .map_err(|e| CodecError::InvalidJson(e.to_string()))?;
+            Ok(event_from_headers(data, record))
+        }
+    }
+
+    async fn decode_avro(&self, bytes: &[u8]) -> Result<AvroValue, CodecError> {
+        let id = schema_id(bytes)?;
+        let decoder = self.avro.as_ref().ok_or(CodecError::NoRegistry(id))?;
+        // Resolve the schema first, so registry failures are told apart from bad data.
+        if let Err(e) = decoder.get_schema(id).await {
+            let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
+            return Err(if e.retriable {
+                CodecError::RegistryUnavailable(e.error)
+            } else if text.contains("404") {
+                CodecError::UnknownSchemaId(id)
+            } else if text.contains("status 4") {
+                CodecError::RegistryRejected {
+                    id,
+                    message: e.error,
+                }
+            } else {
+                // Connection refused, timeouts and 5xx other than 502/503.
+                CodecError::RegistryUnavailable(e.error)
+            });
+        }
+        decoder
+            .decode(Some(bytes))
+            .await
+            .map(|r| r.value)
+            .map_err(|e| CodecError::AvroInvalid {
+                id,
+                message: e.error,
+            })
+    }
+}
+
+/// Reads the schema id of a Confluent-framed value.
+pub fn schema_id(bytes: &[u8]) -> Result<u32, CodecError> {
+    if bytes.len() < 5 {
+        return Err(CodecError::Truncated(bytes.len()));
+    }
+    if bytes[0] != MAGIC_BYTE {
+        return Err(CodecError::BadMagicByte(bytes[0]));
+    }
+    Ok(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]))
+}
+
+/// Returns the value of a header as UTF-8, if present.
+pub fn header_str<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    let headers = record.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+fn default_id(record: &OwnedMessage) -> String {
+    format!(
+        "{}/{}/{}",
+        record.topic(),
+        record.partition(),
+        record.offset()
+    )
+}
+
+fn event_from_headers(data: Json, record: &OwnedMessage) -> Event {
+    Event {
+        id: header_str(record, "ce_id")
+            .map(str::to_string)
+            .unwrap_or_else(|| default_id(record)),
+        source: header_str(record, "ce_source")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("kafka://{}", record.topic())),
+        event_type: header_str(record, "ce_type")
+            .unwrap_or("spillway.record")
+            .to_string(),
+        time: header_str(record, "ce_time").map(str::to_string),
+        data,
+    }
+}
+
+/// An Avro record using the Spillway envelope gives its attributes directly; any other Avro
+/// value (an upstream topic's own schema) becomes the payload, with attributes from headers.
+fn event_from_avro(value: AvroValue, record: &OwnedMessage) -> Event {
+    if let AvroValue::Record(fields) = &value {
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| match v {
+                    AvroValue::Union(_, inner) => inner.as_ref(),
+                    other => other,
+                })
+        };
+        let string = |name: &str| match get(name) {
+            Some(AvroValue::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        if let (Some(id), Some(source), Some(event_type), Some(data)) = (
+            string("id"),
+            string("source"),
+            string("type"),
+            string("data"),
+        ) {
+            let data = serde_json::from_str(&data).unwrap_or(Json::String(data));
+            return Event {
+                id,
+                source,
+                event_type,
+                time: string("time"),
+                data,
+            };
+        }
+    }
+    let data = Json::try_from(value).unwrap_or(Json::Null);
+    event_from_headers(data, record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+
+    fn record(payload: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        OwnedMessage::new(
+            payload.map(|p| p.to_vec()),
+            Some(b"k".to_vec()),
+            "orders".into(),
+            Timestamp::NotAvailable,
+            3,
+            42,
+            Some(h),
+        )
+    }
+
+    fn json_codec() -> Codec {
+        Codec::new(&CodecConfig::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn json_value_takes_attributes_from_cloudevents_headers() {
+        let r = record(
+            Some(br#"{"text":"hi"}"#),
+            &[("ce_id", "gh:1"), ("ce_source", "/webhooks/github")],
+        );
+        let e = json_codec().decode(&r).await.unwrap();
+        assert_eq!(e.id, "gh:1");
+        assert_eq!(e.source, "/webhooks/github");
+        assert_eq!(e.data["text"], "hi");
+    }
+
+    #[tokio::test]
+    async fn json_value_without_headers_gets_coordinates_as_id() {
+        let e = json_codec()
+            .decode(&record(Some(b"[1,2]"), &[]))
+            .await
+            .unwrap();
+        assert_eq!(e.id, "orders/3/42");
+        assert_eq!(e.source, "kafka://orders");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_deterministic_invalid_json_error() {
+        let err = json_codec()
+            .decode(&record(Some(b"\xff\xfe not json"), &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_code(), "invalid_json");
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn avro_without_registry_is_deterministic() {
+        let err = json_codec()
+            .decode(&record(Some(&[0, 0, 0, 0, 7, 2, 4]), &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_code(), "avro_without_registry");
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn short_avro_frame_is_truncated_not_a_panic() {
+        let cfg = CodecConfig {
+            format: CodecFormat::Avro,
+            ..CodecConfig::default()
+        };
+        let codec = Codec::new(&cfg).unwrap();
+        for bytes in [&b""[..], &[0][..], &[0, 0, 0][..]] {
+            let err = codec.decode(&record(Some(bytes), &[])).await.unwrap_err();
+            assert_eq!(err.error_code(), "avro_truncated");
+        }
+        let err = codec
+            .decode(&record(Some(&[1, 0, 0, 0, 1, 0]), &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_code(), "avro_bad_magic_byte");
+    }
+
+    #[tokio::test]
+    async fn tombstone_is_reported() {
+        let err = json_codec().decode(&record(None, &[])).await.unwrap_err();
+        assert_eq!(err.error_code(), "tombstone");
+    }
+
+    #[test]
+    fn schema_id_reads_big_endian() {
+        assert_eq!(schema_id(&[0, 0, 0, 1, 2, 9]).unwrap(), 258);
+    }
+}

@@ -1,0 +1,682 @@
+//! Typed configuration: a TOML file plus `SPILLWAY_`-prefixed environment overrides.
+//!
+//! Every field is documented, carries its unit in its name, and gets its default from a
+//! named function. Required settings (brokers, group, topics, DLQ topic) have no default.
+//! [`Config::load`] deserializes and then [`Config::validate`]s cross-field rules, failing
+//! with a message that names the offending key.
+//!
+//! Environment overrides use `__` as the nesting separator:
+//! `SPILLWAY_KAFKA__BROKERS=broker:9092`, `SPILLWAY_PROCESSOR__MAX_IN_FLIGHT=4096`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// Configuration errors. Each message names the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment could not be parsed into the typed config.
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parsed but breaks a rule; the message names the key.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+    /// A secret referenced from the environment or a file could not be read.
+    #[error("invalid configuration: {key}: {message}")]
+    Secret { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection, consumer group and topics.
+    pub kafka: KafkaConfig,
+    /// Scheduling, buffering, offsets and lifecycle of the processor.
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    /// Where records that cannot be processed go.
+    pub dlq: DlqConfig,
+    /// How record values are decoded.
+    #[serde(default)]
+    pub codec: CodecConfig,
+    /// The per-event chain of steps, run in order.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Metrics, health endpoints and logs.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Kafka connection and consumer-group settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group id (`group.id`). Instances with the same group share the partitions.
+    pub group_id: String,
+    /// Topics to consume. Topics written by other producers are first-class.
+    pub topics: Vec<String>,
+    /// Create missing topics (and the DLQ topic) at start-up with this many partitions.
+    /// Meant for development; leave unset against managed clusters.
+    #[serde(default)]
+    pub create_topics_partitions: Option<i32>,
+    /// Consumer session timeout in milliseconds (`session.timeout.ms`).
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Maximum time between polls before the member is evicted (`max.poll.interval.ms`).
+    /// The poll loop never waits on processing, so this only bounds stalls of the loop itself.
+    #[serde(default = "default_max_poll_interval_ms")]
+    pub max_poll_interval_ms: u64,
+    /// Bound on how long a produce (DLQ) may take before it errors (`message.timeout.ms`).
+    #[serde(default = "default_message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Where a group without committed offsets starts (`auto.offset.reset`): `earliest` or `latest`.
+    #[serde(default = "default_auto_offset_reset")]
+    pub auto_offset_reset: String,
+    /// Interval of librdkafka statistics, which feed the lag metrics (`statistics.interval.ms`).
+    #[serde(default = "default_statistics_interval_ms")]
+    pub statistics_interval_ms: u64,
+    /// Any other librdkafka property, passed through as-is: SASL/SSL for managed clusters,
+    /// fetch tuning, and so on. Values may be literals or `{ env = "VAR" }` / `{ file = "/path" }`
+    /// for secrets. Properties Spillway manages itself are rejected.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// Processor scheduling, buffering, offsets and lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// Global limit of events being processed at once, across all partitions.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Records a partition may hold waiting (not yet started) before it is paused.
+    /// It resumes when the buffer has drained to half.
+    #[serde(default = "default_max_buffered_per_partition")]
+    pub max_buffered_per_partition: usize,
+    /// Records all partitions together may hold waiting before intake pauses.
+    #[serde(default = "default_max_buffered_total")]
+    pub max_buffered_total: usize,
+    /// How often finished offsets are committed, in milliseconds.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish before it is abandoned
+    /// (and redelivered later), in milliseconds.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    /// On a partition revoke, how long in-flight work of the revoked partitions may take to
+    /// finish before their offsets are committed and the partitions released, in milliseconds.
+    #[serde(default = "default_rebalance_timeout_ms")]
+    pub rebalance_timeout_ms: u64,
+    /// Retry policy for transient step errors.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Exponential backoff with full jitter for transient errors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts per step, the first included. After the last, the record is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Backoff cap for the first retry, in milliseconds; it doubles per attempt.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Upper bound of any single backoff, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+/// Dead-letter queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqConfig {
+    /// Topic that receives records that failed deterministically or exhausted their retries.
+    pub topic: String,
+}
+
+/// Value decoding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    /// Expected value format: `auto` (Confluent-framed Avro if the magic byte says so, else
+    /// JSON), `json` or `avro`.
+    #[serde(default = "default_codec_format")]
+    pub format: CodecFormat,
+    /// Confluent-compatible schema registry URL; required to decode Avro.
+    #[serde(default)]
+    pub schema_registry_url: Option<String>,
+    /// Timeout of one registry request, in milliseconds.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub schema_registry_timeout_ms: u64,
+}
+
+/// Accepted value formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecFormat {
+    /// Avro when the first byte is the Confluent magic byte, JSON otherwise.
+    Auto,
+    /// Plain JSON only.
+    Json,
+    /// Confluent-framed Avro only.
+    Avro,
+}
+
+/// One step of the per-event chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StepConfig {
+    /// HTTP POST of the event to a URL (the generic webhook sink).
+    Webhook(WebhookConfig),
+}
+
+/// The generic webhook sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `webhook`.
+    #[serde(default = "default_webhook_name")]
+    pub name: String,
+    /// Target URL.
+    pub url: String,
+    /// Timeout of one attempt (connect, send and response), in milliseconds.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Extra request headers. Values may be literals or secret references.
+    #[serde(default)]
+    pub headers: BTreeMap<String, PropertyValue>,
+}
+
+/// Metrics, health endpoints and logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz` fails when the poll loop has made no progress for this long, in milliseconds.
+    #[serde(default = "default_liveness_timeout_ms")]
+    pub liveness_timeout_ms: u64,
+    /// Log format: `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration value that may be a secret kept outside the file.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    /// Read from an environment variable at start-up.
+    Env {
+        /// Variable name.
+        env: String,
+    },
+    /// Read from a file at start-up (trailing newline trimmed), e.g. a mounted secret.
+    File {
+        /// File path.
+        file: PathBuf,
+    },
+    /// A literal string.
+    Text(String),
+    /// A literal integer.
+    Int(i64),
+    /// A literal boolean.
+    Bool(bool),
+}
+
+impl fmt::Debug for PropertyValue {
+    // Secrets must never reach logs: only say where a value comes from.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::Env { env } => write!(f, "<from env {env}>"),
+            PropertyValue::File { file } => write!(f, "<from file {}>", file.display()),
+            PropertyValue::Text(_) | PropertyValue::Int(_) | PropertyValue::Bool(_) => {
+                f.write_str("<literal>")
+            }
+        }
+    }
+}
+
+impl PropertyValue {
+    /// Resolves the value; `key` is only used to name it in errors.
+    pub fn resolve(&self, key: &str) -> Result<String, ConfigError> {
+        match self {
+            PropertyValue::Text(s) => Ok(s.clone()),
+            PropertyValue::Int(i) => Ok(i.to_string()),
+            PropertyValue::Bool(b) => Ok(b.to_string()),
+            PropertyValue::Env { env } => std::env::var(env).map_err(|_| ConfigError::Secret {
+                key: key.to_string(),
+                message: format!("environment variable {env} is not set"),
+            }),
+            PropertyValue::File { file } => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| ConfigError::Secret {
+                    key: key.to_string(),
+                    message: format!("cannot read {}: {e}", file.display()),
+                }),
+        }
+    }
+}
+
+/// librdkafka properties Spillway sets itself; passing them through would break guarantees.
+pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "enable.partition.eof",
+];
+
+fn default_session_timeout_ms() -> u64 {
+    45_000
+}
+fn default_max_poll_interval_ms() -> u64 {
+    300_000
+}
+fn default_message_timeout_ms() -> u64 {
+    30_000
+}
+fn default_auto_offset_reset() -> String {
+    "earliest".to_string()
+}
+fn default_statistics_interval_ms() -> u64 {
+    5_000
+}
+fn default_max_in_flight() -> usize {
+    1024
+}
+fn default_max_buffered_per_partition() -> usize {
+    2_000
+}
+fn default_max_buffered_total() -> usize {
+    20_000
+}
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    25_000
+}
+fn default_rebalance_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_backoff_ms() -> u64 {
+    200
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+fn default_codec_format() -> CodecFormat {
+    CodecFormat::Auto
+}
+fn default_registry_timeout_ms() -> u64 {
+    5_000
+}
+fn default_webhook_name() -> String {
+    "webhook".to_string()
+}
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_liveness_timeout_ms() -> u64 {
+    30_000
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            max_in_flight: default_max_in_flight(),
+            max_buffered_per_partition: default_max_buffered_per_partition(),
+            max_buffered_total: default_max_buffered_total(),
+            commit_interval_ms: default_commit_interval_ms(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            rebalance_timeout_ms: default_rebalance_timeout_ms(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            format: default_codec_format(),
+            schema_registry_url: None,
+            schema_registry_timeout_ms: default_registry_timeout_ms(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            metrics_addr: default_metrics_addr(),
+            liveness_timeout_ms: default_liveness_timeout_ms(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (TOML) with `SPILLWAY_*` environment overrides and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::file_exact(path))
+                .merge(Env::prefixed("SPILLWAY_").split("__")),
+        )
+    }
+
+    /// Parses a TOML string (no environment overrides) and validates it.
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field rules. Fails on the first broken rule, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
+        }
+        if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.topics",
+                "must list at least one non-empty topic",
+            ));
+        }
+        if let Some(p) = k.create_topics_partitions {
+            if p < 1 {
+                return Err(ConfigError::invalid(
+                    "kafka.create_topics_partitions",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if !matches!(k.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(ConfigError::invalid(
+                "kafka.auto_offset_reset",
+                "must be `earliest` or `latest`",
+            ));
+        }
+        for key in k.properties.keys() {
+            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.properties.\"{key}\""),
+                    "is managed by Spillway and cannot be overridden",
+                ));
+            }
+        }
+        let p = &self.processor;
+        if p.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "processor.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if p.max_buffered_per_partition < 2 {
+            return Err(ConfigError::invalid(
+                "processor.max_buffered_per_partition",
+                "must be at least 2",
+            ));
+        }
+        if p.max_buffered_total < p.max_buffered_per_partition {
+            return Err(ConfigError::invalid(
+                "processor.max_buffered_total",
+                "must be at least processor.max_buffered_per_partition",
+            ));
+        }
+        if p.commit_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "processor.commit_interval_ms",
+                "must be greater than 0",
+            ));
+        }
+        if p.rebalance_timeout_ms >= k.max_poll_interval_ms {
+            return Err(ConfigError::invalid(
+                "processor.rebalance_timeout_ms",
+                format!(
+                    "must be below kafka.max_poll_interval_ms ({} ms): the poll loop waits for \
+                     revoked work inside the rebalance callback",
+                    k.max_poll_interval_ms
+                ),
+            ));
+        }
+        if p.retry.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "processor.retry.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if p.retry.initial_backoff_ms > p.retry.max_backoff_ms {
+            return Err(ConfigError::invalid(
+                "processor.retry.initial_backoff_ms",
+                "must not exceed processor.retry.max_backoff_ms",
+            ));
+        }
+        if self.dlq.topic.trim().is_empty() {
+            return Err(ConfigError::invalid("dlq.topic", "must not be empty"));
+        }
+        if k.topics.contains(&self.dlq.topic) {
+            return Err(ConfigError::invalid(
+                "dlq.topic",
+                "must not be one of kafka.topics (a poison record would loop)",
+            ));
+        }
+        if self.codec.format == CodecFormat::Avro && self.codec.schema_registry_url.is_none() {
+            return Err(ConfigError::invalid(
+                "codec.schema_registry_url",
+                "is required when codec.format = \"avro\"",
+            ));
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                StepConfig::Webhook(w) => {
+                    let key = format!("steps[{i}].url");
+                    let url = reqwest::Url::parse(&w.url)
+                        .map_err(|e| ConfigError::invalid(key.clone(), e.to_string()))?;
+                    if !matches!(url.scheme(), "http" | "https") {
+                        return Err(ConfigError::invalid(key, "must be an http(s) URL"));
+                    }
+                    if w.timeout_ms == 0 {
+                        return Err(ConfigError::invalid(
+                            format!("steps[{i}].timeout_ms"),
+                            "must be greater than 0",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ProcessorConfig {
+    /// Commit interval as a duration.
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        group_id = "g"
+        topics = ["events"]
+        [dlq]
+        topic = "events.dlq"
+    "#;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../config/example.toml");
+        let cfg = Config::from_toml(text).expect("config/example.toml must stay valid");
+        assert_eq!(cfg.processor.max_in_flight, 1024);
+        assert!(!cfg.steps.is_empty());
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let cfg = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(cfg.processor.max_in_flight, 1024);
+        assert_eq!(cfg.processor.commit_interval_ms, 1000);
+        assert_eq!(cfg.kafka.auto_offset_reset, "earliest");
+        assert_eq!(cfg.codec.format, CodecFormat::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let text = format!("{MINIMAL}\n[processor]\nmax_inflight = 3\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn zero_in_flight_names_the_key() {
+        let text = format!("{MINIMAL}\n[processor]\nmax_in_flight = 0\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("processor.max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn dlq_topic_equal_to_input_topic_is_rejected() {
+        let text = MINIMAL.replace("events.dlq", "events");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("dlq.topic"), "{err}");
+    }
+
+    #[test]
+    fn managed_kafka_property_cannot_be_overridden() {
+        let text = MINIMAL.replace(
+            "[dlq]",
+            "[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n[dlq]",
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn rebalance_timeout_must_fit_in_max_poll_interval() {
+        let text = MINIMAL.replace(
+            "topics = [\"events\"]",
+            "topics = [\"events\"]\nmax_poll_interval_ms = 5000",
+        ) + "\n[processor]\nrebalance_timeout_ms = 6000\n";
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("processor.rebalance_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn secrets_resolve_from_env_and_file_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret-from-file\n").unwrap();
+        // A variable name unique to this test, so parallel tests cannot race on it.
+        std::env::set_var("SPILLWAY_TEST_SECRET_RESOLVE", "s3cret-from-env");
+        let text = MINIMAL.replace(
+            "[dlq]",
+            &format!(
+                "[kafka.properties]\n\"sasl.username\" = {{ env = \"SPILLWAY_TEST_SECRET_RESOLVE\" }}\n\
+                 \"sasl.password\" = {{ file = \"{}\" }}\n\"fetch.min.bytes\" = 1\n[dlq]",
+                path.display()
+            ),
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        let props = &cfg.kafka.properties;
+        assert_eq!(
+            props["sasl.username"].resolve("u").unwrap(),
+            "s3cret-from-env"
+        );
+        assert_eq!(
+            props["sasl.password"].resolve("p").unwrap(),
+            "s3cret-from-file"
+        );
+        assert_eq!(props["fetch.min.bytes"].resolve("f").unwrap(), "1");
+        let debug = format!("{cfg:?}");
+        assert!(
+            !debug.contains("s3cret"),
+            "secrets leaked into Debug: {debug}"
+        );
+    }
+
+    #[test]
+    fn missing_env_secret_names_the_key() {
+        let v = PropertyValue::Env {
+            env: "SPILLWAY_TEST_DEFINITELY_UNSET".into(),
+        };
+        let err = v.resolve("kafka.properties.sasl.password").unwrap_err();
+        assert!(err.to_string().contains("kafka.properties.sasl.password"));
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("spillway.toml", MINIMAL)?;
+            jail.set_env("SPILLWAY_PROCESSOR__MAX_IN_FLIGHT", "4096");
+            jail.set_env("SPILLWAY_KAFKA__BROKERS", "other:9092");
+            let cfg = Config::load(Path::new("spillway.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.processor.max_in_flight, 4096);
+            assert_eq!(cfg.kafka.brokers, "other:9092");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,86 @@
+//! Kafka client construction: the one place that turns [`KafkaConfig`] into librdkafka
+//! properties, for consumers, producers and the admin client.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::{ConfigError, KafkaConfig};
+
+/// Properties common to every client: brokers plus the pass-through properties, with
+/// secrets resolved from the environment or files.
+pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    // librdkafka's own log lines go through `log`, which we do not wire; errors surface
+    // through callbacks and results instead.
+    c.set("log_level", "3");
+    for (key, value) in &k.properties {
+        c.set(key, value.resolve(&format!("kafka.properties.\"{key}\""))?);
+    }
+    Ok(c)
+}
+
+/// Consumer-group member properties. Offsets are stored and committed by Spillway only.
+pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = base_config(k)?;
+    c.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string())
+        .set(
+            "statistics.interval.ms",
+            k.statistics_interval_ms.to_string(),
+        );
+    // Keep the prefetch queue modest unless the user tuned it: buffered records are bounded by
+    // the scheduler, and this bounds what librdkafka holds underneath it.
+    if !k.properties.contains_key("queued.max.messages.kbytes") {
+        c.set("queued.max.messages.kbytes", "16384");
+    }
+    Ok(c)
+}
+
+/// Idempotent producer properties (`acks=all`, bounded delivery timeout).
+pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = base_config(k)?;
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", k.message_timeout_ms.to_string());
+    if !k.properties.contains_key("linger.ms") {
+        c.set("linger.ms", "5");
+    }
+    Ok(c)
+}
+
+/// Creates `topics` with `partitions` partitions where missing. Existing topics are left alone.
+pub async fn ensure_topics(
+    k: &KafkaConfig,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(new.iter(), &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(%topic, ?code, "could not create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Spillway: event-driven LLM pipelines on Kafka.
+//!
+//! The library holds every service; `src/main.rs` only parses the command line, loads
+//! configuration, starts telemetry and calls into here. See `ARCHITECTURE.md` for the map.
+
+pub mod codec;
+pub mod config;
+pub mod kafka;
+pub mod processor;
+pub mod shutdown;
+pub mod sink;
+pub mod telemetry;

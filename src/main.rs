@@ -1,0 +1,78 @@
+//! The `spillway` binary: parses the command line, loads configuration, starts telemetry
+//! and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "spillway",
+    version,
+    about = "Event-driven LLM pipelines on Kafka"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the configured topics and run every event through the configured steps.
+    Processor {
+        /// Path of the TOML configuration (SPILLWAY_* environment variables override it).
+        #[arg(
+            short,
+            long,
+            env = "SPILLWAY_CONFIG",
+            default_value = "config/example.toml"
+        )]
+        config: PathBuf,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Processor { config, check } => {
+            let config = match spillway::config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spillway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if check {
+                println!("configuration is valid");
+                return ExitCode::SUCCESS;
+            }
+            spillway::telemetry::init_logging(config.telemetry.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("spillway: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async {
+                let shutdown = spillway::shutdown::on_signal();
+                spillway::processor::run(config, shutdown).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "processor failed");
+                    eprintln!("spillway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

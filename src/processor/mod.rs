@@ -1,0 +1,174 @@
+//! The processor: a consumer-group member that runs each record through a chain of steps,
+//! many records at once, in order per key, committing offsets only past finished work.
+//!
+//! * [`consumer`]: the poll thread and librdkafka callbacks (rebalances, stats, commits).
+//! * [`scheduler`]: per-key ordering, look-ahead buffers, pause/resume, commits, drain.
+//! * [`offsets`]: the per-partition low-watermark tracker, the only source of commits.
+//! * [`worker`]: one record's life: decode, steps with retries, DLQ.
+//! * [`step`]: the trait steps implement. [`retry`]: backoff. [`dlq`]: the DLQ writer.
+
+pub mod consumer;
+pub mod dlq;
+pub mod offsets;
+pub mod retry;
+mod scheduler;
+pub mod step;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Codec, CodecError};
+use crate::config::{Config, ConfigError};
+use crate::telemetry::{Health, Metrics};
+use consumer::{Input, KafkaConsumer};
+use step::Pipeline;
+use worker::Worker;
+
+/// Why the processor could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    /// Invalid configuration or unreadable secret.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Kafka client could not be created or the topics not set up.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The codec could not be set up.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// The telemetry endpoint could not be bound.
+    #[error("telemetry endpoint {addr}: {source}")]
+    Telemetry {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The poll thread could not be started or died.
+    #[error("consumer: {0}")]
+    Consumer(String),
+}
+
+/// A started processor: consumer subscribed, telemetry served. Call [`Processor::run`].
+pub struct Processor {
+    config: Config,
+    consumer: Arc<KafkaConsumer>,
+    rx: mpsc::Receiver<Input>,
+    worker: Arc<Worker>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    metrics_addr: SocketAddr,
+    telemetry: tokio::task::JoinHandle<()>,
+    telemetry_stop: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+impl Processor {
+    /// Sets everything up: dev topics if configured, the DLQ producer, the codec, the
+    /// consumer subscription and the telemetry server. `shutdown` stops it.
+    pub async fn start(
+        config: Config,
+        steps: Pipeline,
+        shutdown: CancellationToken,
+    ) -> Result<Processor, ProcessorError> {
+        config.validate()?;
+        let metrics = Metrics::new();
+        let health = Health::new(Duration::from_millis(config.telemetry.liveness_timeout_ms));
+        // Telemetry outlives the drain, so /metrics and /healthz stay up while it runs.
+        let telemetry_stop = CancellationToken::new();
+        let (metrics_addr, telemetry) = crate::telemetry::serve(
+            &config.telemetry,
+            metrics.clone(),
+            health.clone(),
+            telemetry_stop.clone(),
+        )
+        .await
+        .map_err(|source| ProcessorError::Telemetry {
+            addr: config.telemetry.metrics_addr,
+            source,
+        })?;
+        if let Some(partitions) = config.kafka.create_topics_partitions {
+            let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+            topics.push(&config.dlq.topic);
+            crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
+        }
+        let dlq = dlq::DlqWriter::new(
+            &config.kafka,
+            &config.dlq.topic,
+            config.processor.retry.clone(),
+            metrics.clone(),
+        )?;
+        let worker = Arc::new(Worker {
+            codec: Codec::new(&config.codec)?,
+            steps,
+            retry: config.processor.retry.clone(),
+            dlq,
+            metrics: metrics.clone(),
+        });
+        let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
+        let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;
+        tracing::info!(
+            topics = ?config.kafka.topics,
+            group = %config.kafka.group_id,
+            max_in_flight = config.processor.max_in_flight,
+            "processor subscribed"
+        );
+        Ok(Processor {
+            config,
+            consumer,
+            rx,
+            worker,
+            metrics,
+            health,
+            metrics_addr,
+            telemetry,
+            telemetry_stop,
+            shutdown,
+        })
+    }
+
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The processor's collectors.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled; then drains, commits, leaves the group
+    /// and returns.
+    pub async fn run(self) -> Result<(), ProcessorError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let poll =
+            consumer::spawn_poll_thread(self.consumer.clone(), self.health.clone(), stop.clone())
+                .map_err(|e| ProcessorError::Consumer(e.to_string()))?;
+        self.health.set_ready(true);
+        let scheduler = scheduler::Scheduler::new(
+            self.config.processor.clone(),
+            self.consumer,
+            self.worker,
+            self.metrics,
+            self.health,
+        );
+        let result = scheduler.run(self.rx, self.shutdown.clone(), stop).await;
+        // The poll thread closes the consumer (leaving the group) once it holds the last
+        // reference; wait for it off the async threads.
+        let _ = tokio::task::spawn_blocking(move || poll.join()).await;
+        self.telemetry_stop.cancel();
+        let _ = self.telemetry.await;
+        tracing::info!("processor stopped");
+        result.map_err(|e| ProcessorError::Consumer(e.to_string()))
+    }
+}
+
+/// Starts a processor from configuration (steps built from `config.steps`) and runs it.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ProcessorError> {
+    let steps = crate::sink::build_pipeline(&config.steps)?;
+    Processor::start(config, steps, shutdown).await?.run().await
+}

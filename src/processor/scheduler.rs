@@ -1,0 +1,636 @@
+//! Key-ordered concurrent scheduling, bounded look-ahead, offset commits, revokes and drain.
+//!
+//! One task owns all scheduling state, so there are no locks on the data path. It receives
+//! records and rebalance events from the poll thread and completions from the record tasks:
+//!
+//! * Records with the same key run strictly one after another, in offset order; records with
+//!   different keys (and records without a key) run concurrently, up to `max_in_flight`.
+//! * A record whose key is busy waits in that key's queue while later records of other keys
+//!   go ahead (look-ahead). Waiting records are bounded per partition and in total: when a
+//!   partition's buffer is full it is paused, and it resumes once the buffer has drained to
+//!   half. A hot key therefore never blocks other keys, and memory stays bounded.
+//! * Offsets are committed from each partition's [`OffsetTracker`] only.
+//! * On revoke, the revoked partitions' waiting records are dropped, their in-flight work gets
+//!   up to `rebalance_timeout_ms` to finish, their finished offsets are committed
+//!   synchronously, and then their state is discarded, so nothing of the old assignment can
+//!   be committed afterwards.
+
+use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, Id, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::consumer::{tpl_of, Input, KafkaConsumer, Partition};
+use super::offsets::{OffsetTracker, Tracked};
+use super::worker::{Outcome, Worker};
+use crate::config::ProcessorConfig;
+use crate::telemetry::{Health, Metrics};
+
+/// Scheduling state of one assigned partition.
+struct PartitionState {
+    topic: Arc<str>,
+    /// Distinguishes this assignment from an earlier one of the same partition.
+    epoch: u64,
+    tracker: OffsetTracker,
+    /// Keys with a record running or waiting, and the records waiting behind it.
+    keys: HashMap<u64, VecDeque<Arc<OwnedMessage>>>,
+    /// Records received and not started yet.
+    buffered: usize,
+    /// Records of this partition running now.
+    running: usize,
+    paused: bool,
+    last_committed: Option<i64>,
+    revoking: bool,
+}
+
+/// A record ready to start.
+struct Job {
+    partition: i32,
+    topic: Arc<str>,
+    epoch: u64,
+    key: Option<u64>,
+    record: Arc<OwnedMessage>,
+}
+
+/// What the scheduler remembers about a running task.
+struct Running {
+    topic: Arc<str>,
+    partition: i32,
+    epoch: u64,
+    key: Option<u64>,
+    offset: i64,
+    abort: AbortHandle,
+}
+
+struct PendingRevoke {
+    partitions: Vec<Partition>,
+    ack: std_mpsc::SyncSender<()>,
+    deadline: Instant,
+}
+
+pub(crate) struct Scheduler {
+    cfg: ProcessorConfig,
+    consumer: Arc<KafkaConsumer>,
+    worker: Arc<Worker>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    partitions: HashMap<Arc<str>, HashMap<i32, PartitionState>>,
+    ready: VecDeque<Job>,
+    tasks: JoinSet<Outcome>,
+    running: HashMap<Id, Running>,
+    buffered_total: usize,
+    paused: HashSet<Partition>,
+    next_epoch: u64,
+    pending_revoke: Option<PendingRevoke>,
+    draining: bool,
+}
+
+fn key_hash(key: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+impl Scheduler {
+    pub(crate) fn new(
+        cfg: ProcessorConfig,
+        consumer: Arc<KafkaConsumer>,
+        worker: Arc<Worker>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Scheduler {
+            cfg,
+            consumer,
+            worker,
+            metrics,
+            health,
+            partitions: HashMap::new(),
+            ready: VecDeque::new(),
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            buffered_total: 0,
+            paused: HashSet::new(),
+            next_epoch: 0,
+            pending_revoke: None,
+            draining: false,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled and the drain is complete, then stops the poll
+    /// thread through `stop`. Returns an error if the poll thread died unexpectedly.
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        shutdown: CancellationToken,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), &'static str> {
+        let mut commit_tick = tokio::time::interval(self.cfg.commit_interval());
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut drain_deadline = far;
+        let mut result = Ok(());
+        loop {
+            let revoke_deadline = self.pending_revoke.as_ref().map_or(far, |r| r.deadline);
+            tokio::select! {
+                biased;
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.on_joined(joined);
+                }
+                _ = shutdown.cancelled(), if !self.draining => {
+                    drain_deadline = Instant::now() + Duration::from_millis(self.cfg.shutdown_timeout_ms);
+                    self.begin_drain();
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if self.draining => {
+                    tracing::warn!(
+                        abandoned = self.tasks.len(),
+                        "shutdown deadline reached; abandoning in-flight work (it will be redelivered)"
+                    );
+                    break;
+                }
+                _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
+                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                input = rx.recv() => match input {
+                    Some(input) => self.on_input(input),
+                    None => {
+                        tracing::error!("poll thread stopped unexpectedly; shutting down");
+                        result = Err("poll thread stopped unexpectedly");
+                        break;
+                    }
+                },
+            }
+            if self.draining && self.tasks.is_empty() && self.pending_revoke.is_none() {
+                break;
+            }
+            self.dispatch();
+            self.finish_revoke_if_done();
+            self.resume_drained();
+        }
+        self.shutdown(rx, stop).await;
+        result
+    }
+
+    fn state_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionState> {
+        self.partitions.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Record(msg) => self.on_record(msg),
+            Input::Assign(parts) => self.on_assign(parts),
+            Input::Revoke(parts, ack) => self.on_revoke(parts, ack),
+        }
+    }
+
+    fn on_assign(&mut self, parts: Vec<Partition>) {
+        if self.draining {
+            return; // Records of these partitions are dropped; they stay uncommitted.
+        }
+        for (topic, partition) in parts {
+            self.next_epoch += 1;
+            let state = PartitionState {
+                topic: topic.clone(),
+                epoch: self.next_epoch,
+                tracker: OffsetTracker::new(),
+                keys: HashMap::new(),
+                buffered: 0,
+                running: 0,
+                paused: false,
+                last_committed: None,
+                revoking: false,
+            };
+            self.partitions
+                .entry(topic)
+                .or_default()
+                .insert(partition, state);
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.partitions.values().map(|p| p.len() as i64).sum());
+    }
+
+    fn on_record(&mut self, msg: OwnedMessage) {
+        let draining = self.draining;
+        let total = self.buffered_total;
+        let (max_part, max_total) = (
+            self.cfg.max_buffered_per_partition,
+            self.cfg.max_buffered_total,
+        );
+        let partition = msg.partition();
+        let Some(state) = self
+            .partitions
+            .get_mut(msg.topic())
+            .and_then(|m| m.get_mut(&partition))
+        else {
+            return; // Not (or no longer) ours: never tracked, so never committed.
+        };
+        if state.revoking || draining {
+            return;
+        }
+        if state.tracker.track(msg.offset()) == Tracked::Duplicate {
+            tracing::debug!(
+                offset = msg.offset(),
+                partition,
+                "ignoring redelivered offset already tracked"
+            );
+            return;
+        }
+        let record = Arc::new(msg);
+        let key = record.key().map(key_hash);
+        state.buffered += 1;
+        let job = Job {
+            partition,
+            topic: state.topic.clone(),
+            epoch: state.epoch,
+            key,
+            record,
+        };
+        let mut job = Some(job);
+        if let Some(k) = key {
+            match state.keys.entry(k) {
+                Entry::Occupied(mut waiting) => {
+                    // Key busy: wait behind it, in offset order.
+                    if let Some(j) = job.take() {
+                        waiting.get_mut().push_back(j.record);
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(VecDeque::new());
+                }
+            }
+        }
+        let over = state.buffered >= max_part || total + 1 >= max_total;
+        let pause = over && !state.paused;
+        if pause {
+            state.paused = true;
+        }
+        let topic = state.topic.clone();
+        self.buffered_total += 1;
+        self.metrics.buffered.set(self.buffered_total as i64);
+        if let Some(j) = job {
+            self.ready.push_back(j);
+        }
+        if pause {
+            self.set_paused((topic, partition), true);
+        }
+    }
+
+    fn set_paused(&mut self, part: Partition, pause: bool) {
+        let tpl = tpl_of([&part]);
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, topic = %part.0, partition = part.1, pause, "pause/resume failed");
+        }
+        if pause {
+            self.paused.insert(part);
+            self.metrics
+                .pause_events
+                .with_label_values(&["pause"])
+                .inc();
+        } else {
+            self.paused.remove(&part);
+            self.metrics
+                .pause_events
+                .with_label_values(&["resume"])
+                .inc();
+        }
+        self.metrics.paused_partitions.set(self.paused.len() as i64);
+    }
+
+    /// Resumes paused partitions whose buffers drained to half (and the total below its cap).
+    fn resume_drained(&mut self) {
+        if self.paused.is_empty()
+            || self.draining
+            || self.buffered_total >= self.cfg.max_buffered_total / 2
+        {
+            return;
+        }
+        let low = self.cfg.max_buffered_per_partition / 2;
+        let ready: Vec<Partition> = self
+            .paused
+            .iter()
+            .filter(|(t, p)| {
+                self.partitions
+                    .get(&**t)
+                    .and_then(|m| m.get(p))
+                    .is_some_and(|s| s.buffered <= low)
+            })
+            .cloned()
+            .collect();
+        for part in ready {
+            if let Some(s) = self.state_mut(&part.0, part.1) {
+                s.paused = false;
+            }
+            self.set_paused(part, false);
+        }
+    }
+
+    /// Starts ready records while there is room in the in-flight window.
+    fn dispatch(&mut self) {
+        while self.tasks.len() < self.cfg.max_in_flight {
+            let Some(job) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(state) = self
+                .partitions
+                .get_mut(&job.topic)
+                .and_then(|m| m.get_mut(&job.partition))
+                .filter(|s| s.epoch == job.epoch)
+            else {
+                continue; // Its partition was revoked meanwhile.
+            };
+            state.buffered -= 1;
+            state.running += 1;
+            self.buffered_total -= 1;
+            let offset = job.record.offset();
+            let worker = self.worker.clone();
+            let record = job.record;
+            let abort = self
+                .tasks
+                .spawn(async move { worker.process(record).await });
+            self.running.insert(
+                abort.id(),
+                Running {
+                    topic: job.topic,
+                    partition: job.partition,
+                    epoch: job.epoch,
+                    key: job.key,
+                    offset,
+                    abort,
+                },
+            );
+        }
+        self.metrics.inflight.set(self.tasks.len() as i64);
+        self.metrics.buffered.set(self.buffered_total as i64);
+    }
+
+    fn on_joined(&mut self, joined: Result<(Id, Outcome), tokio::task::JoinError>) {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, Some(outcome)),
+            Err(e) => {
+                if e.is_panic() {
+                    // Steps' panics are caught in the worker; this is a bug in Spillway
+                    // itself. The record stays unfinished, so its partition's commit stops
+                    // there (visible as growing committed-offset lag) instead of losing it.
+                    tracing::error!(error = %e, "record task panicked outside a step");
+                    self.metrics
+                        .kafka_errors
+                        .with_label_values(&["task_panicked"])
+                        .inc();
+                }
+                (e.id(), None)
+            }
+        };
+        self.metrics.inflight.set(self.tasks.len() as i64);
+        let Some(run) = self.running.remove(&id) else {
+            return;
+        };
+        let Some(state) = self
+            .partitions
+            .get_mut(&*run.topic)
+            .and_then(|m| m.get_mut(&run.partition))
+            .filter(|s| s.epoch == run.epoch)
+        else {
+            return; // Finished after its partition was released: not ours to commit.
+        };
+        state.running -= 1;
+        if outcome.is_none() {
+            return; // Cancelled or panicked: unfinished.
+        }
+        if !state.tracker.finish(run.offset) {
+            tracing::error!(
+                offset = run.offset,
+                partition = run.partition,
+                "finished an offset that was not pending"
+            );
+        }
+        let Some(key) = run.key else {
+            return;
+        };
+        let next = match state.keys.get_mut(&key) {
+            Some(waiting) => waiting.pop_front(),
+            None => None,
+        };
+        match next {
+            Some(record) => self.ready.push_back(Job {
+                partition: run.partition,
+                topic: run.topic,
+                epoch: run.epoch,
+                key: Some(key),
+                record,
+            }),
+            None => {
+                state.keys.remove(&key);
+            }
+        }
+    }
+
+    fn on_revoke(&mut self, parts: Vec<Partition>, ack: std_mpsc::SyncSender<()>) {
+        let mut dropped = 0;
+        for (topic, partition) in &parts {
+            if let Some(state) = self.state_mut(topic, *partition) {
+                state.revoking = true;
+                state.paused = false;
+                dropped += state.buffered;
+                state.buffered = 0;
+                state.keys.clear();
+            }
+            self.paused.remove(&(topic.clone(), *partition));
+        }
+        self.buffered_total -= dropped;
+        let revoked: HashSet<&Partition> = parts.iter().collect();
+        self.ready
+            .retain(|j| !revoked.contains(&(j.topic.clone(), j.partition)));
+        self.metrics.paused_partitions.set(self.paused.len() as i64);
+        self.metrics.buffered.set(self.buffered_total as i64);
+        // A second revoke while one is pending cannot happen (the poll thread is blocked in
+        // the first), but if it did, finish the first now rather than lose its ack.
+        if let Some(previous) = self.pending_revoke.take() {
+            self.release(previous);
+        }
+        self.pending_revoke = Some(PendingRevoke {
+            partitions: parts,
+            ack,
+            deadline: Instant::now() + Duration::from_millis(self.cfg.rebalance_timeout_ms),
+        });
+    }
+
+    fn finish_revoke_if_done(&mut self) {
+        let Some(pending) = &self.pending_revoke else {
+            return;
+        };
+        let idle = pending.partitions.iter().all(|(t, p)| {
+            self.partitions
+                .get(&**t)
+                .and_then(|m| m.get(p))
+                .is_none_or(|s| s.running == 0)
+        });
+        if idle || Instant::now() >= pending.deadline {
+            if let Some(pending) = self.pending_revoke.take() {
+                self.release(pending);
+            }
+        }
+    }
+
+    /// Commits what the revoked partitions finished, abandons the rest, forgets them, and
+    /// lets the rebalance proceed.
+    fn release(&mut self, pending: PendingRevoke) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in &pending.partitions {
+            if let Some(state) = self.state_mut(topic, *partition) {
+                if let Some(offset) = state.tracker.committable() {
+                    if state.last_committed != Some(offset) {
+                        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+                    }
+                }
+            }
+        }
+        self.commit_list(&tpl, CommitMode::Sync);
+        let revoked: HashSet<&Partition> = pending.partitions.iter().collect();
+        let mut abandoned = 0;
+        for run in self.running.values() {
+            if revoked.contains(&(run.topic.clone(), run.partition)) {
+                run.abort.abort();
+                abandoned += 1;
+            }
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "revoke deadline reached; abandoned in-flight records will be redelivered"
+            );
+        }
+        for (topic, partition) in &pending.partitions {
+            if let Some(m) = self.partitions.get_mut(&**topic) {
+                m.remove(partition);
+                if m.is_empty() {
+                    self.partitions.remove(&**topic);
+                }
+            }
+            self.metrics.forget_partition(topic, *partition);
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.partitions.values().map(|p| p.len() as i64).sum());
+        let _ = pending.ack.send(());
+    }
+
+    /// Commits every partition whose finished watermark moved (or all after a failed commit).
+    fn commit(&mut self, mode: CommitMode) {
+        let force = self
+            .consumer
+            .context()
+            .commit_failed
+            .swap(false, Ordering::AcqRel);
+        let mut tpl = TopicPartitionList::new();
+        for state in self.partitions.values_mut().flat_map(|m| m.iter_mut()) {
+            let (partition, state) = state;
+            if state.revoking {
+                continue;
+            }
+            let Some(offset) = state.tracker.committable() else {
+                continue;
+            };
+            if force || state.last_committed != Some(offset) {
+                let _ = tpl.add_partition_offset(&state.topic, *partition, Offset::Offset(offset));
+                state.last_committed = Some(offset);
+            }
+            let received = state.tracker.next_offset().unwrap_or(offset);
+            self.metrics
+                .committed_offset_lag
+                .with_label_values(&[&*state.topic, &partition.to_string()])
+                .set(received - offset);
+        }
+        self.commit_list(&tpl, mode);
+    }
+
+    fn commit_list(&self, tpl: &TopicPartitionList, mode: CommitMode) {
+        if tpl.count() == 0 {
+            return;
+        }
+        let result = match mode {
+            // A synchronous commit blocks only briefly and only on revoke and shutdown.
+            CommitMode::Sync => {
+                tokio::task::block_in_place(|| self.consumer.commit(tpl, CommitMode::Sync))
+            }
+            CommitMode::Async => self.consumer.commit(tpl, CommitMode::Async),
+        };
+        match result {
+            Ok(()) => {
+                if matches!(mode, CommitMode::Sync) {
+                    self.metrics.commits.with_label_values(&["ok"]).inc();
+                }
+            }
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                self.consumer
+                    .context()
+                    .commit_failed
+                    .store(true, Ordering::Release);
+                tracing::warn!(error = %e, "offset commit failed; will recommit");
+            }
+        }
+    }
+
+    /// Stops intake: readiness off, all partitions paused, waiting records dropped (they are
+    /// unfinished, so they stay uncommitted and are redelivered).
+    fn begin_drain(&mut self) {
+        tracing::info!(
+            in_flight = self.tasks.len(),
+            "draining: intake stopped, waiting for in-flight work"
+        );
+        self.draining = true;
+        self.health.set_ready(false);
+        let all: Vec<Partition> = self
+            .partitions
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p)))
+            .collect();
+        if let Err(e) = self.consumer.pause(&tpl_of(&all)) {
+            tracing::debug!(error = %e, "pausing for shutdown failed");
+        }
+        for state in self.partitions.values_mut().flat_map(|m| m.values_mut()) {
+            state.buffered = 0;
+            state.keys.clear();
+        }
+        self.ready.clear();
+        self.buffered_total = 0;
+    }
+
+    async fn shutdown(mut self, mut rx: mpsc::Receiver<Input>, stop: Arc<AtomicBool>) {
+        self.draining = true;
+        self.health.set_ready(false);
+        self.tasks.shutdown().await;
+        if let Some(pending) = self.pending_revoke.take() {
+            self.release(pending);
+        }
+        self.commit(CommitMode::Sync);
+        self.worker.dlq.flush(Duration::from_secs(5));
+        tracing::info!("final offsets committed");
+        stop.store(true, Ordering::Release);
+        // Hang up so a poll thread blocked on a full channel wakes, answer any revoke it
+        // sends while closing, then let it close the consumer.
+        rx.close();
+        drop(self);
+        while let Some(input) = rx.recv().await {
+            if let Input::Revoke(_, ack) = input {
+                let _ = ack.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The life of one record: decode, run each step with retries, and finish it as succeeded,
+//! dead-lettered or skipped. A record that returns from [`Worker::process`] is finished and its
+//! offset may be committed; a record whose future is dropped (shutdown deadline, revoke
+//! deadline) is not, and will be redelivered.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use rdkafka::message::{Message, OwnedMessage};
+use serde_json::Map;
+use tracing::Instrument;
+
+use super::dlq::{DlqWriter, Failure};
+use super::retry::backoff;
+use super::step::{Action, EventContext, Pipeline, StepError};
+use crate::codec::{Codec, CodecError};
+use crate::config::RetryConfig;
+use crate::telemetry::{now_ms, Metrics};
+
+/// How a record finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step succeeded.
+    Succeeded,
+    /// Written to the DLQ.
+    DeadLettered,
+    /// A step (or the codec) said there is nothing to do.
+    Skipped,
+}
+
+impl Outcome {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// Shared, immutable machinery every record task uses.
+pub struct Worker {
+    pub(crate) codec: Codec,
+    pub(crate) steps: Pipeline,
+    pub(crate) retry: RetryConfig,
+    pub(crate) dlq: DlqWriter,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Failure bookkeeping across the attempts of one stage.
+struct Attempts {
+    first_failure_ms: Option<u64>,
+}
+
+impl Attempts {
+    fn new() -> Self {
+        Attempts {
+            first_failure_ms: None,
+        }
+    }
+
+    fn failure(
+        &mut self,
+        reason: &'static str,
+        stage: String,
+        class: &'static str,
+        message: String,
+        attempts: u32,
+    ) -> Failure {
+        let now = now_ms();
+        Failure {
+            reason,
+            stage,
+            class,
+            message,
+            attempts,
+            first_failure_ms: *self.first_failure_ms.get_or_insert(now),
+            last_failure_ms: now,
+        }
+    }
+}
+
+impl Worker {
+    /// Processes one record to completion. Never panics: a panicking step is caught and
+    /// treated as a deterministic failure.
+    pub async fn process(&self, record: Arc<OwnedMessage>) -> Outcome {
+        let span = tracing::info_span!(
+            "event",
+            topic = record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            event_id = tracing::field::Empty,
+        );
+        let outcome = self.process_inner(record.clone()).instrument(span).await;
+        self.metrics
+            .events
+            .with_label_values(&[record.topic(), outcome.as_str()])
+            .inc();
+        if let Some(ts) = record.timestamp().to_millis() {
+            let age_ms = (now_ms() as i64).saturating_sub(ts).max(0);
+            self.metrics.end_to_end.observe(age_ms as f64 / 1000.0);
+        }
+        outcome
+    }
+
+    async fn process_inner(&self, record: Arc<OwnedMessage>) -> Outcome {
+        let event = match self.decode(&record).await {
+            Ok(event) => event,
+            Err(outcome) => return outcome,
+        };
+        tracing::Span::current().record("event_id", event.id.as_str());
+        let mut ctx = EventContext {
+            record: record.clone(),
+            event,
+            outputs: Map::new(),
+            attempt: 0,
+        };
+        for step in self.steps.iter() {
+            let mut attempts = Attempts::new();
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                ctx.attempt = attempt;
+                let started = Instant::now();
+                let result = AssertUnwindSafe(step.run(&mut ctx))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string panic payload".to_string());
+                        Err(StepError::deterministic(
+                            "step_panicked",
+                            format!("step panicked: {what}"),
+                        ))
+                    });
+                let label = match &result {
+                    Ok(()) => "ok",
+                    Err(e) => match e.action {
+                        Action::Retry { .. } => "transient",
+                        Action::DeadLetter => "deterministic",
+                        Action::Skip => "skip",
+                    },
+                };
+                self.metrics
+                    .step_duration
+                    .with_label_values(&[step.name(), label])
+                    .observe(started.elapsed().as_secs_f64());
+                let err = match result {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                match err.action {
+                    Action::Skip => {
+                        tracing::debug!(step = step.name(), code = err.code, "event skipped");
+                        return Outcome::Skipped;
+                    }
+                    Action::Retry { after } if attempt < self.retry.max_attempts => {
+                        attempts.first_failure_ms.get_or_insert_with(now_ms);
+                        self.metrics
+                            .retries
+                            .with_label_values(&[step.name(), err.code])
+                            .inc();
+                        let delay = backoff(attempt, &self.retry, after, &mut rand::rng());
+                        tracing::info!(
+                            step = step.name(),
+                            code = err.code,
+                            attempt,
+                            delay_ms = delay.as_millis() as u64,
+                            "transient step error; retrying"
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                    Action::Retry { .. } | Action::DeadLetter => {
+                        let failure = attempts.failure(
+                            err.code,
+                            format!("step.{}", step.name()),
+                            "spillway::processor::StepError",
+                            err.message,
+                            attempt,
+                        );
+                        return self.dead_letter(&record, failure).await;
+                    }
+                }
+            }
+        }
+        Outcome::Succeeded
+    }
+
+    /// Decodes with retries for an unavailable registry; any other failure finishes the record.
+    async fn decode(&self, record: &OwnedMessage) -> Result<crate::codec::Event, Outcome> {
+        let mut attempts = Attempts::new();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let err = match self.codec.decode(record).await {
+                Ok(event) => return Ok(event),
+                Err(e) => e,
+            };
+            self.metrics
+                .decode_errors
+                .with_label_values(&[err.error_code()])
+                .inc();
+            if matches!(err, CodecError::Tombstone) {
+                return Err(Outcome::Skipped);
+            }
+            if err.is_transient() && attempt < self.retry.max_attempts {
+                attempts.first_failure_ms.get_or_insert_with(now_ms);
+                self.metrics
+                    .retries
+                    .with_label_values(&["decode", err.error_code()])
+                    .inc();
+                let delay = backoff(attempt, &self.retry, None, &mut rand::rng());
+                tracing::warn!(code = err.error_code(), attempt, "decode failed; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            let failure = attempts.failure(
+                err.error_code(),
+                "decode".to_string(),
+                "spillway::codec::CodecError",
+                err.to_string(),
+                attempt,
+            );
+            return Err(self.dead_letter(record, failure).await);
+        }
+    }
+
+    async fn dead_letter(&self, record: &OwnedMessage, failure: Failure) -> Outcome {
+        tracing::warn!(
+            reason = failure.reason,
+            stage = %failure.stage,
+            attempts = failure.attempts,
+            "dead-lettering record"
+        );
+        self.dlq.write(record, &failure).await;
+        Outcome::DeadLettered
+    }
+}

@@ -1,0 +1,171 @@
+//! The generic HTTP webhook sink: POSTs the event as JSON to a configured URL.
+//!
+//! Classification follows `../shared/conventions.md`: 2xx succeeds; 408, 409, 425, 429, 5xx,
+//! timeouts and connection errors are transient (with `Retry-After` honoured); any other 4xx
+//! is deterministic and dead-letters the record. The request carries `Idempotency-Key` set to
+//! the event id, so receivers can drop redeliveries.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+use crate::codec::Event;
+use crate::config::{ConfigError, WebhookConfig};
+use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+
+/// Body of the POST.
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    /// Outputs of the earlier steps.
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    outputs: &'a Map<String, Json>,
+}
+
+/// POSTs each event to a URL.
+pub struct WebhookSink {
+    name: String,
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl WebhookSink {
+    /// Builds the sink; secret header values are resolved now and never logged.
+    pub fn new(config: &WebhookConfig) -> Result<Self, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid { key, message };
+        let url = reqwest::Url::parse(&config.url)
+            .map_err(|e| invalid(format!("steps.{}.url", config.name), e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &config.headers {
+            let key = format!("steps.{}.headers.{name}", config.name);
+            let resolved = value.resolve(&key)?;
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| invalid(key.clone(), e.to_string()))?;
+            let mut value =
+                HeaderValue::from_str(&resolved).map_err(|e| invalid(key, e.to_string()))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
+            .default_headers(headers)
+            .build()
+            .map_err(|e| invalid(format!("steps.{}", config.name), e.to_string()))?;
+        Ok(WebhookSink {
+            name: config.name.clone(),
+            url,
+            client,
+        })
+    }
+
+    async fn post(&self, ctx: &EventContext) -> Result<(), StepError> {
+        let body = Body {
+            event: &ctx.event,
+            outputs: &ctx.outputs,
+        };
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header("Idempotency-Key", &ctx.event.id)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                let code = if e.is_timeout() {
+                    "webhook_timeout"
+                } else {
+                    "webhook_connect"
+                };
+                // reqwest's Display includes the URL, which may carry a token: keep it out.
+                StepError::transient(code, format!("{code}: {}", e.without_url()))
+            })?;
+        classify(response.status(), response.headers())
+    }
+}
+
+/// Maps an HTTP response to the step's result.
+pub fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), StepError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let message = format!("webhook answered {status}");
+    let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429);
+    if !transient {
+        return Err(StepError::deterministic("webhook_rejected", message));
+    }
+    let code = if status == StatusCode::TOO_MANY_REQUESTS {
+        "webhook_rate_limited"
+    } else {
+        "webhook_unavailable"
+    };
+    match retry_after(headers) {
+        Some(after) => Err(StepError::retry_after(code, message, after)),
+        None => Err(StepError::transient(code, message)),
+    }
+}
+
+/// Parses `Retry-After` given in seconds (the HTTP-date form is rare for APIs and ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = v.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+impl Step for WebhookSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.post(ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::step::Action;
+
+    fn headers(retry_after: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = retry_after {
+            h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn success_statuses_pass() {
+        assert!(classify(StatusCode::OK, &headers(None)).is_ok());
+        assert!(classify(StatusCode::ACCEPTED, &headers(None)).is_ok());
+    }
+
+    #[test]
+    fn server_errors_and_429_are_transient_with_retry_after() {
+        let e = classify(StatusCode::TOO_MANY_REQUESTS, &headers(Some("3"))).unwrap_err();
+        assert_eq!(
+            e.action,
+            Action::Retry {
+                after: Some(Duration::from_secs(3))
+            }
+        );
+        let e = classify(StatusCode::BAD_GATEWAY, &headers(None)).unwrap_err();
+        assert_eq!(e.action, Action::Retry { after: None });
+        let e = classify(StatusCode::REQUEST_TIMEOUT, &headers(None)).unwrap_err();
+        assert!(matches!(e.action, Action::Retry { .. }));
+    }
+
+    #[test]
+    fn other_client_errors_dead_letter() {
+        for s in [400, 401, 403, 404, 422] {
+            let e = classify(StatusCode::from_u16(s).unwrap(), &headers(None)).unwrap_err();
+            assert_eq!(e.action, Action::DeadLetter, "status {s}");
+            assert_eq!(e.code, "webhook_rejected");
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The one home of telemetry: every Prometheus collector is built here, logging is set up
+//! here, and the `/metrics`, `/healthz` and `/readyz` endpoints are served from here.
+//!
+//! Names follow Prometheus conventions (`spillway_` prefix, base units, `_total` counters).
+//! Labels are bounded: topic, partition, step, outcome, reason. Never keys, ids or error text.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // `try_init` fails only if a subscriber is already installed (tests): keep that one.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Every collector of the processor.
+pub struct Metrics {
+    registry: Registry,
+    /// Events being processed right now.
+    pub inflight: IntGauge,
+    /// Records received but not started yet (look-ahead buffers).
+    pub buffered: IntGauge,
+    /// Events finished, by topic and outcome (`succeeded`, `dead_lettered`, `skipped`).
+    pub events: IntCounterVec,
+    /// Wall time of one step attempt, by step and outcome.
+    pub step_duration: HistogramVec,
+    /// Retries scheduled after transient errors, by step and reason.
+    pub retries: IntCounterVec,
+    /// Records written to the DLQ, by reason.
+    pub dlq_records: IntCounterVec,
+    /// Failed attempts to write to the DLQ (the record stays unfinished and is retried).
+    pub dlq_write_errors: IntCounter,
+    /// Partitions currently paused because their buffers are full.
+    pub paused_partitions: IntGauge,
+    /// Pause and resume operations.
+    pub pause_events: IntCounterVec,
+    /// Rebalance callbacks, by kind (`assign`, `revoke`).
+    pub rebalances: IntCounterVec,
+    /// Partitions currently assigned to this instance.
+    pub assigned_partitions: IntGauge,
+    /// High watermark minus committed offset, as kafka_consumergroup_lag reports it.
+    pub consumer_lag: IntGaugeVec,
+    /// Records received from Kafka but not yet covered by the committed offset.
+    pub committed_offset_lag: IntGaugeVec,
+    /// Offset commits, by outcome.
+    pub commits: IntCounterVec,
+    /// Errors reported by the Kafka client, by code.
+    pub kafka_errors: IntCounterVec,
+    /// Records whose value could not be decoded, by reason.
+    pub decode_errors: IntCounterVec,
+    /// Time from the record's Kafka timestamp to its completion.
+    pub end_to_end: Histogram,
+}
+
+impl Metrics {
+    /// Builds and registers every collector in a fresh registry.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($c:expr) => {{
+                let c = $c;
+                // Registration only fails on a duplicate name, which this constructor rules out.
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("collector names are unique");
+                c
+            }};
+        }
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let latency_buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let m = Metrics {
+            inflight: reg!(gauge(
+                "spillway_inflight_events",
+                "Events being processed right now."
+            )),
+            buffered: reg!(gauge(
+                "spillway_buffered_records",
+                "Records received from Kafka and waiting to start (look-ahead buffers)."
+            )),
+            events: reg!(counter_vec(
+                "spillway_events_total",
+                "Events finished, by outcome.",
+                &["topic", "outcome"]
+            )),
+            step_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "spillway_step_duration_seconds",
+                    "Wall time of one step attempt."
+                )
+                .buckets(latency_buckets.clone()),
+                &["step", "outcome"]
+            )
+            .expect("valid metric")),
+            retries: reg!(counter_vec(
+                "spillway_step_retries_total",
+                "Retries scheduled after transient step errors.",
+                &["step", "reason"]
+            )),
+            dlq_records: reg!(counter_vec(
+                "spillway_dlq_records_total",
+                "Records written to the dead-letter topic.",
+                &["reason"]
+            )),
+            dlq_write_errors: reg!(IntCounter::new(
+                "spillway_dlq_write_errors_total",
+                "Failed writes to the dead-letter topic (the record stays unfinished and is retried)."
+            )
+            .expect("valid metric")),
+            paused_partitions: reg!(gauge(
+                "spillway_paused_partitions",
+                "Partitions paused because their look-ahead buffers are full."
+            )),
+            pause_events: reg!(counter_vec(
+                "spillway_partition_pauses_total",
+                "Partition pause and resume operations.",
+                &["action"]
+            )),
+            rebalances: reg!(counter_vec(
+                "spillway_rebalances_total",
+                "Consumer-group rebalance callbacks.",
+                &["kind"]
+            )),
+            assigned_partitions: reg!(gauge(
+                "spillway_assigned_partitions",
+                "Partitions assigned to this instance."
+            )),
+            consumer_lag: reg!(gauge_vec(
+                "spillway_consumer_lag",
+                "High watermark minus committed offset (kafka_consumergroup_lag).",
+                &["topic", "partition"]
+            )),
+            committed_offset_lag: reg!(gauge_vec(
+                "spillway_committed_offset_lag",
+                "Records received from Kafka but not yet covered by the committed offset.",
+                &["topic", "partition"]
+            )),
+            commits: reg!(counter_vec(
+                "spillway_offset_commits_total",
+                "Offset commits, by outcome.",
+                &["outcome"]
+            )),
+            kafka_errors: reg!(counter_vec(
+                "spillway_kafka_errors_total",
+                "Errors reported by the Kafka client.",
+                &["code"]
+            )),
+            decode_errors: reg!(counter_vec(
+                "spillway_decode_errors_total",
+                "Record values that could not be decoded.",
+                &["reason"]
+            )),
+            end_to_end: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_end_to_end_seconds",
+                    "Time from the record's Kafka timestamp to the end of its processing."
+                )
+                .buckets(latency_buckets)
+            )
+            .expect("valid metric")),
+            registry,
+        };
+        Arc::new(m)
+    }
+
+    /// Prometheus text exposition of every collector.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed collectors.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Forgets the per-partition series of a partition this instance no longer owns.
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let p = partition.to_string();
+        let _ = self.consumer_lag.remove_label_values(&[topic, &p]);
+        let _ = self.committed_offset_lag.remove_label_values(&[topic, &p]);
+    }
+}
+
+/// Liveness and readiness state shared between the poll loop and the HTTP endpoints.
+pub struct Health {
+    last_progress_ms: AtomicU64,
+    ready: AtomicBool,
+    liveness_timeout: Duration,
+}
+
+impl Health {
+    /// A fresh state: live (progress stamped now) and not yet ready.
+    pub fn new(liveness_timeout: Duration) -> Arc<Health> {
+        let h = Health {
+            last_progress_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            liveness_timeout,
+        };
+        h.progress();
+        Arc::new(h)
+    }
+
+    /// Records that the poll loop went round once.
+    pub fn progress(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks the service ready or not (false during start-up and shutdown).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Live while the poll loop made progress recently. Never depends on Kafka reachability.
+    pub fn is_live(&self) -> bool {
+        let last = self.last_progress_ms.load(Ordering::Relaxed);
+        now_ms().saturating_sub(last) <= self.liveness_timeout.as_millis() as u64
+    }
+
+    /// Ready to take work.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Binds the telemetry HTTP server and serves it until `shutdown` is cancelled.
+/// Returns the bound address (useful with port 0) and the server task.
+pub async fn serve(
+    config: &TelemetryConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { metrics, health });
+    let task = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "telemetry server failed");
+        }
+    });
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok((addr, task))
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.health.is_live() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "poll loop stalled")
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_with_spillway_prefix_and_units() {
+        let m = Metrics::new();
+        m.events.with_label_values(&["t", "succeeded"]).inc();
+        m.consumer_lag.with_label_values(&["t", "0"]).set(5);
+        let text = m.render();
+        assert!(text.contains("spillway_events_total{outcome=\"succeeded\",topic=\"t\"} 1"));
+        assert!(text.contains("spillway_consumer_lag{partition=\"0\",topic=\"t\"} 5"));
+        m.forget_partition("t", 0);
+        assert!(!m.render().contains("spillway_consumer_lag{"));
+    }
+
+    #[test]
+    fn liveness_follows_progress_not_readiness() {
+        let h = Health::new(Duration::from_millis(50));
+        assert!(h.is_live());
+        assert!(!h.is_ready());
+        h.last_progress_ms.store(0, Ordering::Relaxed);
+        assert!(!h.is_live());
+        h.progress();
+        assert!(h.is_live());
+    }
+}

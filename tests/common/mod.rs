@@ -1,0 +1,481 @@
+//! Test harness: a real Kafka-protocol broker (tansu) per test, topic and producer helpers,
+//! a recording HTTP sink, in-process scripted steps, and condition waits with deadlines.
+//!
+//! The broker binary comes from `SPILLWAY_TANSU_BIN` (set by `scripts/test.sh`), or is
+//! installed through `scripts/tools.sh`. If it cannot be found or started, the test fails
+//! with the reason: nothing here ever skips.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Waits until `cond` holds, polling every 50 ms; panics with `what` after `timeout`.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Blocking variant of [`wait_until`] for synchronous helpers.
+pub fn wait_until_blocking<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000_000
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+fn tool(env: &str, name: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap();
+    if let Some(p) = cache.get(name) {
+        return p.clone();
+    }
+    let path = match std::env::var(env) {
+        Ok(p) if !p.is_empty() => PathBuf::from(p),
+        _ => {
+            let out = Command::new(Path::new(ROOT).join("scripts/tools.sh"))
+                .arg(name)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run scripts/tools.sh {name}: {e}"));
+            assert!(
+                out.status.success(),
+                "scripts/tools.sh {name} failed to install {name}; see its output above"
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+    };
+    assert!(
+        path.is_file(),
+        "{name} binary not found at {} (from {env} or scripts/tools.sh)",
+        path.display()
+    );
+    cache.insert(name.to_string(), path.clone());
+    path
+}
+
+/// A tansu broker child process on a loopback port.
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    storage: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// In-memory storage: fastest, gone when the broker stops.
+    pub fn start() -> Broker {
+        Self::start_with("memory://tansu/".to_string(), None)
+    }
+
+    /// SQLite storage in a fresh directory: survives kill -9 and restart.
+    pub fn start_persistent() -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = format!(
+            "sqlite://{}/tansu.db",
+            relative_to_cwd(dir.path()).display()
+        );
+        Self::start_with(storage, Some(dir))
+    }
+
+    fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
+        let dir = match dir {
+            Some(d) => d,
+            None => tempfile::tempdir().expect("tempdir"),
+        };
+        let log = dir.path().join("tansu.log");
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            storage,
+            log,
+            _dir: dir,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let bin = tool("SPILLWAY_TANSU_BIN", "tansu");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("broker log file");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &self.storage,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tansu at {}: {e}", bin.display()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "tansu exited during start-up with {status}; its log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", self.bootstrap())
+                .create()
+                .expect("metadata client");
+            if producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "tansu did not answer metadata requests within 60 s; its log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL the broker.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// tansu wants a relative sqlite path.
+fn relative_to_cwd(p: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().expect("cwd");
+    let mut up = PathBuf::new();
+    let mut base = cwd.as_path();
+    loop {
+        if let Ok(rest) = p.strip_prefix(base) {
+            return up.join(rest);
+        }
+        up.push("..");
+        base = base.parent().expect("paths share the root");
+    }
+}
+
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let res = rt
+        .block_on(admin.create_topics(
+            [&NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
+        .expect("create_topics request");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
+    }
+}
+
+pub fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .expect("producer")
+}
+
+/// One record to produce.
+pub struct Rec {
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Rec {
+    /// A JSON record `{"key":..,"seq":..}` keyed by `key`.
+    pub fn seq(key: &str, seq: u64) -> Rec {
+        Rec {
+            key: Some(key.to_string()),
+            value: format!(r#"{{"key":"{key}","seq":{seq}}}"#).into_bytes(),
+            headers: vec![],
+        }
+    }
+}
+
+/// Produces every record and waits for all acknowledgements.
+pub async fn produce_all(bootstrap: &str, topic: &str, recs: impl IntoIterator<Item = Rec>) {
+    let p = producer(bootstrap);
+    let mut pending = Vec::new();
+    for r in recs {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut fr: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            .payload(&r.value)
+            .headers(headers);
+        if let Some(k) = &r.key {
+            fr = fr.key(k);
+        }
+        let fut = p.send_result(fr).map_err(|(e, _)| e).expect("enqueue");
+        pending.push(fut);
+        if pending.len() >= 5_000 {
+            for f in pending.drain(..) {
+                f.await.expect("delivery future").expect("delivery");
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery future").expect("delivery");
+    }
+    p.flush(Timeout::After(Duration::from_secs(30)))
+        .expect("flush");
+}
+
+/// Committed offsets of `group` for `topic`'s partitions (missing = nothing committed).
+pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads every record of `topic` (from the beginning) until `count` arrived or `timeout`.
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::Message;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let _ = m.offset();
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// What the recording HTTP sink received.
+#[derive(Clone, Default)]
+pub struct Received {
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Received {
+    pub fn len(&self) -> usize {
+        self.bodies.lock().unwrap().len()
+    }
+
+    /// Event ids received (topic/partition/offset for records without `ce_id`).
+    pub fn ids(&self) -> Vec<String> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// (key, seq) pairs in arrival order.
+    pub fn seqs(&self) -> Vec<(String, u64)> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["data"]["key"].as_str().unwrap_or_default().to_string(),
+                    b["data"]["seq"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    }
+}
+
+/// An HTTP server on loopback that records every JSON body POSTed to it and answers 200.
+pub async fn recording_sink() -> (SocketAddr, Received) {
+    use axum::routing::post;
+    let received = Received::default();
+    let r = received.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let r = r.clone();
+            async move {
+                r.bodies.lock().unwrap().push(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, received)
+}
+
+/// A processor configuration for tests: fast group joins and commits, port-0 telemetry.
+pub fn config_toml(bootstrap: &str, group: &str, topic: &str, dlq: &str, extra: &str) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "{group}"
+topics = ["{topic}"]
+session_timeout_ms = 6000
+statistics_interval_ms = 1000
+[kafka.properties]
+"fetch.wait.max.ms" = 100
+"topic.metadata.refresh.interval.ms" = 2000
+[dlq]
+topic = "{dlq}"
+[telemetry]
+metrics_addr = "127.0.0.1:0"
+{extra}
+"#
+    )
+}
+
+/// Reads a metric's value from a Prometheus text exposition (first matching series).
+pub fn metric_value(text: &str, series_prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(series_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Sum of every series of a metric family whose line starts with `series_prefix`.
+pub fn metric_sum(text: &str, series_prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(series_prefix))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+pub async fn scrape(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics body")
+}
