@@ -113,7 +113,7 @@ pub struct Broker {
 impl Broker {
     /// In-memory storage: fastest, gone when the broker stops.
     pub fn start() -> Broker {
-        Self::start_with("memory://tansu/".to_string(), None)
+        blocking(|| Self::start_with("memory://tansu/".to_string(), None))
     }
 
     /// SQLite storage in a fresh directory: survives kill -9 and restart.
@@ -173,7 +173,11 @@ impl Broker {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!(
                     "tansu exited during start-up with {status}; its log:\n{}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -239,20 +243,29 @@ fn relative_to_cwd(p: &Path) -> PathBuf {
     }
 }
 
-pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+/// Runs blocking Kafka client calls without starving the async runtime the test runs on.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(f),
+        Err(_) => f(),
+    }
+}
+
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let res = rt
-        .block_on(admin.create_topics(
-            [&NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+    let res = admin
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
+        )
+        .await
         .expect("create_topics request");
     for r in res {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
@@ -301,7 +314,7 @@ pub async fn produce_all(bootstrap: &str, topic: &str, recs: impl IntoIterator<I
             });
         }
         let mut fr: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
-            .payload(&r.value)
+            .payload(r.value.as_slice())
             .headers(headers);
         if let Some(k) = &r.key {
             fr = fr.key(k);
@@ -323,6 +336,15 @@ pub async fn produce_all(bootstrap: &str, topic: &str, recs: impl IntoIterator<I
 
 /// Committed offsets of `group` for `topic`'s partitions (missing = nothing committed).
 pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    blocking(|| committed_inner(bootstrap, group, topic, partitions))
+}
+
+fn committed_inner(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> HashMap<i32, i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
@@ -346,6 +368,15 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
 
 /// Reads every record of `topic` (from the beginning) until `count` arrived or `timeout`.
 pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    blocking(|| read_topic_inner(bootstrap, topic, count, timeout))
+}
+
+fn read_topic_inner(
     bootstrap: &str,
     topic: &str,
     count: usize,
@@ -478,4 +509,103 @@ pub async fn scrape(addr: SocketAddr) -> String {
         .text()
         .await
         .expect("metrics body")
+}
+
+/// What a [`ScriptedStep`] saw, per event: (key, seq, partition, offset).
+pub type Seen = Arc<Mutex<Vec<(String, u64, i32, i64)>>>;
+
+/// An in-process step with scripted latency and failures, recording what it processed.
+pub struct ScriptedStep {
+    pub seen: Seen,
+    /// Latency of each call, uniform in `0..=max_latency_ms`.
+    pub max_latency_ms: u64,
+    /// Returns an error to fail the event with, given its JSON payload.
+    pub fail: fn(&serde_json::Value) -> Option<spillway::processor::step::StepError>,
+    /// While this returns true for an event, the call does not finish.
+    pub hold: Option<Arc<dyn Fn(&serde_json::Value) -> bool + Send + Sync>>,
+}
+
+impl ScriptedStep {
+    pub fn new(max_latency_ms: u64) -> (Self, Seen) {
+        let seen: Seen = Default::default();
+        (
+            ScriptedStep {
+                seen: seen.clone(),
+                max_latency_ms,
+                fail: |_| None,
+                hold: None,
+            },
+            seen,
+        )
+    }
+}
+
+impl spillway::processor::step::Step for ScriptedStep {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+
+    fn run<'a>(
+        &'a self,
+        ctx: &'a mut spillway::processor::step::EventContext,
+    ) -> spillway::processor::step::BoxFuture<'a, Result<(), spillway::processor::step::StepError>>
+    {
+        use rdkafka::Message;
+        Box::pin(async move {
+            let data = &ctx.event.data;
+            if let Some(hold) = &self.hold {
+                while hold(data) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            if self.max_latency_ms > 0 {
+                let ms = rand::random_range(0..=self.max_latency_ms);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if let Some(e) = (self.fail)(data) {
+                return Err(e);
+            }
+            self.seen.lock().unwrap().push((
+                data["key"].as_str().unwrap_or_default().to_string(),
+                data["seq"].as_u64().unwrap_or(u64::MAX),
+                ctx.record.partition(),
+                ctx.record.offset(),
+            ));
+            Ok(())
+        })
+    }
+}
+
+/// Per-key order violations in a sequence of (key, seq): a seq not greater than the
+/// previous one seen for its key.
+pub fn order_violations(seqs: impl IntoIterator<Item = (String, u64)>) -> usize {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut violations = 0;
+    for (k, s) in seqs {
+        if let Some(prev) = last.get(&k) {
+            if s <= *prev {
+                violations += 1;
+            }
+        }
+        last.insert(k, s);
+    }
+    violations
+}
+
+/// Starts an in-process processor with the given steps; returns its metrics address and
+/// the task running it.
+pub async fn start_processor(
+    toml: &str,
+    steps: Vec<Arc<dyn spillway::processor::step::Step>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<Result<(), spillway::processor::ProcessorError>>,
+) {
+    let config = spillway::config::Config::from_toml(toml).expect("test config is valid");
+    let p = spillway::processor::Processor::start(config, steps.into(), shutdown)
+        .await
+        .expect("processor starts");
+    let addr = p.metrics_addr();
+    (addr, tokio::spawn(p.run()))
 }
