@@ -287,6 +287,9 @@ impl PropertyValue {
     }
 }
 
+/// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
+const ENV_SECTIONS: &[&str] = &["kafka", "processor", "dlq", "codec", "telemetry"];
+
 /// librdkafka properties Spillway sets itself; passing them through would break guarantees.
 pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
@@ -409,9 +412,18 @@ impl Config {
     /// Loads `path` (TOML) with `SPILLWAY_*` environment overrides and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::from_figment(
-            Figment::new()
-                .merge(Toml::file_exact(path))
-                .merge(Env::prefixed("SPILLWAY_").split("__")),
+            Figment::new().merge(Toml::file_exact(path)).merge(
+                Env::prefixed("SPILLWAY_")
+                    // Only `SECTION__KEY` variables are overrides; other SPILLWAY_*
+                    // variables (SPILLWAY_CONFIG, tooling) are not configuration keys.
+                    .filter(|k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        ENV_SECTIONS
+                            .iter()
+                            .any(|s| k.starts_with(&format!("{s}__")))
+                    })
+                    .split("__"),
+            ),
         )
     }
 
@@ -673,6 +685,8 @@ mod tests {
             jail.create_file("spillway.toml", MINIMAL)?;
             jail.set_env("SPILLWAY_PROCESSOR__MAX_IN_FLIGHT", "4096");
             jail.set_env("SPILLWAY_KAFKA__BROKERS", "other:9092");
+            jail.set_env("SPILLWAY_CONFIG", "ignored.toml");
+            jail.set_env("SPILLWAY_SOME_TOOL_BIN", "/usr/bin/true");
             let cfg = Config::load(Path::new("spillway.toml")).map_err(|e| e.to_string())?;
             assert_eq!(cfg.processor.max_in_flight, 4096);
             assert_eq!(cfg.kafka.brokers, "other:9092");

@@ -170,7 +170,11 @@ impl Scheduler {
                     }
                 },
             }
-            if self.draining && self.tasks.is_empty() && self.pending_revoke.is_none() {
+            if self.draining
+                && self.tasks.is_empty()
+                && self.ready.is_empty()
+                && self.pending_revoke.is_none()
+            {
                 break;
             }
             self.dispatch();
@@ -587,12 +591,14 @@ impl Scheduler {
         }
     }
 
-    /// Stops intake: readiness off, all partitions paused, waiting records dropped (they are
-    /// unfinished, so they stay uncommitted and are redelivered).
+    /// Stops intake: readiness off, all partitions paused. Waiting records *below* a record
+    /// that already started are kept and finished too, so the final commit covers every
+    /// finished record and a restart redoes nothing; waiting records above it are dropped
+    /// (unfinished, so uncommitted, and redelivered later).
     fn begin_drain(&mut self) {
         tracing::info!(
             in_flight = self.tasks.len(),
-            "draining: intake stopped, waiting for in-flight work"
+            "draining: intake stopped, finishing in-flight work"
         );
         self.draining = true;
         self.health.set_ready(false);
@@ -604,12 +610,37 @@ impl Scheduler {
         if let Err(e) = self.consumer.pause(&tpl_of(&all)) {
             tracing::debug!(error = %e, "pausing for shutdown failed");
         }
-        for state in self.partitions.values_mut().flat_map(|m| m.values_mut()) {
-            state.buffered = 0;
-            state.keys.clear();
+        let mut limit: HashMap<Partition, i64> = HashMap::new();
+        for run in self.running.values() {
+            let e = limit
+                .entry((run.topic.clone(), run.partition))
+                .or_insert(-1);
+            *e = (*e).max(run.offset);
         }
-        self.ready.clear();
-        self.buffered_total = 0;
+        let limit_of = |t: &Arc<str>, p: i32| limit.get(&(t.clone(), p)).copied().unwrap_or(-1);
+        let mut dropped: HashMap<Partition, usize> = HashMap::new();
+        self.ready.retain(|j| {
+            let keep = j.record.offset() < limit_of(&j.topic, j.partition);
+            if !keep {
+                *dropped.entry((j.topic.clone(), j.partition)).or_default() += 1;
+            }
+            keep
+        });
+        for (topic, parts) in self.partitions.iter_mut() {
+            for (partition, state) in parts.iter_mut() {
+                let lim = limit_of(topic, *partition);
+                let mut n = dropped.remove(&(topic.clone(), *partition)).unwrap_or(0);
+                for waiting in state.keys.values_mut() {
+                    while waiting.back().is_some_and(|r| r.offset() >= lim) {
+                        waiting.pop_back();
+                        n += 1;
+                    }
+                }
+                state.buffered -= n;
+                self.buffered_total -= n;
+            }
+        }
+        self.metrics.buffered.set(self.buffered_total as i64);
     }
 
     async fn shutdown(mut self, mut rx: mpsc::Receiver<Input>, stop: Arc<AtomicBool>) {

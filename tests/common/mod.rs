@@ -277,7 +277,11 @@ pub fn producer(bootstrap: &str) -> FutureProducer {
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "20")
+        .set("linger.ms", "5")
+        // tansu 0.6 cannot serve a fetch that starts inside a record batch (it returns
+        // nothing), which a consumer resuming from a committed offset does. One record per
+        // batch keeps every offset a batch boundary. Real Kafka has no such limit.
+        .set("batch.num.messages", "1")
         .set("message.timeout.ms", "60000")
         .create()
         .expect("producer")
@@ -442,6 +446,11 @@ impl Received {
 
 /// An HTTP server on loopback that records every JSON body POSTed to it and answers 200.
 pub async fn recording_sink() -> (SocketAddr, Received) {
+    recording_sink_with(Duration::ZERO).await
+}
+
+/// Like [`recording_sink`], but each request takes `delay` before it is recorded and answered.
+pub async fn recording_sink_with(delay: Duration) -> (SocketAddr, Received) {
     use axum::routing::post;
     let received = Received::default();
     let r = received.clone();
@@ -450,6 +459,9 @@ pub async fn recording_sink() -> (SocketAddr, Received) {
         post(move |axum::Json(body): axum::Json<serde_json::Value>| {
             let r = r.clone();
             async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 r.bodies.lock().unwrap().push(body);
                 "ok"
             }
@@ -608,4 +620,190 @@ pub async fn start_processor(
         .expect("processor starts");
     let addr = p.metrics_addr();
     (addr, tokio::spawn(p.run()))
+}
+
+/// The real `spillway processor` binary as a child process.
+pub struct SpillwayProc {
+    child: Option<Child>,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SpillwayProc {
+    /// Writes `toml` (with its port-0 metrics address replaced by a free port) and starts
+    /// the processor on it.
+    pub fn spawn(toml: &str) -> SpillwayProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let cfg = dir.path().join("spillway.toml");
+        std::fs::write(
+            &cfg,
+            toml.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        )
+        .expect("write config");
+        let log = dir.path().join("spillway.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(["processor", "--config"])
+            .arg(&cfg)
+            .env(
+                "RUST_LOG",
+                std::env::var("SPILLWAY_TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn spillway");
+        SpillwayProc {
+            child: Some(child),
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "spillway did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Like [`wait_until`], but a timeout panics with this process's log.
+    pub async fn wait_until<F: FnMut() -> bool>(&self, what: &str, timeout: Duration, mut cond: F) {
+        let deadline = Instant::now() + timeout;
+        while !cond() {
+            if Instant::now() > deadline {
+                let log = self.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}; spillway log tail:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn wait_exit_nonblocking(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Scrapes /metrics, or None while the endpoint is not up.
+    pub async fn try_scrape(&self) -> Option<String> {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    }
+}
+
+impl Drop for SpillwayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Asserts that for every partition, every offset below the group's committed offset was
+/// finished (received by the sink, whose ids are `topic/partition/offset`).
+pub fn assert_commits_cover_only_finished(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    received: &Received,
+) -> HashMap<i32, i64> {
+    let ids: std::collections::HashSet<String> = received.ids().into_iter().collect();
+    let c = committed(bootstrap, group, topic, partitions);
+    for (p, off) in &c {
+        for o in 0..*off {
+            assert!(
+                ids.contains(&format!("{topic}/{p}/{o}")),
+                "committed offset {off} of partition {p} passes unfinished offset {o}"
+            );
+        }
+    }
+    c
+}
+
+/// Ids received more than once.
+pub fn duplicates(received: &Received) -> usize {
+    let ids = received.ids();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    ids.len() - distinct.len()
+}
+
+/// A test config whose single step is the webhook sink at `sink`.
+pub fn webhook_config(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    dlq: &str,
+    sink: SocketAddr,
+    processor: &str,
+) -> String {
+    config_toml(
+        bootstrap,
+        group,
+        topic,
+        dlq,
+        &format!(
+            "[[steps]]\ntype = \"webhook\"\nurl = \"http://{sink}/events\"\ntimeout_ms = 10000\n{processor}"
+        ),
+    )
 }

@@ -1,0 +1,351 @@
+//! The real `spillway` binary against a real broker: SIGTERM, SIGKILL, rebalances, a broker
+//! restart and backpressure. The sink is a recording HTTP server in the test; records carry
+//! no `ce_id`, so each event id is `topic/partition/offset` and commits can be checked
+//! against exactly what finished.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::Rng;
+
+const PARTITIONS: i32 = 6;
+
+async fn setup(broker: &Broker, name: &str, events: u64, keys: u64) -> (String, String, String) {
+    let (topic, dlq, group) = (unique(name), unique(&format!("{name}-dlq")), unique("g"));
+    create_topic(&broker.bootstrap(), &topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..events).map(|i| Rec::seq(&format!("k{}", i % keys), i / keys)),
+    )
+    .await;
+    (topic, dlq, group)
+}
+
+fn distinct(received: &Received) -> usize {
+    received.ids().into_iter().collect::<HashSet<_>>().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_sigterm_finishes_in_flight_work_and_commits() {
+    let broker = Broker::start();
+    let (topic, dlq, group) = setup(&broker, "term", 3_000, 300).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(300)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 64\nshutdown_timeout_ms = 15000\ncommit_interval_ms = 500",
+    );
+    let mut p = SpillwayProc::spawn(&toml);
+    wait_until("processing under way", Duration::from_secs(60), || {
+        received.len() >= 200
+    })
+    .await;
+    let t0 = Instant::now();
+    p.signal("TERM");
+    let status = blocking(|| p.wait_exit(Duration::from_secs(30)));
+    let took = t0.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        p.log_text()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "exited within the drain deadline: {took:?}"
+    );
+    let before_restart = received.len();
+    let c = assert_commits_cover_only_finished(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        PARTITIONS,
+        &received,
+    );
+    let committed_total: i64 = c.values().sum();
+    assert_eq!(
+        committed_total as usize, before_restart,
+        "every finished record is covered by the final commit, nothing more: {c:?}"
+    );
+    println!("SIGTERM: exited 0 in {took:?} with {before_restart} events finished and committed");
+
+    // A restarted instance picks up exactly where the first stopped.
+    let mut p2 = SpillwayProc::spawn(&toml);
+    p2.wait_until(
+        "the rest is processed after restart",
+        Duration::from_secs(120),
+        || distinct(&received) >= 3_000,
+    )
+    .await;
+    assert_eq!(duplicates(&received), 0, "nothing finished was reprocessed");
+    p2.signal("TERM");
+    assert!(blocking(|| p2.wait_exit(Duration::from_secs(30))).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_sigkill_loses_nothing_and_commits_only_finished_work() {
+    const EVENTS: u64 = 20_000;
+    let broker = Broker::start();
+    let (topic, dlq, group) = setup(&broker, "crash", EVENTS, 500).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(2)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 256\ncommit_interval_ms = 200",
+    );
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    while kills < 3 {
+        let mut p = SpillwayProc::spawn(&toml);
+        let at = received.len() + rng.random_range(1_000..4_000);
+        wait_until(
+            "progress before the next kill",
+            Duration::from_secs(120),
+            || received.len() >= at,
+        )
+        .await;
+        p.kill9();
+        kills += 1;
+        let c = assert_commits_cover_only_finished(
+            &broker.bootstrap(),
+            &group,
+            &topic,
+            PARTITIONS,
+            &received,
+        );
+        println!(
+            "kill {kills}: {} received ({} distinct), committed {}",
+            received.len(),
+            distinct(&received),
+            c.values().sum::<i64>()
+        );
+    }
+    let mut p = SpillwayProc::spawn(&toml);
+    wait_until(
+        "every event processed after the crashes",
+        Duration::from_secs(240),
+        || distinct(&received) as u64 >= EVENTS,
+    )
+    .await;
+    p.signal("TERM");
+    assert!(blocking(|| p.wait_exit(Duration::from_secs(30))).success());
+    let ids: HashSet<String> = received.ids().into_iter().collect();
+    for part in 0..PARTITIONS {
+        let c = committed(&broker.bootstrap(), &group, &topic, PARTITIONS);
+        let end = c.get(&part).copied().unwrap_or(0);
+        for o in 0..end {
+            assert!(
+                ids.contains(&format!("{topic}/{part}/{o}")),
+                "lost {part}/{o}"
+            );
+        }
+    }
+    assert_eq!(ids.len() as u64, EVENTS, "nothing lost");
+    let c = assert_commits_cover_only_finished(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        PARTITIONS,
+        &received,
+    );
+    assert_eq!(
+        c.values().sum::<i64>() as u64,
+        EVENTS,
+        "final commit at the end"
+    );
+    println!(
+        "crash: {EVENTS} events, {kills} SIGKILLs, 0 lost, {} redelivered duplicates (at-least-once)",
+        duplicates(&received)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
+    const EVENTS: u64 = 12_000;
+    let broker = Broker::start();
+    let (topic, dlq, group) = setup(&broker, "rebalance", EVENTS, 400).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(5)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 128\ncommit_interval_ms = 200\nrebalance_timeout_ms = 5000",
+    );
+    let mut a = SpillwayProc::spawn(&toml);
+    wait_until("A makes progress", Duration::from_secs(60), || {
+        received.len() >= 1_500
+    })
+    .await;
+    let mut b = SpillwayProc::spawn(&toml);
+    let assigned_to_b = || async {
+        b.try_scrape()
+            .await
+            .and_then(|m| metric_value(&m, "spillway_assigned_partitions"))
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while assigned_to_b().await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "B never got partitions; log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let joined_at = received.len();
+    assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
+    wait_until("both make progress", Duration::from_secs(60), || {
+        received.len() >= joined_at + 2_000
+    })
+    .await;
+    b.signal("TERM");
+    assert!(
+        blocking(|| b.wait_exit(Duration::from_secs(30))).success(),
+        "B exits 0"
+    );
+    assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
+    wait_until("A finishes everything", Duration::from_secs(180), || {
+        distinct(&received) as u64 >= EVENTS
+    })
+    .await;
+    a.signal("TERM");
+    assert!(
+        blocking(|| a.wait_exit(Duration::from_secs(30))).success(),
+        "A exits 0"
+    );
+    let c = assert_commits_cover_only_finished(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        PARTITIONS,
+        &received,
+    );
+    assert_eq!(c.values().sum::<i64>() as u64, EVENTS);
+    assert_eq!(distinct(&received) as u64, EVENTS, "nothing lost");
+    println!(
+        "rebalance: {EVENTS} events, join at {joined_at}, 0 lost, {} redelivered",
+        duplicates(&received)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_run_resumes_without_restarting_the_processor() {
+    const EVENTS: u64 = 6_000;
+    let mut broker = blocking(Broker::start_persistent);
+    let (topic, dlq, group) = setup(&broker, "brokerrestart", EVENTS, 200).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(5)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 64\ncommit_interval_ms = 200",
+    );
+    let mut p = SpillwayProc::spawn(&toml);
+    wait_until(
+        "progress before the broker dies",
+        Duration::from_secs(60),
+        || received.len() >= 1_000,
+    )
+    .await;
+    blocking(|| broker.kill());
+    tokio::time::sleep(Duration::from_secs(2)).await; // the broker stays down a while
+    blocking(|| broker.restart());
+    wait_until(
+        "every event processed after the broker restart",
+        Duration::from_secs(240),
+        || distinct(&received) as u64 >= EVENTS,
+    )
+    .await;
+    assert!(
+        p.wait_exit_nonblocking().is_none(),
+        "processor kept running"
+    );
+    wait_until(
+        "commits caught up after the restart",
+        Duration::from_secs(60),
+        || {
+            committed(&broker.bootstrap(), &group, &topic, PARTITIONS)
+                .values()
+                .sum::<i64>() as u64
+                == EVENTS
+        },
+    )
+    .await;
+    assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
+    p.signal("TERM");
+    assert!(blocking(|| p.wait_exit(Duration::from_secs(30))).success());
+    println!(
+        "broker restart: {EVENTS} events, 0 lost, {} redelivered",
+        duplicates(&received)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_pauses_partitions_and_bounds_memory() {
+    const EVENTS: u64 = 100_000;
+    // The bound this test asserts: librdkafka's prefetch (16 MiB by default here), the
+    // look-ahead buffers (max_buffered_total records of ~100 B), in-flight work, and the
+    // runtime. Measured around 40-60 MiB; 160 MiB leaves room without hiding a leak of the
+    // whole backlog (100,000 records held would add far more, with their per-record state).
+    const RSS_BOUND_KIB: u64 = 160 * 1024;
+    let broker = Broker::start();
+    let (topic, dlq, group) = setup(&broker, "backpressure", EVENTS, 10_000).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(50)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 64\nmax_buffered_per_partition = 500\nmax_buffered_total = 2000",
+    );
+    let p = SpillwayProc::spawn(&toml);
+    let mut max_rss = 0;
+    let mut max_paused = 0.0f64;
+    let mut max_buffered = 0.0f64;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        max_rss = max_rss.max(p.rss_kib());
+        if let Some(m) = p.try_scrape().await {
+            max_paused =
+                max_paused.max(metric_value(&m, "spillway_paused_partitions").unwrap_or(0.0));
+            max_buffered =
+                max_buffered.max(metric_value(&m, "spillway_buffered_records").unwrap_or(0.0));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "backpressure: {EVENTS} backlog, {} processed in 20 s, max RSS {} KiB (bound {RSS_BOUND_KIB}), \
+         max paused partitions {max_paused}, max buffered {max_buffered}",
+        received.len(),
+        max_rss
+    );
+    assert!(received.len() > 1_000, "processing went on while paused");
+    assert!(
+        max_paused >= 1.0,
+        "partitions were paused when buffers filled"
+    );
+    assert!(
+        max_buffered <= 2_000.0 + 4_096.0,
+        "buffered records stay near max_buffered_total: {max_buffered}"
+    );
+    assert!(
+        max_rss > 0 && max_rss < RSS_BOUND_KIB,
+        "RSS {max_rss} KiB over {RSS_BOUND_KIB} KiB"
+    );
+    p.signal("TERM");
+}
