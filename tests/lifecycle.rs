@@ -174,14 +174,15 @@ async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
     const EVENTS: u64 = 12_000;
     let broker = Broker::start();
     let (topic, dlq, group) = setup(&broker, "rebalance", EVENTS, 400).await;
-    let (sink, received) = recording_sink_with(Duration::from_millis(5)).await;
+    // Slow enough (about 1,300 events/s) that B joins and leaves while work remains.
+    let (sink, received) = recording_sink_with(Duration::from_millis(25)).await;
     let toml = webhook_config(
         &broker.bootstrap(),
         &group,
         &topic,
         &dlq,
         sink,
-        "[processor]\nmax_in_flight = 128\ncommit_interval_ms = 200\nrebalance_timeout_ms = 5000",
+        "[processor]\nmax_in_flight = 32\ncommit_interval_ms = 200\nrebalance_timeout_ms = 5000",
     );
     let mut a = SpillwayProc::spawn(&toml);
     wait_until("A makes progress", Duration::from_secs(60), || {
@@ -216,7 +217,7 @@ async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
         "B exits 0"
     );
     assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
-    wait_until("A finishes everything", Duration::from_secs(180), || {
+    a.wait_until("A finishes everything", Duration::from_secs(60), || {
         distinct(&received) as u64 >= EVENTS
     })
     .await;

@@ -201,6 +201,12 @@ impl Scheduler {
         if self.draining {
             return; // Records of these partitions are dropped; they stay uncommitted.
         }
+        // librdkafka keeps a partition's pause flag across revoke and re-assign; a partition
+        // paused for a full buffer in its previous assignment would never be fetched again.
+        // Every assignment starts unpaused, matching the fresh state below.
+        if let Err(e) = self.consumer.resume(&tpl_of(&parts)) {
+            tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+        }
         for (topic, partition) in parts {
             self.next_epoch += 1;
             let state = PartitionState {

@@ -118,12 +118,9 @@ impl Broker {
 
     /// SQLite storage in a fresh directory: survives kill -9 and restart.
     pub fn start_persistent() -> Broker {
+        // tansu wants a relative sqlite path; the broker runs inside `dir`.
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = format!(
-            "sqlite://{}/tansu.db",
-            relative_to_cwd(dir.path()).display()
-        );
-        Self::start_with(storage, Some(dir))
+        Self::start_with("sqlite://tansu.db".to_string(), Some(dir))
     }
 
     fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
@@ -162,6 +159,7 @@ impl Broker {
                 &self.storage,
             ])
             .env("RUST_LOG", "warn")
+            .current_dir(self._dir.path())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
@@ -226,20 +224,6 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// tansu wants a relative sqlite path.
-fn relative_to_cwd(p: &Path) -> PathBuf {
-    let cwd = std::env::current_dir().expect("cwd");
-    let mut up = PathBuf::new();
-    let mut base = cwd.as_path();
-    loop {
-        if let Ok(rest) = p.strip_prefix(base) {
-            return up.join(rest);
-        }
-        up.push("..");
-        base = base.parent().expect("paths share the root");
     }
 }
 
@@ -768,8 +752,10 @@ pub fn assert_commits_cover_only_finished(
     partitions: i32,
     received: &Received,
 ) -> HashMap<i32, i64> {
-    let ids: std::collections::HashSet<String> = received.ids().into_iter().collect();
+    // Commits first, then the sink: the sink holds every finished record, so reading it
+    // second can only add records; the other order races with a running processor.
     let c = committed(bootstrap, group, topic, partitions);
+    let ids: std::collections::HashSet<String> = received.ids().into_iter().collect();
     for (p, off) in &c {
         for o in 0..*off {
             assert!(
