@@ -793,3 +793,43 @@ pub fn webhook_config(
         ),
     )
 }
+
+/// A rivven-schema registry (Confluent-compatible REST API) on a loopback port.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        blocking(|| {
+            let bin = tool("SPILLWAY_RIVVEN_BIN", "rivven-schema");
+            let port = free_port();
+            let child = Command::new(&bin)
+                .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            let mut r = Registry { child, port };
+            wait_until_blocking("schema registry answers", Duration::from_secs(30), || {
+                if let Ok(Some(status)) = r.child.try_wait() {
+                    panic!("rivven-schema exited during start-up: {status}");
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            r
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
