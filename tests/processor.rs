@@ -323,3 +323,61 @@ async fn transient_errors_retry_then_dead_letter_without_blocking_other_keys() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_and_lag_metrics_reflect_the_consumer() {
+    let broker = Broker::start();
+    let (topic, dlq, group) = (unique("health"), unique("health-dlq"), unique("g"));
+    create_topic(&broker.bootstrap(), &topic, 2).await;
+    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..100).map(|i| Rec::seq(&format!("k{i}"), i)),
+    )
+    .await;
+    // Every event is held, so nothing finishes and the whole backlog stays as lag.
+    let release = Arc::new(AtomicBool::new(false));
+    let (mut step, seen) = ScriptedStep::new(0);
+    let r = release.clone();
+    step.hold = Some(Arc::new(move |_| !r.load(Ordering::SeqCst)));
+    let toml = config_toml(&broker.bootstrap(), &group, &topic, &dlq, "");
+    let stop = CancellationToken::new();
+    let (addr, task) = start_processor(&toml, vec![Arc::new(step)], stop.clone()).await;
+    let get = |path: &'static str| async move {
+        reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(get("/healthz").await, 200, "live while polling");
+    assert_eq!(get("/readyz").await, 200, "ready once running");
+    let mut lag = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lag < 100.0 {
+        assert!(
+            Instant::now() < deadline,
+            "consumer lag never reached the backlog: {lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lag = metric_sum(&scrape(addr).await, "spillway_consumer_lag{");
+    }
+    let m = scrape(addr).await;
+    assert_eq!(metric_value(&m, "spillway_inflight_events"), Some(100.0));
+    assert_eq!(metric_value(&m, "spillway_assigned_partitions"), Some(2.0));
+    release.store(true, Ordering::SeqCst);
+    wait_until("held events finish", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() == 100
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_sum(&scrape(addr).await, "spillway_consumer_lag{") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "lag never went back to zero after commits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
