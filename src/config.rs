@@ -680,6 +680,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type.
     fn env_overrides_file_values() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("spillway.toml", MINIMAL)?;

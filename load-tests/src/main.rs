@@ -1,1 +1,405 @@
-fn main() {}
+//! `bench-processor`: throughput and overhead of the processor core on a real broker (tansu).
+//!
+//! 1. Latency-bound: a fixed 500 ms step, 12 partitions, K = 10·N distinct keys, for each
+//!    in-flight limit N. Prints events/s over the steady-state window, the ideal
+//!    min(N, K) / 0.5 s, and the efficiency, next to a partition-serial consumer (one record
+//!    at a time per partition, the plain-consumer baseline) measured in the same run.
+//! 2. Overhead: a 0 ms in-process step. Prints processor CPU µs per event and events/s next to
+//!    a raw rdkafka drain of the same topic in the same run.
+//!
+//! Usage: `cargo run --release -p spillway-load-tests -- [--quick]`
+//! The broker comes from SPILLWAY_TANSU_BIN or scripts/tools.sh (installed once, cached).
+//! Everything runs on 127.0.0.1 and stops by itself.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::Message;
+use spillway::processor::step::{BoxFuture, EventContext, Step, StepError};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 12;
+const STEP_LATENCY: Duration = Duration::from_millis(500);
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
+    let out = Command::new(script)
+        .arg("tansu")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/tools.sh");
+    assert!(out.status.success(), "installing tansu failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn start_broker() -> (Broker, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(tansu_bin())
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let bootstrap = format!("127.0.0.1:{port}");
+    let probe: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe
+        .client()
+        .fetch_metadata(None, Duration::from_secs(2))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Broker(child), bootstrap)
+}
+
+async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin");
+    for r in admin
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topics")
+    {
+        r.expect("topic created");
+    }
+}
+
+/// Produces `events` JSON records over `keys` keys, round-robin.
+async fn produce(bootstrap: &str, topic: &str, events: u64, keys: u64) -> Duration {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(4096);
+    for i in 0..events {
+        let key = format!("k{}", i % keys);
+        let value = format!(r#"{{"key":"{key}","seq":{}}}"#, i / keys);
+        let f = p
+            .send_result(FutureRecord::to(topic).key(&key).payload(&value))
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        pending.push(f);
+        if pending.len() == 4096 {
+            for f in pending.drain(..) {
+                f.await.expect("future").expect("delivered");
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("future").expect("delivered");
+    }
+    p.flush(Timeout::After(Duration::from_secs(30)))
+        .expect("flush");
+    started.elapsed()
+}
+
+/// A step that sleeps a fixed time and records when the first call started and when each
+/// call finished.
+struct SleepStep {
+    latency: Duration,
+    first_start: Arc<Mutex<Option<Instant>>>,
+    done: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Step for SleepStep {
+    fn name(&self) -> &str {
+        "bench"
+    }
+    fn run<'a>(&'a self, _: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            self.first_start
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+            if !self.latency.is_zero() {
+                tokio::time::sleep(self.latency).await;
+            }
+            self.done.lock().unwrap().push(Instant::now());
+            Ok(())
+        })
+    }
+}
+
+fn config(bootstrap: &str, topic: &str, n: usize) -> spillway::config::Config {
+    let toml = format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "bench-{topic}"
+topics = ["{topic}"]
+session_timeout_ms = 6000
+[kafka.properties]
+"fetch.wait.max.ms" = 50
+[processor]
+max_in_flight = {n}
+max_buffered_per_partition = {buf}
+max_buffered_total = {total}
+[dlq]
+topic = "{topic}.dlq"
+[telemetry]
+metrics_addr = "127.0.0.1:0"
+"#,
+        buf = (4 * n).max(2_000),
+        total = (48 * n).max(20_000),
+    );
+    spillway::config::Config::from_toml(&toml).expect("bench config")
+}
+
+/// Runs the processor over the topic until `events` finished; returns the completion times.
+async fn run_processor(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    latency: Duration,
+    events: u64,
+) -> (Processed, Duration, f64) {
+    let done = Arc::new(Mutex::new(Vec::with_capacity(events as usize)));
+    let first_start = Arc::new(Mutex::new(None));
+    let step = Arc::new(SleepStep {
+        latency,
+        first_start: first_start.clone(),
+        done: done.clone(),
+    });
+    let stop = CancellationToken::new();
+    let cpu0 = cpu_time();
+    let started = Instant::now();
+    let p = spillway::processor::Processor::start(
+        config(bootstrap, topic, n),
+        vec![step as Arc<dyn Step>].into(),
+        stop.clone(),
+    )
+    .await
+    .expect("processor starts");
+    let task = tokio::spawn(p.run());
+    while (done.lock().unwrap().len() as u64) < events {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time() - cpu0;
+    stop.cancel();
+    task.await.expect("join").expect("processor ran");
+    let times = done.lock().unwrap().clone();
+    let first = first_start.lock().unwrap().expect("a step ran");
+    (
+        Processed {
+            first_start: first,
+            done: times,
+        },
+        elapsed,
+        cpu,
+    )
+}
+
+/// When the first event started and when each finished.
+struct Processed {
+    first_start: Instant,
+    done: Vec<Instant>,
+}
+
+impl Processed {
+    /// Events per second from the first step start to the last completion: the group join is
+    /// excluded, but any ramp-up (fetching, dispatch) counts against the processor.
+    fn rate(&self) -> f64 {
+        let last = self.done.iter().max().copied().unwrap_or(self.first_start);
+        self.done.len() as f64 / last.duration_since(self.first_start).as_secs_f64()
+    }
+}
+
+/// The plain-consumer baseline: one record at a time per partition, `latency` each, over
+/// `window`. Returns events/s.
+async fn partition_serial(
+    bootstrap: &str,
+    topic: &str,
+    latency: Duration,
+    window: Duration,
+) -> f64 {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("serial-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let done = Arc::new(AtomicU64::new(0));
+    let mut queues: HashMap<i32, tokio::sync::mpsc::UnboundedSender<()>> = HashMap::new();
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(30) + window;
+    loop {
+        if let Some(f) = first {
+            if f.elapsed() >= window {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        let msg = match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            _ => continue,
+        };
+        first.get_or_insert_with(Instant::now);
+        let tx = queues.entry(msg.partition()).or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let done = done.clone();
+            tokio::spawn(async move {
+                while rx.recv().await.is_some() {
+                    tokio::time::sleep(latency).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            tx
+        });
+        let _ = tx.send(());
+    }
+    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(1.0);
+    done.load(Ordering::Relaxed) as f64 / secs
+}
+
+/// Drains `events` records with a bare rdkafka consumer; returns (elapsed, cpu seconds).
+fn raw_drain(bootstrap: &str, topic: &str, events: u64) -> (Duration, f64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("raw-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let cpu0 = cpu_time();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while n < events {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            std::hint::black_box(m.payload());
+            n += 1;
+        }
+    }
+    (started.elapsed(), cpu_time() - cpu0)
+}
+
+/// User + system CPU seconds of this process.
+fn cpu_time() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a full rusage into the pointer on success.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+    if r != 0 {
+        return 0.0;
+    }
+    // SAFETY: initialised by the successful call above.
+    let u = unsafe { u.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let (_broker, bootstrap) = start_broker();
+        let seconds = if quick { 6.0 } else { 15.0 };
+        println!("# Latency-bound: step {STEP_LATENCY:?}, {PARTITIONS} partitions, K = 10*N keys");
+        let serial_topic = "bench-serial";
+        create_topic(&bootstrap, serial_topic, PARTITIONS).await;
+        produce(&bootstrap, serial_topic, 2_000, 2_000).await;
+        let serial = partition_serial(&bootstrap, serial_topic, STEP_LATENCY, Duration::from_secs(10)).await;
+        println!("| N | K | events | events/s | ideal/s | efficiency | partition-serial/s | speed-up |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for n in [64usize, 256, 1024] {
+            let keys = 10 * n as u64;
+            let ideal = (n as f64).min(keys as f64) / STEP_LATENCY.as_secs_f64();
+            let events = (ideal * seconds) as u64;
+            let topic = format!("bench-latency-{n}");
+            create_topic(&bootstrap, &topic, PARTITIONS).await;
+            produce(&bootstrap, &topic, events, keys).await;
+            let (processed, _, _) = run_processor(&bootstrap, &topic, n, STEP_LATENCY, events).await;
+            let rate = processed.rate();
+            println!(
+                "| {n} | {keys} | {events} | {rate:.0} | {ideal:.0} | {:.3} | {serial:.1} | {:.0}x |",
+                rate / ideal,
+                rate / serial
+            );
+        }
+
+        let events: u64 = if quick { 20_000 } else { 100_000 };
+        println!("\n# Overhead: 0 ms in-process step, {events} events, {PARTITIONS} partitions, 1,000 keys");
+        let topic = "bench-overhead";
+        create_topic(&bootstrap, topic, PARTITIONS).await;
+        let produced_in = produce(&bootstrap, topic, events, 1_000).await;
+        let (raw_elapsed, raw_cpu) = tokio::task::block_in_place(|| raw_drain(&bootstrap, topic, events));
+        let (_, elapsed, cpu) = run_processor(&bootstrap, topic, 1024, Duration::ZERO, events).await;
+        println!("| consumer | events/s | CPU µs/event |");
+        println!("|---|---|---|");
+        println!(
+            "| raw rdkafka drain | {:.0} | {:.1} |",
+            events as f64 / raw_elapsed.as_secs_f64(),
+            raw_cpu * 1e6 / events as f64
+        );
+        println!(
+            "| spillway processor | {:.0} | {:.1} |",
+            events as f64 / elapsed.as_secs_f64(),
+            cpu * 1e6 / events as f64
+        );
+        println!(
+            "(producing the backlog took {produced_in:.1?}; processor figures include start-up and the group join)"
+        );
+    });
+}

@@ -507,6 +507,9 @@ pub async fn scrape(addr: SocketAddr) -> String {
         .expect("metrics body")
 }
 
+/// Decides, from an event's payload, whether the step keeps holding it.
+pub type HoldFn = Arc<dyn Fn(&serde_json::Value) -> bool + Send + Sync>;
+
 /// What a [`ScriptedStep`] saw, per event: (key, seq, partition, offset).
 pub type Seen = Arc<Mutex<Vec<(String, u64, i32, i64)>>>;
 
@@ -518,7 +521,7 @@ pub struct ScriptedStep {
     /// Returns an error to fail the event with, given its JSON payload.
     pub fail: fn(&serde_json::Value) -> Option<spillway::processor::step::StepError>,
     /// While this returns true for an event, the call does not finish.
-    pub hold: Option<Arc<dyn Fn(&serde_json::Value) -> bool + Send + Sync>>,
+    pub hold: Option<HoldFn>,
 }
 
 impl ScriptedStep {
