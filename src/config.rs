@@ -114,7 +114,7 @@ pub struct ProcessorConfig {
     /// Records all partitions together may hold waiting before intake pauses.
     #[serde(default = "default_max_buffered_total")]
     pub max_buffered_total: usize,
-    /// How often finished offsets are committed, in milliseconds.
+    /// How often finished offsets are stored and committed, in milliseconds.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight work may take to finish before it is abandoned
@@ -296,6 +296,7 @@ pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "group.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "auto.commit.interval.ms",
     "enable.idempotence",
     "enable.partition.eof",
 ];

@@ -9,27 +9,29 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{ConfigError, KafkaConfig};
+use crate::config::{ConfigError, KafkaConfig, ProcessorConfig};
 
 /// Properties common to every client: brokers plus the pass-through properties, with
 /// secrets resolved from the environment or files.
 pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
-    // librdkafka's own log lines go through `log`, which we do not wire; errors surface
-    // through callbacks and results instead.
-    c.set("log_level", "3");
+    // Warnings and errors only: commit failures (COMMITFAIL) and broker trouble are warnings.
+    c.set("log_level", "4");
     for (key, value) in &k.properties {
         c.set(key, value.resolve(&format!("kafka.properties.\"{key}\""))?);
     }
     Ok(c)
 }
 
-/// Consumer-group member properties. Offsets are stored and committed by Spillway only.
-pub fn consumer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+/// Consumer-group member properties. Offsets are *stored* by Spillway only (the finished
+/// watermark); librdkafka commits stored offsets every `commit_interval_ms` and retries a
+/// failed commit on the next interval. Revoke and shutdown also commit synchronously.
+pub fn consumer_config(k: &KafkaConfig, p: &ProcessorConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = base_config(k)?;
     c.set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", p.commit_interval_ms.to_string())
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", &k.auto_offset_reset)

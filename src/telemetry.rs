@@ -65,7 +65,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Records received from Kafka but not yet covered by the committed offset.
     pub committed_offset_lag: IntGaugeVec,
-    /// Offset commits, by outcome.
+    /// Offset stores (`stored`, periodic; librdkafka commits them) and synchronous commits on
+    /// revoke and shutdown (`ok`, `error`).
     pub commits: IntCounterVec,
     /// Errors reported by the Kafka client, by code.
     pub kafka_errors: IntCounterVec,
@@ -167,7 +168,7 @@ impl Metrics {
             )),
             commits: reg!(counter_vec(
                 "spillway_offset_commits_total",
-                "Offset commits, by outcome.",
+                "Periodic offset stores (outcome=stored, committed by librdkafka) and synchronous commits on revoke and shutdown (ok, error).",
                 &["outcome"]
             )),
             kafka_errors: reg!(counter_vec(

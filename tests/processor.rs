@@ -378,6 +378,15 @@ async fn health_endpoints_and_lag_metrics_reflect_the_consumer() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let m = scrape(addr).await;
+    assert!(
+        metric_value(&m, "spillway_offset_commits_total{outcome=\"stored\"}").unwrap_or(0.0) >= 1.0,
+        "offset stores are counted: {}",
+        m.lines()
+            .filter(|l| l.contains("commits"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
@@ -45,8 +45,6 @@ pub struct Context {
     metrics: Arc<Metrics>,
     /// Set while the consumer closes: rebalance callbacks then skip the scheduler handshake.
     pub(crate) closing: AtomicBool,
-    /// Set when an offset commit failed, so the scheduler recommits everything next tick.
-    pub(crate) commit_failed: AtomicBool,
     revoke_wait: Duration,
 }
 
@@ -140,18 +138,6 @@ impl ConsumerContext for Context {
             }
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                self.commit_failed.store(true, Ordering::Release);
-                tracing::warn!(error = %e, "offset commit failed; will recommit");
-            }
-        }
-    }
 }
 
 /// The consumer type used by the processor.
@@ -169,11 +155,10 @@ pub fn create(
         tx,
         metrics,
         closing: AtomicBool::new(false),
-        commit_failed: AtomicBool::new(false),
         // Slightly longer than the scheduler's own deadline, so the scheduler decides.
         revoke_wait: Duration::from_millis(config.processor.rebalance_timeout_ms + 2_000),
     };
-    let consumer: KafkaConsumer = crate::kafka::consumer_config(&config.kafka)
+    let consumer: KafkaConsumer = crate::kafka::consumer_config(&config.kafka, &config.processor)
         .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
         .create_with_context(context)?;
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();

@@ -50,7 +50,8 @@ struct PartitionState {
     /// Records of this partition running now.
     running: usize,
     paused: bool,
-    last_committed: Option<i64>,
+    /// Last offset stored for commit.
+    last_stored: Option<i64>,
     revoking: bool,
 }
 
@@ -160,7 +161,7 @@ impl Scheduler {
                     break;
                 }
                 _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
-                _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                _ = commit_tick.tick() => self.store_offsets(),
                 input = rx.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => {
@@ -217,7 +218,7 @@ impl Scheduler {
                 buffered: 0,
                 running: 0,
                 paused: false,
-                last_committed: None,
+                last_stored: None,
                 revoking: false,
             };
             self.partitions
@@ -504,13 +505,11 @@ impl Scheduler {
         for (topic, partition) in &pending.partitions {
             if let Some(state) = self.state_mut(topic, *partition) {
                 if let Some(offset) = state.tracker.committable() {
-                    if state.last_committed != Some(offset) {
-                        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
-                    }
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
                 }
             }
         }
-        self.commit_list(&tpl, CommitMode::Sync);
+        self.commit_list(&tpl);
         let revoked: HashSet<&Partition> = pending.partitions.iter().collect();
         let mut abandoned = 0;
         for run in self.running.values() {
@@ -540,25 +539,20 @@ impl Scheduler {
         let _ = pending.ack.send(());
     }
 
-    /// Commits every partition whose finished watermark moved (or all after a failed commit).
-    fn commit(&mut self, mode: CommitMode) {
-        let force = self
-            .consumer
-            .context()
-            .commit_failed
-            .swap(false, Ordering::AcqRel);
+    /// Stores each partition's finished watermark where it moved; librdkafka's auto-commit
+    /// commits stored offsets every `commit_interval_ms` and retries failed commits.
+    fn store_offsets(&mut self) {
         let mut tpl = TopicPartitionList::new();
-        for state in self.partitions.values_mut().flat_map(|m| m.iter_mut()) {
-            let (partition, state) = state;
+        for (partition, state) in self.partitions.values_mut().flat_map(|m| m.iter_mut()) {
             if state.revoking {
                 continue;
             }
             let Some(offset) = state.tracker.committable() else {
                 continue;
             };
-            if force || state.last_committed != Some(offset) {
+            if state.last_stored != Some(offset) {
                 let _ = tpl.add_partition_offset(&state.topic, *partition, Offset::Offset(offset));
-                state.last_committed = Some(offset);
+                state.last_stored = Some(offset);
             }
             let received = state.tracker.next_offset().unwrap_or(offset);
             self.metrics
@@ -566,33 +560,46 @@ impl Scheduler {
                 .with_label_values(&[&*state.topic, &partition.to_string()])
                 .set(received - offset);
         }
-        self.commit_list(&tpl, mode);
-    }
-
-    fn commit_list(&self, tpl: &TopicPartitionList, mode: CommitMode) {
         if tpl.count() == 0 {
             return;
         }
-        let result = match mode {
-            // A synchronous commit blocks only briefly and only on revoke and shutdown.
-            CommitMode::Sync => {
-                tokio::task::block_in_place(|| self.consumer.commit(tpl, CommitMode::Sync))
-            }
-            CommitMode::Async => self.consumer.commit(tpl, CommitMode::Async),
-        };
-        match result {
-            Ok(()) => {
-                if matches!(mode, CommitMode::Sync) {
-                    self.metrics.commits.with_label_values(&["ok"]).inc();
-                }
-            }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => self.metrics.commits.with_label_values(&["stored"]).inc(),
             Err(e) => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
-                self.consumer
-                    .context()
-                    .commit_failed
-                    .store(true, Ordering::Release);
-                tracing::warn!(error = %e, "offset commit failed; will recommit");
+                tracing::warn!(error = %e, "storing offsets failed");
+            }
+        }
+    }
+
+    /// Synchronously commits the finished watermark of every partition (shutdown).
+    fn commit_all(&mut self) {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, state) in self.partitions.values().flat_map(|m| m.iter()) {
+            if let Some(offset) = state.tracker.committable() {
+                let _ = tpl.add_partition_offset(&state.topic, *partition, Offset::Offset(offset));
+            }
+        }
+        self.commit_list(&tpl);
+    }
+
+    /// Commits `tpl` synchronously (revoke and shutdown only): blocks this task for one
+    /// round trip to the group coordinator.
+    fn commit_list(&self, tpl: &TopicPartitionList) {
+        if tpl.count() == 0 {
+            return;
+        }
+        // Store first: with auto-commit on, librdkafka commits the *stored* offsets again when
+        // it unassigns and closes, which would otherwise roll this commit back a tick.
+        if let Err(e) = self.consumer.store_offsets(tpl) {
+            tracing::debug!(error = %e, "storing offsets before the commit failed");
+        }
+        let result = tokio::task::block_in_place(|| self.consumer.commit(tpl, CommitMode::Sync));
+        match result {
+            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "offset commit failed; unfinished work will be redelivered");
             }
         }
     }
@@ -656,7 +663,7 @@ impl Scheduler {
         if let Some(pending) = self.pending_revoke.take() {
             self.release(pending);
         }
-        self.commit(CommitMode::Sync);
+        self.commit_all();
         self.worker.dlq.flush(Duration::from_secs(5));
         tracing::info!("final offsets committed");
         stop.store(true, Ordering::Release);
