@@ -390,3 +390,68 @@ async fn health_endpoints_and_lag_metrics_reflect_the_consumer() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Kafka fault injection (rdkafka MockCluster): the DLQ cannot be written for a while. The
+/// poison record must stay unfinished (its offset uncommitted) while later records of other
+/// keys finish, and land in the DLQ once Kafka accepts it again. Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_unavailable_holds_the_commit_until_the_dead_letter_is_written() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let (topic, dlq, group) = (unique("mock"), unique("mock-dlq"), unique("g"));
+    mock.create_topic(&topic, 1, 1).unwrap();
+    mock.create_topic(&dlq, 1, 1).unwrap();
+    let mut recs = vec![Rec {
+        key: Some("poison".into()),
+        value: b"not json".to_vec(),
+        headers: vec![],
+    }];
+    recs.extend((1..=10).map(|i| Rec::seq(&format!("k{i}"), i)));
+    produce_all(&bootstrap, &topic, recs).await;
+    // From now on, the next produce requests (the DLQ writes) are refused.
+    let refusals = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 6];
+    mock.request_errors(RDKafkaApiKey::Produce, &refusals);
+
+    let (step, seen) = ScriptedStep::new(0);
+    let toml = config_toml(
+        &bootstrap,
+        &group,
+        &topic,
+        &dlq,
+        "[processor]\ncommit_interval_ms = 100\n[processor.retry]\ninitial_backoff_ms = 200\nmax_backoff_ms = 400",
+    );
+    let stop = CancellationToken::new();
+    let (addr, task) = start_processor(&toml, vec![Arc::new(step)], stop.clone()).await;
+    wait_until(
+        "later records of other keys finish",
+        Duration::from_secs(60),
+        || seen.lock().unwrap().len() == 10,
+    )
+    .await;
+    let mut saw_refusal = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = scrape(addr).await;
+        let written = metric_sum(&m, "spillway_dlq_records_total{");
+        saw_refusal |= metric_value(&m, "spillway_dlq_write_errors_total").unwrap_or(0.0) >= 1.0;
+        let c = committed(&bootstrap, &group, &topic, 1);
+        if written == 0.0 {
+            assert!(
+                c.get(&0).is_none_or(|o| *o == 0),
+                "committed {c:?} past the record whose dead letter is not written yet"
+            );
+        } else if c.get(&0) == Some(&11) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the DLQ write never succeeded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_refusal, "the refused DLQ writes were counted");
+    let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(&b"not json"[..]));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
