@@ -455,3 +455,52 @@ async fn dlq_unavailable_holds_the_commit_until_the_dead_letter_is_written() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// The poll loop never waits on processing: a step that runs longer than
+/// `max.poll.interval.ms` does not get the member evicted (no revoke), and the event finishes
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_longer_than_max_poll_interval_does_not_trigger_a_rebalance() {
+    let broker = Broker::start();
+    let (topic, dlq, group) = (unique("slowstep"), unique("slowstep-dlq"), unique("g"));
+    create_topic(&broker.bootstrap(), &topic, 1).await;
+    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        [Rec::seq("slow", 0), Rec::seq("slow", 1)],
+    )
+    .await;
+    let started = Instant::now();
+    let (mut step, seen) = ScriptedStep::new(0);
+    // Seq 0 takes 9 s, half again the 6 s poll interval.
+    step.hold = Some(Arc::new(move |d| {
+        d["seq"] == 0 && started.elapsed() < Duration::from_secs(9)
+    }));
+    let toml = config_toml(&broker.bootstrap(), &group, &topic, &dlq, "").replace(
+        "session_timeout_ms = 6000",
+        "session_timeout_ms = 6000\nmax_poll_interval_ms = 6000",
+    ) + "\n[processor]\nrebalance_timeout_ms = 3000\n";
+    let stop = CancellationToken::new();
+    let (addr, task) = start_processor(&toml, vec![Arc::new(step)], stop.clone()).await;
+    wait_until(
+        "both events finish in order",
+        Duration::from_secs(60),
+        || seen.lock().unwrap().len() == 2,
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "the slow step really ran long"
+    );
+    let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.1).collect();
+    assert_eq!(seqs, vec![0, 1], "each event once, in key order");
+    let m = scrape(addr).await;
+    assert_eq!(
+        metric_value(&m, "spillway_rebalances_total{kind=\"revoke\"}"),
+        None,
+        "no revoke: the member was never evicted"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
