@@ -262,9 +262,16 @@ async fn broker_restart_mid_run_resumes_without_restarting_the_processor() {
         || received.len() >= 1_000,
     )
     .await;
+    let before = committed(&broker.bootstrap(), &group, &topic, PARTITIONS);
     blocking(|| broker.kill());
     tokio::time::sleep(Duration::from_secs(2)).await; // the broker stays down a while
     blocking(|| broker.restart());
+    let after = committed(&broker.bootstrap(), &group, &topic, PARTITIONS);
+    println!(
+        "broker restart: committed before the kill {}, after the restart {}",
+        before.values().sum::<i64>(),
+        after.values().sum::<i64>()
+    );
     wait_until(
         "every event processed after the broker restart",
         Duration::from_secs(240),
