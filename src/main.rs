@@ -33,11 +33,39 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the LLM provider simulator (OpenAI and Anthropic APIs, RPM/TPM limits, faults).
+    MockLlm(spillway::llm::simulator::SimulatorConfig),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::MockLlm(config) => {
+            spillway::telemetry::init_logging(spillway::config::LogFormat::Text);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("spillway: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = spillway::shutdown::on_signal();
+                match spillway::llm::simulator::serve(config, shutdown).await {
+                    Ok((_, task)) => {
+                        let _ = task.await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("spillway: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            })
+        }
         Command::Processor { config, check } => {
             let config = match spillway::config::Config::load(&config) {
                 Ok(c) => c,

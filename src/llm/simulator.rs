@@ -1,0 +1,758 @@
+//! `spillway mock-llm`: an LLM provider simulator for tests and local load tests.
+//!
+//! It speaks OpenAI-compatible `POST /v1/chat/completions` and Anthropic `POST /v1/messages`,
+//! and enforces limits the way providers do:
+//!
+//! * requests per minute, input tokens per minute and output tokens per minute, each a token
+//!   bucket that refills continuously (limit / 60 per second) up to one minute's worth;
+//! * at admission it reserves the estimated prompt tokens and the request's `max_tokens` of
+//!   output; when the answer is done it refunds the output it did not use;
+//! * over a limit it answers 429 with `retry-after` (seconds), `retry-after-ms`, and the
+//!   provider's rate-limit headers (`x-ratelimit-*` for OpenAI, `anthropic-ratelimit-*` for
+//!   Anthropic), without consuming anything.
+//!
+//! Latency is fixed plus uniform jitter. Faults are injected by rate or from a script:
+//! `500`, `529`, `hang`, `quota` (`insufficient_quota`), `overflow` (context window),
+//! `malformed` (a truncated 200 body), `ok`. Answers are deterministic functions of the prompt
+//! (a label from `positive`/`negative`/`neutral`), with exact `usage` counts, so end-to-end
+//! tests can assert results. `GET /stats` returns counters of what was received and refused.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+use tokio_util::sync::CancellationToken;
+
+/// Simulator settings (also the `spillway mock-llm` flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulatorConfig {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// Requests per minute; 0 means unlimited.
+    #[arg(long, default_value_t = 3000)]
+    pub rpm: u64,
+    /// Input (prompt) tokens per minute; 0 means unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub input_tpm: u64,
+    /// Output tokens per minute, reserved as `max_tokens` at admission; 0 means unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub output_tpm: u64,
+    /// Fixed latency of every answer, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub latency_ms: u64,
+    /// Extra latency, uniform in 0..=this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_jitter_ms: u64,
+    /// Output tokens of every answer (capped by `max_tokens`); 0 derives 20–200 from the prompt.
+    #[arg(long, default_value_t = 0)]
+    pub output_tokens: u32,
+    /// Context window in tokens: a prompt plus `max_tokens` above it is a context overflow.
+    #[arg(long, default_value_t = 128_000)]
+    pub context_tokens: u64,
+    /// Fault rates per request, comma separated `kind=probability`, e.g. `500=0.05,hang=0.01`.
+    #[arg(long, default_value = "")]
+    pub faults: String,
+    /// A fault script consumed one entry per request, e.g. `500,500,ok,529,quota`; after it
+    /// runs out, requests follow `--faults`.
+    #[arg(long, default_value = "")]
+    pub script: String,
+}
+
+impl SimulatorConfig {
+    /// Defaults with the given listen address and limits, for tests.
+    pub fn new(listen: SocketAddr) -> Self {
+        SimulatorConfig {
+            listen,
+            rpm: 0,
+            input_tpm: 0,
+            output_tpm: 0,
+            latency_ms: 0,
+            latency_jitter_ms: 0,
+            output_tokens: 0,
+            context_tokens: 128_000,
+            faults: String::new(),
+            script: String::new(),
+        }
+    }
+}
+
+/// Errors in the simulator's own configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulatorError {
+    /// A fault kind or rate does not parse.
+    #[error("invalid --faults/--script entry `{0}`: kinds are ok, 500, 529, hang, quota, overflow, malformed; rates are 0..=1")]
+    BadFault(String),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// An injected behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer normally.
+    Ok,
+    /// 500 internal error.
+    ServerError,
+    /// 529 overloaded.
+    Overloaded,
+    /// Never answer.
+    Hang,
+    /// 429 `insufficient_quota`.
+    Quota,
+    /// 400 context window exceeded.
+    Overflow,
+    /// 200 with a truncated JSON body.
+    Malformed,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Result<Fault, SimulatorError> {
+        Ok(match s.trim() {
+            "ok" => Fault::Ok,
+            "500" => Fault::ServerError,
+            "529" => Fault::Overloaded,
+            "hang" => Fault::Hang,
+            "quota" => Fault::Quota,
+            "overflow" => Fault::Overflow,
+            "malformed" => Fault::Malformed,
+            other => return Err(SimulatorError::BadFault(other.to_string())),
+        })
+    }
+}
+
+fn parse_script(s: &str) -> Result<VecDeque<Fault>, SimulatorError> {
+    s.split(',')
+        .filter(|e| !e.trim().is_empty())
+        .map(Fault::parse)
+        .collect()
+}
+
+fn parse_rates(s: &str) -> Result<Vec<(Fault, f64)>, SimulatorError> {
+    s.split(',')
+        .filter(|e| !e.trim().is_empty())
+        .map(|entry| {
+            let (kind, rate) = entry
+                .split_once('=')
+                .ok_or_else(|| SimulatorError::BadFault(entry.to_string()))?;
+            let rate: f64 = rate
+                .trim()
+                .parse()
+                .map_err(|_| SimulatorError::BadFault(entry.to_string()))?;
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(SimulatorError::BadFault(entry.to_string()));
+            }
+            Ok((Fault::parse(kind)?, rate))
+        })
+        .collect()
+}
+
+/// A per-minute limit as a continuously refilling bucket holding at most one minute's worth.
+#[derive(Debug)]
+struct Bucket {
+    limit_per_minute: f64,
+    available: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(limit_per_minute: u64, now: Instant) -> Self {
+        Bucket {
+            limit_per_minute: limit_per_minute as f64,
+            available: limit_per_minute as f64,
+            last: now,
+        }
+    }
+
+    fn unlimited(&self) -> bool {
+        self.limit_per_minute == 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.available =
+            (self.available + dt * self.limit_per_minute / 60.0).min(self.limit_per_minute);
+        self.last = now;
+    }
+
+    /// Time until `n` would fit, or zero if it fits now (after a refill).
+    fn wait_for(&self, n: f64) -> Duration {
+        if self.unlimited() || self.available >= n {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((n - self.available) * 60.0 / self.limit_per_minute)
+    }
+
+    fn take(&mut self, n: f64) {
+        if !self.unlimited() {
+            self.available -= n;
+        }
+    }
+
+    fn give_back(&mut self, n: f64) {
+        if !self.unlimited() {
+            self.available = (self.available + n).min(self.limit_per_minute);
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        self.available.max(0.0) as u64
+    }
+
+    /// Time until the bucket is full again.
+    fn reset(&self) -> Duration {
+        if self.unlimited() {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(
+            (self.limit_per_minute - self.available).max(0.0) * 60.0 / self.limit_per_minute,
+        )
+    }
+}
+
+/// Counters of what the simulator saw; `GET /stats` returns them.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Stats {
+    /// Requests received, well-formed or not.
+    pub received: u64,
+    /// Requests admitted past the rate limits.
+    pub admitted: u64,
+    /// Requests answered 429 for a rate limit.
+    pub rate_limited: u64,
+    /// Successful answers.
+    pub completed: u64,
+    /// Injected faults, by kind.
+    pub server_errors: u64,
+    /// 529s.
+    pub overloaded: u64,
+    /// Requests left hanging.
+    pub hung: u64,
+    /// `insufficient_quota` answers.
+    pub quota_errors: u64,
+    /// Context-window overflows (injected or real).
+    pub context_overflows: u64,
+    /// Truncated bodies.
+    pub malformed: u64,
+    /// Requests that were not valid JSON of the API's shape.
+    pub bad_requests: u64,
+    /// Prompt tokens of completed answers.
+    pub input_tokens: u64,
+    /// Output tokens of completed answers.
+    pub output_tokens: u64,
+}
+
+struct Limits {
+    requests: Bucket,
+    input: Bucket,
+    output: Bucket,
+}
+
+struct Shared {
+    config: SimulatorConfig,
+    limits: Mutex<Limits>,
+    script: Mutex<VecDeque<Fault>>,
+    rates: Vec<(Fault, f64)>,
+    stats: Mutex<Stats>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    OpenAi,
+    Anthropic,
+}
+
+/// Binds the simulator and serves it until `shutdown` is cancelled. Returns the bound address.
+pub async fn serve(
+    config: SimulatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), SimulatorError> {
+    let now = Instant::now();
+    let shared = Arc::new(Shared {
+        limits: Mutex::new(Limits {
+            requests: Bucket::new(config.rpm, now),
+            input: Bucket::new(config.input_tpm, now),
+            output: Bucket::new(config.output_tpm, now),
+        }),
+        script: Mutex::new(parse_script(&config.script)?),
+        rates: parse_rates(&config.faults)?,
+        stats: Mutex::new(Stats::default()),
+        config,
+    });
+    let listener = tokio::net::TcpListener::bind(shared.config.listen)
+        .await
+        .map_err(|source| SimulatorError::Bind {
+            addr: shared.config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| SimulatorError::Bind {
+            addr: shared.config.listen,
+            source,
+        })?;
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|State(s): State<Arc<Shared>>, body: Bytes| async move {
+                handle(s, Api::OpenAi, body).await
+            }),
+        )
+        .route(
+            "/v1/messages",
+            post(|State(s): State<Arc<Shared>>, body: Bytes| async move {
+                handle(s, Api::Anthropic, body).await
+            }),
+        )
+        .route(
+            "/stats",
+            get(|State(s): State<Arc<Shared>>| async move { axum::Json(lock(&s.stats).clone()) }),
+        )
+        .with_state(shared);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "mock-llm server failed");
+        }
+    });
+    tracing::info!(%addr, "mock-llm serving /v1/chat/completions, /v1/messages and /stats");
+    Ok((addr, task))
+}
+
+/// Locks a mutex, recovering the data if a holder panicked (counters stay usable).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Approximate token count: one token per four characters, at least one.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// The prompt text of a request: every message's text content, system included.
+fn prompt_text(api: Api, req: &Json) -> Option<String> {
+    let mut out = String::new();
+    if api == Api::Anthropic {
+        match &req["system"] {
+            Json::String(s) => out.push_str(s),
+            Json::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .for_each(|t| out.push_str(t)),
+            _ => {}
+        }
+    }
+    for m in req["messages"].as_array()? {
+        match &m["content"] {
+            Json::String(s) => out.push_str(s),
+            Json::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .for_each(|t| out.push_str(t)),
+            _ => return None,
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
+/// FNV-1a: a stable hash, so answers are the same across runs and platforms.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The deterministic label the simulator answers for a prompt.
+pub fn label_for(prompt: &str) -> &'static str {
+    ["positive", "negative", "neutral"][(stable_hash(prompt) % 3) as usize]
+}
+
+fn answer(prompt: &str, tokens: u32, json_mode: bool) -> String {
+    let label = label_for(prompt);
+    let head = if json_mode {
+        format!(r#"{{"label":"{label}"}}"#)
+    } else {
+        format!("label: {label}")
+    };
+    // One filler word per remaining token keeps `usage` exact for the simulator's accounting.
+    let mut text = head;
+    for _ in 1..tokens {
+        text.push_str(if json_mode { " " } else { " ok" });
+    }
+    text
+}
+
+async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
+    lock(&s.stats).received += 1;
+    let req: Json = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&s, api, &format!("body is not JSON: {e}")),
+    };
+    let Some(prompt) = prompt_text(api, &req) else {
+        return bad_request(
+            &s,
+            api,
+            "`messages` must be an array of messages with text content",
+        );
+    };
+    let max_tokens = match req["max_tokens"].as_u64() {
+        Some(n) if n > 0 => n,
+        None if api == Api::OpenAi => 1_024,
+        _ => return bad_request(&s, api, "`max_tokens` must be a positive integer"),
+    };
+    let model = req["model"].as_str().unwrap_or("mock").to_string();
+    let input = estimate_tokens(&prompt);
+
+    // Admission: all three buckets must have room; a refusal consumes nothing.
+    let now = Instant::now();
+    let headers;
+    {
+        let mut l = lock(&s.limits);
+        l.requests.refill(now);
+        l.input.refill(now);
+        l.output.refill(now);
+        let wait = l
+            .requests
+            .wait_for(1.0)
+            .max(l.input.wait_for(input as f64))
+            .max(l.output.wait_for(max_tokens as f64));
+        if !wait.is_zero() {
+            let h = limit_headers(api, &l, Some(wait));
+            drop(l);
+            lock(&s.stats).rate_limited += 1;
+            let kind = "rate_limit_exceeded";
+            return error(
+                api,
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                "rate limit reached; see retry-after",
+                h,
+            );
+        }
+        l.requests.take(1.0);
+        l.input.take(input as f64);
+        l.output.take(max_tokens as f64);
+        headers = limit_headers(api, &l, None);
+    }
+    lock(&s.stats).admitted += 1;
+
+    let fault = next_fault(&s);
+    let overflow = input + max_tokens > s.config.context_tokens;
+    let latency = s.config.latency_ms
+        + if s.config.latency_jitter_ms > 0 {
+            rand::rng().random_range(0..=s.config.latency_jitter_ms)
+        } else {
+            0
+        };
+    if fault == Fault::Hang {
+        lock(&s.stats).hung += 1;
+        refund(&s, max_tokens);
+        // Never answer; the client's timeout (or a dropped connection) ends it.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(Duration::from_millis(latency)).await;
+    let failed = |kind| {
+        refund(&s, max_tokens);
+        kind
+    };
+    match fault {
+        Fault::ServerError => {
+            lock(&s.stats).server_errors += 1;
+            failed(error(
+                api,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "internal server error",
+                headers,
+            ))
+        }
+        Fault::Overloaded => {
+            lock(&s.stats).overloaded += 1;
+            let status = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            failed(error(
+                api,
+                status,
+                "overloaded_error",
+                "overloaded",
+                headers,
+            ))
+        }
+        Fault::Quota => {
+            lock(&s.stats).quota_errors += 1;
+            failed(error(
+                api,
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details.",
+                headers,
+            ))
+        }
+        _ if fault == Fault::Overflow || overflow => {
+            lock(&s.stats).context_overflows += 1;
+            failed(error(
+                api,
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                "prompt is too long: the context window is exceeded",
+                headers,
+            ))
+        }
+        Fault::Malformed => {
+            lock(&s.stats).malformed += 1;
+            refund(&s, max_tokens);
+            (
+                StatusCode::OK,
+                headers,
+                r#"{"id":"mock","choices":[{"message":{"content":"#,
+            )
+                .into_response()
+        }
+        _ => {
+            let json_mode = req["response_format"]["type"] == "json_object";
+            let wanted = if s.config.output_tokens > 0 {
+                u64::from(s.config.output_tokens)
+            } else {
+                20 + stable_hash(&prompt) % 181
+            };
+            let output = wanted.min(max_tokens);
+            let text = answer(&prompt, output as u32, json_mode);
+            // Settle: refund the reserved output that was not produced.
+            refund(&s, max_tokens - output);
+            {
+                let mut st = lock(&s.stats);
+                st.completed += 1;
+                st.input_tokens += input;
+                st.output_tokens += output;
+            }
+            let body = match api {
+                Api::OpenAi => json!({
+                    "id": format!("chatcmpl-mock-{:x}", stable_hash(&prompt)),
+                    "object": "chat.completion",
+                    "model": model,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": input, "completion_tokens": output,
+                              "total_tokens": input + output},
+                }),
+                Api::Anthropic => json!({
+                    "id": format!("msg_mock_{:x}", stable_hash(&prompt)),
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "usage": {"input_tokens": input, "output_tokens": output},
+                }),
+            };
+            (StatusCode::OK, headers, axum::Json(body)).into_response()
+        }
+    }
+}
+
+fn refund(s: &Shared, output_tokens: u64) {
+    let mut l = lock(&s.limits);
+    l.output.refill(Instant::now());
+    l.output.give_back(output_tokens as f64);
+}
+
+fn next_fault(s: &Shared) -> Fault {
+    if let Some(f) = lock(&s.script).pop_front() {
+        return f;
+    }
+    let mut rng = rand::rng();
+    for (fault, rate) in &s.rates {
+        if rng.random_bool(*rate) {
+            return *fault;
+        }
+    }
+    Fault::Ok
+}
+
+fn bad_request(s: &Shared, api: Api, message: &str) -> Response {
+    lock(&s.stats).bad_requests += 1;
+    error(
+        api,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+        HeaderMap::new(),
+    )
+}
+
+fn error(api: Api, status: StatusCode, kind: &str, message: &str, headers: HeaderMap) -> Response {
+    let body = match api {
+        Api::OpenAi => {
+            let code = match kind {
+                "api_error" | "overloaded_error" => Json::Null,
+                other => Json::String(other.to_string()),
+            };
+            let error_type = match kind {
+                "insufficient_quota" => "insufficient_quota",
+                "rate_limit_exceeded" => "requests",
+                "context_length_exceeded" | "invalid_request_error" => "invalid_request_error",
+                _ => "server_error",
+            };
+            json!({"error": {"message": message, "type": error_type, "code": code}})
+        }
+        Api::Anthropic => {
+            let error_type = match kind {
+                "rate_limit_exceeded" => "rate_limit_error",
+                "insufficient_quota" => "billing_error",
+                "context_length_exceeded" | "invalid_request_error" => "invalid_request_error",
+                "overloaded_error" => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": error_type, "message": message}})
+        }
+    };
+    (status, headers, axum::Json(body)).into_response()
+}
+
+fn secs_header(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+/// Rate-limit headers in the provider's dialect, plus `retry-after` on a refusal.
+fn limit_headers(api: Api, l: &Limits, retry: Option<Duration>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(wait) = retry {
+        put(
+            "retry-after",
+            wait.as_secs_f64().ceil().max(1.0).to_string(),
+        );
+        put("retry-after-ms", wait.as_millis().max(1).to_string());
+    }
+    let limit = |b: &Bucket| (b.limit_per_minute as u64).to_string();
+    match api {
+        Api::OpenAi => {
+            let tokens = if l.output.unlimited() {
+                &l.input
+            } else {
+                &l.output
+            };
+            if !l.requests.unlimited() {
+                put("x-ratelimit-limit-requests", limit(&l.requests));
+                put(
+                    "x-ratelimit-remaining-requests",
+                    l.requests.remaining().to_string(),
+                );
+                put(
+                    "x-ratelimit-reset-requests",
+                    secs_header(l.requests.reset()),
+                );
+            }
+            if !tokens.unlimited() {
+                put("x-ratelimit-limit-tokens", limit(tokens));
+                put(
+                    "x-ratelimit-remaining-tokens",
+                    tokens.remaining().to_string(),
+                );
+                put("x-ratelimit-reset-tokens", secs_header(tokens.reset()));
+            }
+        }
+        Api::Anthropic => {
+            let reset = |b: &Bucket| {
+                let at = std::time::SystemTime::now() + b.reset();
+                let secs = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                secs.to_string()
+            };
+            for (prefix, b) in [
+                ("requests", &l.requests),
+                ("input-tokens", &l.input),
+                ("output-tokens", &l.output),
+            ] {
+                if b.unlimited() {
+                    continue;
+                }
+                let name = |suffix: &str| -> &'static str {
+                    // Header names must be 'static for HeaderMap::insert; leak-free match.
+                    match (prefix, suffix) {
+                        ("requests", "limit") => "anthropic-ratelimit-requests-limit",
+                        ("requests", "remaining") => "anthropic-ratelimit-requests-remaining",
+                        ("requests", _) => "anthropic-ratelimit-requests-reset",
+                        ("input-tokens", "limit") => "anthropic-ratelimit-input-tokens-limit",
+                        ("input-tokens", "remaining") => {
+                            "anthropic-ratelimit-input-tokens-remaining"
+                        }
+                        ("input-tokens", _) => "anthropic-ratelimit-input-tokens-reset",
+                        (_, "limit") => "anthropic-ratelimit-output-tokens-limit",
+                        (_, "remaining") => "anthropic-ratelimit-output-tokens-remaining",
+                        _ => "anthropic-ratelimit-output-tokens-reset",
+                    }
+                };
+                put(name("limit"), limit(b));
+                put(name("remaining"), b.remaining().to_string());
+                put(name("reset"), reset(b));
+            }
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refills_continuously_and_caps_at_a_minute() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(600, t0); // 10 per second
+        b.take(600.0);
+        assert_eq!(b.wait_for(10.0), Duration::from_secs(1));
+        b.refill(t0 + Duration::from_millis(500));
+        assert_eq!(b.remaining(), 5);
+        b.refill(t0 + Duration::from_secs(3600));
+        assert_eq!(b.remaining(), 600, "never more than one minute's worth");
+    }
+
+    #[test]
+    fn fault_specs_parse_and_reject_garbage() {
+        assert_eq!(
+            parse_script("500, ok,hang").unwrap(),
+            VecDeque::from([Fault::ServerError, Fault::Ok, Fault::Hang])
+        );
+        assert_eq!(
+            parse_rates("529=0.5").unwrap(),
+            vec![(Fault::Overloaded, 0.5)]
+        );
+        assert!(parse_rates("529=2").is_err());
+        assert!(parse_script("teapot").is_err());
+    }
+
+    #[test]
+    fn answers_are_deterministic_with_exact_token_counts() {
+        assert_eq!(label_for("great post!"), label_for("great post!"));
+        let a = answer("x", 5, false);
+        assert_eq!(
+            a.split_whitespace().count(),
+            6,
+            "label: X plus four fillers"
+        );
+        assert!(answer("x", 1, true).starts_with(r#"{"label":"#));
+    }
+}
