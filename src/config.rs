@@ -501,12 +501,14 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if p.rebalance_timeout_ms >= k.max_poll_interval_ms {
+        // The poll thread waits inside the revoke callback for up to rebalance_timeout_ms plus
+        // a 2 s hand-over margin; it must be back polling before max.poll.interval.ms.
+        if p.rebalance_timeout_ms + 2_000 >= k.max_poll_interval_ms {
             return Err(ConfigError::invalid(
                 "processor.rebalance_timeout_ms",
                 format!(
-                    "must be below kafka.max_poll_interval_ms ({} ms): the poll loop waits for \
-                     revoked work inside the rebalance callback",
+                    "must be at least 2000 ms below kafka.max_poll_interval_ms ({} ms): the poll \
+                     loop waits for revoked work inside the rebalance callback",
                     k.max_poll_interval_ms
                 ),
             ));

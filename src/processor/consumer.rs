@@ -43,8 +43,9 @@ pub enum Input {
 pub struct Context {
     tx: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
-    /// Set while the consumer closes: rebalance callbacks then skip the scheduler handshake.
-    pub(crate) closing: AtomicBool,
+    /// Set while the consumer closes (or the poll thread died): rebalance callbacks then skip
+    /// the scheduler handshake.
+    pub(crate) closing: Arc<AtomicBool>,
     revoke_wait: Duration,
 }
 
@@ -154,7 +155,7 @@ pub fn create(
     let context = Context {
         tx,
         metrics,
-        closing: AtomicBool::new(false),
+        closing: Arc::new(AtomicBool::new(false)),
         // Slightly longer than the scheduler's own deadline, so the scheduler decides.
         revoke_wait: Duration::from_millis(config.processor.rebalance_timeout_ms + 2_000),
     };
@@ -173,10 +174,27 @@ pub fn spawn_poll_thread(
     consumer: Arc<KafkaConsumer>,
     health: Arc<Health>,
     stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Runs however the thread ends, a panic included: no later close may wait on the
+    /// scheduler, and the scheduler learns that nobody polls any more.
+    struct Exit {
+        closing: Arc<AtomicBool>,
+        alive: Arc<AtomicBool>,
+    }
+    impl Drop for Exit {
+        fn drop(&mut self) {
+            self.closing.store(true, Ordering::Release);
+            self.alive.store(false, Ordering::Release);
+        }
+    }
     std::thread::Builder::new()
         .name("spillway-poll".into())
         .spawn(move || {
+            let _exit = Exit {
+                closing: consumer.context().closing.clone(),
+                alive,
+            };
             while !stop.load(Ordering::Acquire) {
                 health.progress();
                 match consumer.poll(Duration::from_millis(100)) {

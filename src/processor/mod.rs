@@ -145,9 +145,14 @@ impl Processor {
     /// and returns.
     pub async fn run(self) -> Result<(), ProcessorError> {
         let stop = Arc::new(AtomicBool::new(false));
-        let poll =
-            consumer::spawn_poll_thread(self.consumer.clone(), self.health.clone(), stop.clone())
-                .map_err(|e| ProcessorError::Consumer(e.to_string()))?;
+        let alive = Arc::new(AtomicBool::new(true));
+        let poll = consumer::spawn_poll_thread(
+            self.consumer.clone(),
+            self.health.clone(),
+            stop.clone(),
+            alive.clone(),
+        )
+        .map_err(|e| ProcessorError::Consumer(e.to_string()))?;
         self.health.set_ready(true);
         let scheduler = scheduler::Scheduler::new(
             self.config.processor.clone(),
@@ -156,7 +161,9 @@ impl Processor {
             self.metrics,
             self.health,
         );
-        let result = scheduler.run(self.rx, self.shutdown.clone(), stop).await;
+        let result = scheduler
+            .run(self.rx, self.shutdown.clone(), stop, alive)
+            .await;
         // The poll thread closes the consumer (leaving the group) once it holds the last
         // reference; wait for it off the async threads.
         let _ = tokio::task::spawn_blocking(move || poll.join()).await;

@@ -76,6 +76,8 @@ struct Running {
 
 struct PendingRevoke {
     partitions: Vec<Partition>,
+    /// Epoch of each revoked partition's state, so a later assignment is never released.
+    epochs: Vec<u64>,
     ack: std_mpsc::SyncSender<()>,
     deadline: Instant,
 }
@@ -96,6 +98,10 @@ pub(crate) struct Scheduler {
     pending_revoke: Option<PendingRevoke>,
     draining: bool,
 }
+
+/// A partition pauses when this many times `max_buffered_per_partition` offsets are tracked
+/// but not yet committable (finished records waiting behind an unfinished one).
+const PENDING_FACTOR: usize = 10;
 
 fn key_hash(key: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
@@ -136,6 +142,7 @@ impl Scheduler {
         mut rx: mpsc::Receiver<Input>,
         shutdown: CancellationToken,
         stop: Arc<AtomicBool>,
+        poll_alive: Arc<AtomicBool>,
     ) -> Result<(), &'static str> {
         let mut commit_tick = tokio::time::interval(self.cfg.commit_interval());
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -161,7 +168,14 @@ impl Scheduler {
                     break;
                 }
                 _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
-                _ = commit_tick.tick() => self.store_offsets(),
+                _ = commit_tick.tick() => {
+                    if !poll_alive.load(Ordering::Acquire) {
+                        tracing::error!("poll thread died; shutting down");
+                        result = Err("poll thread died");
+                        break;
+                    }
+                    self.store_offsets();
+                }
                 input = rx.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => {
@@ -201,6 +215,11 @@ impl Scheduler {
     fn on_assign(&mut self, parts: Vec<Partition>) {
         if self.draining {
             return; // Records of these partitions are dropped; they stay uncommitted.
+        }
+        // The poll thread gave up waiting for an earlier revoke; finish it before the new
+        // assignment's state exists, so it cannot be mistaken for the old one.
+        if let Some(pending) = self.pending_revoke.take() {
+            self.release(pending);
         }
         // librdkafka keeps a partition's pause flag across revoke and re-assign; a partition
         // paused for a full buffer in its previous assignment would never be fetched again.
@@ -281,7 +300,11 @@ impl Scheduler {
                 }
             }
         }
-        let over = state.buffered >= max_part || total + 1 >= max_total;
+        // Also bound the offsets tracked behind a stuck record (a DLQ that cannot be written,
+        // a long Retry-After): they cost memory and every one would be redelivered.
+        let over = state.buffered >= max_part
+            || total + 1 >= max_total
+            || state.tracker.pending_len() >= PENDING_FACTOR * max_part;
         let pause = over && !state.paused;
         if pause {
             state.paused = true;
@@ -339,7 +362,11 @@ impl Scheduler {
                 self.partitions
                     .get(&**t)
                     .and_then(|m| m.get(p))
-                    .is_some_and(|s| s.buffered <= low)
+                    .is_some_and(|s| {
+                        s.buffered <= low
+                            && s.tracker.pending_len()
+                                < PENDING_FACTOR * self.cfg.max_buffered_per_partition / 2
+                    })
             })
             .cloned()
             .collect();
@@ -453,7 +480,9 @@ impl Scheduler {
 
     fn on_revoke(&mut self, parts: Vec<Partition>, ack: std_mpsc::SyncSender<()>) {
         let mut dropped = 0;
+        let mut epochs = Vec::with_capacity(parts.len());
         for (topic, partition) in &parts {
+            epochs.push(self.state_mut(topic, *partition).map_or(0, |s| s.epoch));
             if let Some(state) = self.state_mut(topic, *partition) {
                 state.revoking = true;
                 state.paused = false;
@@ -476,6 +505,7 @@ impl Scheduler {
         }
         self.pending_revoke = Some(PendingRevoke {
             partitions: parts,
+            epochs,
             ack,
             deadline: Instant::now() + Duration::from_millis(self.cfg.rebalance_timeout_ms),
         });
@@ -498,22 +528,41 @@ impl Scheduler {
         }
     }
 
-    /// Commits what the revoked partitions finished, abandons the rest, forgets them, and
-    /// lets the rebalance proceed.
+    /// Stores what the revoked partitions finished (librdkafka commits stored offsets when it
+    /// unassigns them, inside the rebalance and with the right generation), abandons the
+    /// rest, forgets them, and lets the rebalance proceed. Never blocks on the coordinator.
     fn release(&mut self, pending: PendingRevoke) {
+        let revoked: Vec<(&Partition, u64)> = pending
+            .partitions
+            .iter()
+            .zip(pending.epochs.iter().copied())
+            .collect();
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in &pending.partitions {
-            if let Some(state) = self.state_mut(topic, *partition) {
+        for ((topic, partition), epoch) in &revoked {
+            if let Some(state) = self
+                .state_mut(topic, *partition)
+                .filter(|s| s.epoch == *epoch)
+            {
                 if let Some(offset) = state.tracker.committable() {
                     let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
                 }
             }
         }
-        self.commit_list(&tpl);
-        let revoked: HashSet<&Partition> = pending.partitions.iter().collect();
+        if tpl.count() > 0 {
+            match self.consumer.store_offsets(&tpl) {
+                Ok(()) => self.metrics.commits.with_label_values(&["stored"]).inc(),
+                Err(e) => {
+                    self.metrics.commits.with_label_values(&["error"]).inc();
+                    tracing::warn!(error = %e, "storing revoked partitions' offsets failed");
+                }
+            }
+        }
         let mut abandoned = 0;
         for run in self.running.values() {
-            if revoked.contains(&(run.topic.clone(), run.partition)) {
+            if revoked
+                .iter()
+                .any(|((t, p), e)| *t == run.topic && *p == run.partition && *e == run.epoch)
+            {
                 run.abort.abort();
                 abandoned += 1;
             }
@@ -524,14 +573,16 @@ impl Scheduler {
                 "revoke deadline reached; abandoned in-flight records will be redelivered"
             );
         }
-        for (topic, partition) in &pending.partitions {
+        for ((topic, partition), epoch) in &revoked {
             if let Some(m) = self.partitions.get_mut(&**topic) {
-                m.remove(partition);
+                if m.get(partition).is_some_and(|s| s.epoch == *epoch) {
+                    m.remove(partition);
+                    self.metrics.forget_partition(topic, *partition);
+                }
                 if m.is_empty() {
                     self.partitions.remove(&**topic);
                 }
             }
-            self.metrics.forget_partition(topic, *partition);
         }
         self.metrics
             .assigned_partitions
@@ -563,11 +614,21 @@ impl Scheduler {
         if tpl.count() == 0 {
             return;
         }
-        match self.consumer.store_offsets(&tpl) {
+        let result = self.consumer.store_offsets(&tpl);
+        // librdkafka reports per partition; a partition whose store failed is stored again
+        // next tick instead of being skipped as unchanged.
+        for e in tpl.elements() {
+            if e.error().is_err() {
+                if let Some(s) = self.state_mut(e.topic(), e.partition()) {
+                    s.last_stored = None;
+                }
+            }
+        }
+        match result {
             Ok(()) => self.metrics.commits.with_label_values(&["stored"]).inc(),
             Err(e) => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "storing offsets failed");
+                tracing::warn!(error = %e, "storing offsets failed; retrying next tick");
             }
         }
     }
@@ -664,7 +725,7 @@ impl Scheduler {
             self.release(pending);
         }
         self.commit_all();
-        self.worker.dlq.flush(Duration::from_secs(5));
+        tokio::task::block_in_place(|| self.worker.dlq.flush(Duration::from_secs(5)));
         tracing::info!("final offsets committed");
         stop.store(true, Ordering::Release);
         // Hang up so a poll thread blocked on a full channel wakes, answer any revoke it
