@@ -504,3 +504,72 @@ async fn a_step_longer_than_max_poll_interval_does_not_trigger_a_rebalance() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A dead letter Kafka refuses as too large is written without its value (marked, with its
+/// size) instead of being retried for ever, so the partition moves on and the record can
+/// still be found at its source coordinates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_kafka_is_written_without_its_value() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let (topic, dlq, group) = (unique("big"), unique("big-dlq"), unique("g"));
+    mock.create_topic(&topic, 1, 1).unwrap();
+    mock.create_topic(&dlq, 1, 1).unwrap();
+    let poison = b"not json at all".to_vec();
+    produce_all(
+        &bootstrap,
+        &topic,
+        [
+            Rec {
+                key: Some("k".into()),
+                value: poison.clone(),
+                headers: vec![],
+            },
+            Rec::seq("k", 1),
+        ],
+    )
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let (step, seen) = ScriptedStep::new(0);
+    let toml = config_toml(&bootstrap, &group, &topic, &dlq, "");
+    let stop = CancellationToken::new();
+    let (_addr, task) = start_processor(&toml, vec![Arc::new(step)], stop.clone()).await;
+    wait_until(
+        "the record after the poison one is processed",
+        Duration::from_secs(60),
+        || seen.lock().unwrap().len() == 1,
+    )
+    .await;
+    let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), None, "value dropped");
+    let header = |k: &str| {
+        dead[0]
+            .headers()
+            .unwrap()
+            .iter()
+            .find(|h| h.key == k)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).to_string())
+    };
+    assert_eq!(
+        header("dlq.payload_dropped").as_deref(),
+        Some("message_size_too_large")
+    );
+    assert_eq!(header("dlq.original_size"), Some(poison.len().to_string()));
+    assert_eq!(header("__connect.errors.offset").as_deref(), Some("0"));
+    assert_eq!(header("dlq.reason").as_deref(), Some("invalid_json"));
+    wait_until(
+        "commit passes both records",
+        Duration::from_secs(30),
+        || committed(&bootstrap, &group, &topic, 1).get(&0) == Some(&2),
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

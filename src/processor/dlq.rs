@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
 use crate::config::{KafkaConfig, RetryConfig};
@@ -67,7 +68,8 @@ impl DlqWriter {
     /// Writes `record` to the DLQ, retrying until Kafka acknowledges it. Cancel by dropping
     /// the future (the record then stays unfinished and is redelivered).
     pub async fn write(&self, record: &OwnedMessage, failure: &Failure) {
-        let headers = dlq_headers(record, failure, &self.group);
+        let mut headers = dlq_headers(record, failure, &self.group);
+        let mut with_value = true;
         let mut attempt = 0u32;
         loop {
             let mut out: FutureRecord<'_, [u8], [u8]> =
@@ -75,11 +77,11 @@ impl DlqWriter {
             if let Some(k) = record.key() {
                 out = out.key(k);
             }
-            if let Some(v) = record.payload() {
+            if let Some(v) = record.payload().filter(|_| with_value) {
                 out = out.payload(v);
             }
             let sent = self.producer.send(out, Timeout::Never).await;
-            match sent {
+            let e = match sent {
                 Ok(_) => {
                     self.metrics
                         .dlq_records
@@ -87,21 +89,41 @@ impl DlqWriter {
                         .inc();
                     return;
                 }
-                Err((e, _)) => {
-                    attempt += 1;
-                    self.metrics.dlq_write_errors.inc();
-                    let delay =
-                        super::retry::backoff(attempt.min(16), &self.retry, None, &mut rand::rng())
-                            .max(Duration::from_millis(50));
-                    tracing::warn!(
-                        error = %e,
-                        attempt,
-                        topic = %self.topic,
-                        "DLQ write failed; the record stays unfinished and is retried"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
+                Err((e, _)) => e,
+            };
+            self.metrics.dlq_write_errors.inc();
+            if with_value && too_large(&e) {
+                // Retrying the same bytes can never succeed and would stall the partition for
+                // good. Dead-letter the record without its value instead: its coordinates
+                // (`__connect.errors.*`) point at the original, which stays in the source topic.
+                let size = record.payload().map_or(0, <[u8]>::len).to_string();
+                headers = headers
+                    .insert(Header {
+                        key: "dlq.payload_dropped",
+                        value: Some("message_size_too_large"),
+                    })
+                    .insert(Header {
+                        key: "dlq.original_size",
+                        value: Some(size.as_str()),
+                    });
+                with_value = false;
+                tracing::warn!(
+                    error = %e,
+                    topic = %self.topic,
+                    "dead letter too large for Kafka; writing it without its value"
+                );
+                continue;
             }
+            attempt += 1;
+            let delay = super::retry::backoff(attempt.min(16), &self.retry, None, &mut rand::rng())
+                .max(Duration::from_millis(50));
+            tracing::warn!(
+                error = %e,
+                attempt,
+                topic = %self.topic,
+                "DLQ write failed; the record stays unfinished and is retried"
+            );
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -111,6 +133,14 @@ impl DlqWriter {
             tracing::warn!(error = %e, "DLQ producer flush incomplete");
         }
     }
+}
+
+/// Whether Kafka refused a write because the record is too large (never retriable as is).
+fn too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+    )
 }
 
 /// The original headers followed by the Connect and `dlq.*` headers.
