@@ -26,7 +26,8 @@ pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
 
 /// Consumer-group member properties. Offsets are *stored* by Spillway only (the finished
 /// watermark); librdkafka commits stored offsets every `commit_interval_ms` and retries a
-/// failed commit on the next interval. Revoke and shutdown also commit synchronously.
+/// failed commit on the next interval, and commits revoked partitions' stored offsets when it
+/// unassigns them. Shutdown also commits synchronously.
 pub fn consumer_config(k: &KafkaConfig, p: &ProcessorConfig) -> Result<ClientConfig, ConfigError> {
     let mut c = base_config(k)?;
     c.set("group.id", &k.group_id)

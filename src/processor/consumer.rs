@@ -7,8 +7,8 @@
 //!
 //! Rebalance callbacks run on this thread inside `poll`. On revoke, the callback hands the
 //! revoked partitions to the scheduler and blocks until the scheduler has drained their
-//! in-flight work (up to `processor.rebalance_timeout_ms`) and committed their finished
-//! offsets. Only then does librdkafka give the partitions away.
+//! in-flight work (up to `processor.rebalance_timeout_ms`) and stored their finished
+//! offsets. Only then does librdkafka commit the stored offsets and give the partitions away.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;

@@ -644,7 +644,7 @@ impl Scheduler {
         self.commit_list(&tpl);
     }
 
-    /// Commits `tpl` synchronously (revoke and shutdown only): blocks this task for one
+    /// Commits `tpl` synchronously (shutdown only): blocks this task for one
     /// round trip to the group coordinator.
     fn commit_list(&self, tpl: &TopicPartitionList) {
         if tpl.count() == 0 {
