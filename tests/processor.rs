@@ -362,9 +362,21 @@ async fn health_endpoints_and_lag_metrics_reflect_the_consumer() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         lag = metric_sum(&scrape(addr).await, "spillway_consumer_lag{");
     }
-    let m = scrape(addr).await;
-    assert_eq!(metric_value(&m, "spillway_inflight_events"), Some(100.0));
-    assert_eq!(metric_value(&m, "spillway_assigned_partitions"), Some(2.0));
+    // Lag counts from the committed offset, so it can read 100 before every record is
+    // fetched: wait for all of them to be in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = scrape(addr).await;
+        if metric_value(&m, "spillway_inflight_events") == Some(100.0) {
+            assert_eq!(metric_value(&m, "spillway_assigned_partitions"), Some(2.0));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held events never all got in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     release.store(true, Ordering::SeqCst);
     wait_until("held events finish", Duration::from_secs(30), || {
         seen.lock().unwrap().len() == 100
