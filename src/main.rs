@@ -37,20 +37,28 @@ enum Command {
     MockLlm(spillway::llm::simulator::SimulatorConfig),
 }
 
+/// The multi-threaded runtime every service runs on (the scheduler's synchronous commits use
+/// `block_in_place`, which needs it).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("spillway: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::MockLlm(config) => {
             spillway::telemetry::init_logging(spillway::config::LogFormat::Text);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("spillway: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
             };
             runtime.block_on(async {
                 let shutdown = spillway::shutdown::on_signal();
@@ -79,15 +87,8 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             spillway::telemetry::init_logging(config.telemetry.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("spillway: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
             };
             let result = runtime.block_on(async {
                 let shutdown = spillway::shutdown::on_signal();
