@@ -279,43 +279,34 @@ impl Scheduler {
         let record = Arc::new(msg);
         let key = record.key().map(key_hash);
         state.buffered += 1;
-        let job = Job {
-            partition,
-            topic: state.topic.clone(),
-            epoch: state.epoch,
-            key,
-            record,
-        };
-        let mut job = Some(job);
-        if let Some(k) = key {
-            match state.keys.entry(k) {
-                Entry::Occupied(mut waiting) => {
-                    // Key busy: wait behind it, in offset order.
-                    if let Some(j) = job.take() {
-                        waiting.get_mut().push_back(j.record);
-                    }
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(VecDeque::new());
-                }
+        // A record whose key is busy waits behind it, in offset order; any other is ready.
+        let waiting = key.and_then(|k| match state.keys.entry(k) {
+            Entry::Occupied(busy) => Some(busy.into_mut()),
+            Entry::Vacant(free) => {
+                free.insert(VecDeque::new());
+                None
             }
+        });
+        match waiting {
+            Some(queue) => queue.push_back(record),
+            None => self.ready.push_back(Job {
+                partition,
+                topic: state.topic.clone(),
+                epoch: state.epoch,
+                key,
+                record,
+            }),
         }
+        self.buffered_total += 1;
+        self.metrics.buffered.set(self.buffered_total as i64);
         // Also bound the offsets tracked behind a stuck record (a DLQ that cannot be written,
         // a long Retry-After): they cost memory and every one would be redelivered.
         let over = state.buffered >= max_part
             || total + 1 >= max_total
             || state.tracker.pending_len() >= PENDING_FACTOR * max_part;
-        let pause = over && !state.paused;
-        if pause {
+        if over && !state.paused {
             state.paused = true;
-        }
-        let topic = state.topic.clone();
-        self.buffered_total += 1;
-        self.metrics.buffered.set(self.buffered_total as i64);
-        if let Some(j) = job {
-            self.ready.push_back(j);
-        }
-        if pause {
+            let topic = state.topic.clone();
             self.set_paused((topic, partition), true);
         }
     }
