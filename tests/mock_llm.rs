@@ -212,3 +212,30 @@ async fn a_prompt_over_the_context_window_is_a_context_overflow() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "context_length_exceeded");
 }
+
+#[tokio::test]
+async fn anthropic_refusals_carry_anthropic_rate_limit_headers() {
+    let (base, _stop) = start(|c| {
+        c.rpm = 1;
+        c.output_tpm = 10_000;
+    })
+    .await;
+    let url = format!("{base}/v1/messages");
+    let body = json!({"model": "claude-mock", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&url, &body).await.status(), 200);
+    let r = post(&url, &body).await;
+    assert_eq!(r.status(), 429);
+    let h = r.headers();
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(h["anthropic-ratelimit-requests-limit"], "1");
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "0");
+    assert_eq!(h["anthropic-ratelimit-output-tokens-limit"], "10000");
+    assert!(h.contains_key("anthropic-ratelimit-output-tokens-reset"));
+    assert!(
+        !h.contains_key("anthropic-ratelimit-input-tokens-limit"),
+        "unlimited: no header"
+    );
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -632,9 +632,12 @@ fn secs_header(d: Duration) -> String {
 /// Rate-limit headers in the provider's dialect, plus `retry-after` on a refusal.
 fn limit_headers(api: Api, l: &Limits, retry: Option<Duration>) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
+    let mut put = |name: &str, value: String| {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            h.insert(n, v);
         }
     };
     if let Some(wait) = retry {
@@ -646,42 +649,29 @@ fn limit_headers(api: Api, l: &Limits, retry: Option<Duration>) -> HeaderMap {
     }
     let limit = |b: &Bucket| (b.limit_per_minute as u64).to_string();
     match api {
+        // x-ratelimit-{limit,remaining,reset}-{requests,tokens}; reset as a duration.
         Api::OpenAi => {
             let tokens = if l.output.unlimited() {
                 &l.input
             } else {
                 &l.output
             };
-            if !l.requests.unlimited() {
-                put("x-ratelimit-limit-requests", limit(&l.requests));
+            for (kind, b) in [("requests", &l.requests), ("tokens", tokens)] {
+                if b.unlimited() {
+                    continue;
+                }
+                put(&format!("x-ratelimit-limit-{kind}"), limit(b));
                 put(
-                    "x-ratelimit-remaining-requests",
-                    l.requests.remaining().to_string(),
+                    &format!("x-ratelimit-remaining-{kind}"),
+                    b.remaining().to_string(),
                 );
-                put(
-                    "x-ratelimit-reset-requests",
-                    secs_header(l.requests.reset()),
-                );
-            }
-            if !tokens.unlimited() {
-                put("x-ratelimit-limit-tokens", limit(tokens));
-                put(
-                    "x-ratelimit-remaining-tokens",
-                    tokens.remaining().to_string(),
-                );
-                put("x-ratelimit-reset-tokens", secs_header(tokens.reset()));
+                put(&format!("x-ratelimit-reset-{kind}"), secs_header(b.reset()));
             }
         }
+        // anthropic-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset};
+        // reset as the Unix time the bucket is full again.
         Api::Anthropic => {
-            let reset = |b: &Bucket| {
-                let at = std::time::SystemTime::now() + b.reset();
-                let secs = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                secs.to_string()
-            };
-            for (prefix, b) in [
+            for (kind, b) in [
                 ("requests", &l.requests),
                 ("input-tokens", &l.input),
                 ("output-tokens", &l.output),
@@ -689,25 +679,19 @@ fn limit_headers(api: Api, l: &Limits, retry: Option<Duration>) -> HeaderMap {
                 if b.unlimited() {
                     continue;
                 }
-                let name = |suffix: &str| -> &'static str {
-                    // Header names must be 'static for HeaderMap::insert; leak-free match.
-                    match (prefix, suffix) {
-                        ("requests", "limit") => "anthropic-ratelimit-requests-limit",
-                        ("requests", "remaining") => "anthropic-ratelimit-requests-remaining",
-                        ("requests", _) => "anthropic-ratelimit-requests-reset",
-                        ("input-tokens", "limit") => "anthropic-ratelimit-input-tokens-limit",
-                        ("input-tokens", "remaining") => {
-                            "anthropic-ratelimit-input-tokens-remaining"
-                        }
-                        ("input-tokens", _) => "anthropic-ratelimit-input-tokens-reset",
-                        (_, "limit") => "anthropic-ratelimit-output-tokens-limit",
-                        (_, "remaining") => "anthropic-ratelimit-output-tokens-remaining",
-                        _ => "anthropic-ratelimit-output-tokens-reset",
-                    }
-                };
-                put(name("limit"), limit(b));
-                put(name("remaining"), b.remaining().to_string());
-                put(name("reset"), reset(b));
+                let full_at = (std::time::SystemTime::now() + b.reset())
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                put(&format!("anthropic-ratelimit-{kind}-limit"), limit(b));
+                put(
+                    &format!("anthropic-ratelimit-{kind}-remaining"),
+                    b.remaining().to_string(),
+                );
+                put(
+                    &format!("anthropic-ratelimit-{kind}-reset"),
+                    full_at.to_string(),
+                );
             }
         }
     }
