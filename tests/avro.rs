@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use common::*;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use schema_registry_converter::async_impl::avro::AvroEncoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
+use spillway::codec::header_str;
 use tokio_util::sync::CancellationToken;
 
 fn envelope(id: &str, seq: u64) -> Vec<(&'static str, Value)> {
@@ -104,11 +105,7 @@ async fn confluent_avro_envelope_decodes_and_bad_frames_go_to_the_dlq() {
     let dead = read_topic(&broker.bootstrap(), &dlq, 2, Duration::from_secs(30));
     let reasons: Vec<String> = dead
         .iter()
-        .map(|m| {
-            let h = m.headers().unwrap();
-            let r = h.iter().find(|h| h.key == "dlq.reason").unwrap();
-            String::from_utf8_lossy(r.value.unwrap()).to_string()
-        })
+        .map(|m| header_str(m, "dlq.reason").unwrap_or_default().to_string())
         .collect();
     assert_eq!(reasons, vec!["unknown_schema_id", "avro_invalid"]);
     assert_eq!(

@@ -85,8 +85,7 @@ async fn graceful_sigterm_finishes_in_flight_work_and_commits() {
     )
     .await;
     assert_eq!(duplicates(&received), 0, "nothing finished was reprocessed");
-    p2.signal("TERM");
-    assert!(blocking(|| p2.wait_exit(Duration::from_secs(30))).success());
+    p2.terminate();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,8 +136,7 @@ async fn crash_with_sigkill_loses_nothing_and_commits_only_finished_work() {
         || distinct(&received) as u64 >= EVENTS,
     )
     .await;
-    p.signal("TERM");
-    assert!(blocking(|| p.wait_exit(Duration::from_secs(30))).success());
+    p.terminate();
     let ids: HashSet<String> = received.ids().into_iter().collect();
     for part in 0..PARTITIONS {
         let c = committed(&broker.bootstrap(), &group, &topic, PARTITIONS);
@@ -211,21 +209,13 @@ async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
         received.len() >= joined_at + 2_000
     })
     .await;
-    b.signal("TERM");
-    assert!(
-        blocking(|| b.wait_exit(Duration::from_secs(30))).success(),
-        "B exits 0"
-    );
+    b.terminate();
     assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
     a.wait_until("A finishes everything", Duration::from_secs(60), || {
         distinct(&received) as u64 >= EVENTS
     })
     .await;
-    a.signal("TERM");
-    assert!(
-        blocking(|| a.wait_exit(Duration::from_secs(30))).success(),
-        "A exits 0"
-    );
+    a.terminate();
     let c = assert_commits_cover_only_finished(
         &broker.bootstrap(),
         &group,
@@ -294,8 +284,7 @@ async fn broker_restart_mid_run_resumes_without_restarting_the_processor() {
     )
     .await;
     assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
-    p.signal("TERM");
-    assert!(blocking(|| p.wait_exit(Duration::from_secs(30))).success());
+    p.terminate();
     println!(
         "broker restart: {EVENTS} events, 0 lost, {} redelivered",
         duplicates(&received)

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
+use spillway::codec::header_str;
 use spillway::processor::step::StepError;
 use tokio_util::sync::CancellationToken;
 
@@ -187,13 +188,7 @@ async fn poison_records_go_to_the_dlq_and_the_partition_moves_on() {
     .await;
     let dead = read_topic(&broker.bootstrap(), &dlq, 3, Duration::from_secs(30));
     assert_eq!(dead.len(), 3, "three records dead-lettered");
-    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> Option<String> {
-        m.headers()?
-            .iter()
-            .find(|h| h.key == k)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).to_string())
-    };
+    let header = |m: &rdkafka::message::OwnedMessage, k: &str| header_str(m, k).map(str::to_string);
     let by_offset: HashMap<String, &rdkafka::message::OwnedMessage> = dead
         .iter()
         .map(|m| (header(m, "__connect.errors.offset").unwrap(), m))
@@ -300,15 +295,8 @@ async fn transient_errors_retry_then_dead_letter_without_blocking_other_keys() {
     .await;
     let dead = read_topic(&broker.bootstrap(), &dlq, 1, Duration::from_secs(30));
     assert_eq!(dead.len(), 1);
-    let attempts = dead[0]
-        .headers()
-        .unwrap()
-        .iter()
-        .find(|h| h.key == "dlq.attempts")
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).to_string());
     assert_eq!(
-        attempts.as_deref(),
+        header_str(&dead[0], "dlq.attempts"),
         Some("4"),
         "dead-lettered after max_attempts"
     );
@@ -560,15 +548,7 @@ async fn a_dead_letter_too_large_for_kafka_is_written_without_its_value() {
     let dead = read_topic(&bootstrap, &dlq, 1, Duration::from_secs(30));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload(), None, "value dropped");
-    let header = |k: &str| {
-        dead[0]
-            .headers()
-            .unwrap()
-            .iter()
-            .find(|h| h.key == k)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).to_string())
-    };
+    let header = |k: &str| header_str(&dead[0], k).map(str::to_string);
     assert_eq!(
         header("dlq.payload_dropped").as_deref(),
         Some("message_size_too_large")

@@ -690,6 +690,17 @@ impl SpillwayProc {
         }
     }
 
+    /// SIGTERM, then asserts a clean exit (status 0) within 30 s, showing the log if not.
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = blocking(|| self.wait_exit(Duration::from_secs(30)));
+        assert!(
+            status.success(),
+            "exit status {status}; log:\n{}",
+            self.log_text()
+        );
+    }
+
     /// Like [`wait_until`], but a timeout panics with this process's log.
     pub async fn wait_until<F: FnMut() -> bool>(&self, what: &str, timeout: Duration, mut cond: F) {
         let deadline = Instant::now() + timeout;
