@@ -58,6 +58,9 @@ pub struct Config {
     /// The per-event chain of steps, run in order.
     #[serde(default)]
     pub steps: Vec<StepConfig>,
+    /// LLM providers, prices and the circuit breaker, shared by every LLM step.
+    #[serde(default)]
+    pub llm: LlmConfig,
     /// Metrics, health endpoints and logs.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -187,6 +190,162 @@ pub enum CodecFormat {
 pub enum StepConfig {
     /// HTTP POST of the event to a URL (the generic webhook sink).
     Webhook(WebhookConfig),
+    /// A call to an LLM provider; its answer is passed on to the following steps.
+    Llm(LlmStepConfig),
+}
+
+/// LLM providers, prices and the breaker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Providers by name; LLM steps refer to them.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Price per model, for the cost metrics. Models without a price cost 0.
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceConfig>,
+    /// Circuit breaker settings, applied to each provider.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// The wire API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderApi {
+    /// OpenAI-compatible `POST /v1/chat/completions` (also vLLM, Ollama, LiteLLM, llama.cpp).
+    OpenAi,
+    /// Anthropic `POST /v1/messages`.
+    Anthropic,
+}
+
+/// One provider account: where it is, how to authenticate, and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `openai` or `anthropic`.
+    pub api: ProviderApi,
+    /// Base URL without the API path, e.g. `https://api.openai.com`.
+    pub base_url: String,
+    /// API key, normally `{ env = "OPENAI_API_KEY" }` or `{ file = ".." }`; never logged.
+    #[serde(default)]
+    pub api_key: Option<PropertyValue>,
+    /// Timeout of one request attempt (connect, send, full answer), in milliseconds.
+    #[serde(default = "default_llm_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests per minute of the account; unset means no local request limit.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Combined tokens per minute (prompt plus `max_tokens`, OpenAI style); unset: no limit.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Input tokens per minute (Anthropic style); unset: no limit.
+    #[serde(default)]
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output tokens per minute, reserved as `max_tokens` (Anthropic style); unset: no limit.
+    #[serde(default)]
+    pub output_tokens_per_minute: Option<u64>,
+    /// This replica's share of the account's limits, in (0, 1]; e.g. 0.25 for four replicas.
+    #[serde(default = "default_share")]
+    pub share: f64,
+    /// Largest burst, as this many milliseconds' worth of each limit.
+    #[serde(default = "default_burst_ms")]
+    pub burst_ms: u64,
+    /// Extra request headers (e.g. `OpenAI-Organization`). Values may be secret references.
+    #[serde(default)]
+    pub headers: BTreeMap<String, PropertyValue>,
+}
+
+/// Price of a model, in USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// USD per million input (prompt) tokens.
+    pub input_usd_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_usd_per_mtok: f64,
+}
+
+/// Circuit breaker: closed, open after consecutive failures, half-open with a single probe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures (5xx, 529, timeouts, connection errors) that open the breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub failure_threshold: u32,
+    /// Failures older than this many milliseconds no longer count.
+    #[serde(default = "default_breaker_window_ms")]
+    pub window_ms: u64,
+    /// How long the breaker stays open before one probe is let through, in milliseconds.
+    #[serde(default = "default_breaker_open_ms")]
+    pub open_ms: u64,
+}
+
+/// An LLM step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmStepConfig {
+    /// Step name used in metrics, DLQ headers and as the key of its output; default `llm`.
+    #[serde(default = "default_llm_name")]
+    pub name: String,
+    /// Name of the primary provider in `llm.providers`.
+    pub provider: String,
+    /// Model of the primary provider.
+    pub model: String,
+    /// System prompt template (minijinja), optional.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// User prompt template (minijinja). It sees `event` (id, source, type, time), `data` (the
+    /// payload) and `outputs` (earlier steps' results).
+    pub user: String,
+    /// Most output tokens per call; reserved against output limits at admission.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Sampling temperature; the provider's default if unset.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// What the answer must look like.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// Ordered fallbacks, used while the providers before them are unavailable.
+    #[serde(default)]
+    pub fallback: Vec<FallbackConfig>,
+}
+
+/// Expected output of an LLM step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `text` (any answer) or `json` (a JSON value, validated against `schema` if given).
+    #[serde(default = "default_output_format")]
+    pub format: OutputFormat,
+    /// JSON Schema the answer must satisfy (only with `format = "json"`).
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// Repair requests that feed the validation error back before the event is dead-lettered
+    /// as `llm_invalid_output`.
+    #[serde(default = "default_repair_attempts")]
+    pub repair_attempts: u32,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Free text.
+    Text,
+    /// A JSON value.
+    Json,
+}
+
+/// One entry of a fallback chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Provider name in `llm.providers`.
+    pub provider: String,
+    /// Model to ask there.
+    pub model: String,
 }
 
 /// The generic webhook sink.
@@ -288,7 +447,7 @@ impl PropertyValue {
 }
 
 /// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
-const ENV_SECTIONS: &[&str] = &["kafka", "processor", "dlq", "codec", "telemetry"];
+const ENV_SECTIONS: &[&str] = &["kafka", "processor", "dlq", "codec", "telemetry", "llm"];
 
 /// librdkafka properties Spillway sets itself; passing them through would break guarantees.
 pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
@@ -355,6 +514,36 @@ fn default_webhook_name() -> String {
 fn default_webhook_timeout_ms() -> u64 {
     10_000
 }
+fn default_llm_timeout_ms() -> u64 {
+    30_000
+}
+fn default_share() -> f64 {
+    1.0
+}
+fn default_burst_ms() -> u64 {
+    1_000
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_window_ms() -> u64 {
+    60_000
+}
+fn default_breaker_open_ms() -> u64 {
+    300_000
+}
+fn default_llm_name() -> String {
+    "llm".to_string()
+}
+fn default_max_tokens() -> u32 {
+    1_024
+}
+fn default_output_format() -> OutputFormat {
+    OutputFormat::Text
+}
+fn default_repair_attempts() -> u32 {
+    2
+}
 fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
@@ -395,6 +584,26 @@ impl Default for CodecConfig {
             format: default_codec_format(),
             schema_registry_url: None,
             schema_registry_timeout_ms: default_registry_timeout_ms(),
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: default_breaker_failures(),
+            window_ms: default_breaker_window_ms(),
+            open_ms: default_breaker_open_ms(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            format: default_output_format(),
+            schema: None,
+            repair_attempts: default_repair_attempts(),
         }
     }
 }
@@ -556,7 +765,109 @@ impl Config {
                         ));
                     }
                 }
+                StepConfig::Llm(l) => self.validate_llm_step(i, l)?,
             }
+        }
+        self.validate_llm()
+    }
+}
+
+impl Config {
+    fn validate_llm_step(&self, i: usize, l: &LlmStepConfig) -> Result<(), ConfigError> {
+        let targets = std::iter::once((l.provider.as_str(), l.model.as_str(), "provider".into()))
+            .chain(l.fallback.iter().enumerate().map(|(j, f)| {
+                (
+                    f.provider.as_str(),
+                    f.model.as_str(),
+                    format!("fallback[{j}].provider"),
+                )
+            }));
+        for (provider, model, key) in targets {
+            if !self.llm.providers.contains_key(provider) {
+                return Err(ConfigError::invalid(
+                    format!("steps[{i}].{key}"),
+                    format!("`{provider}` is not defined in llm.providers"),
+                ));
+            }
+            if model.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("steps[{i}].model"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if l.max_tokens == 0 {
+            return Err(ConfigError::invalid(
+                format!("steps[{i}].max_tokens"),
+                "must be at least 1",
+            ));
+        }
+        if l.output.schema.is_some() && l.output.format != OutputFormat::Json {
+            return Err(ConfigError::invalid(
+                format!("steps[{i}].output.schema"),
+                "needs output.format = \"json\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_llm(&self) -> Result<(), ConfigError> {
+        for (name, p) in &self.llm.providers {
+            let key = |k: &str| format!("llm.providers.{name}.{k}");
+            let url = reqwest::Url::parse(&p.base_url)
+                .map_err(|e| ConfigError::invalid(key("base_url"), e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::invalid(
+                    key("base_url"),
+                    "must be an http(s) URL",
+                ));
+            }
+            if p.timeout_ms == 0 {
+                return Err(ConfigError::invalid(
+                    key("timeout_ms"),
+                    "must be greater than 0",
+                ));
+            }
+            if !(p.share > 0.0 && p.share <= 1.0) {
+                return Err(ConfigError::invalid(key("share"), "must be in (0, 1]"));
+            }
+            if p.burst_ms == 0 {
+                return Err(ConfigError::invalid(key("burst_ms"), "must be at least 1"));
+            }
+            for (k, v) in [
+                ("requests_per_minute", p.requests_per_minute),
+                ("tokens_per_minute", p.tokens_per_minute),
+                ("input_tokens_per_minute", p.input_tokens_per_minute),
+                ("output_tokens_per_minute", p.output_tokens_per_minute),
+            ] {
+                if v == Some(0) {
+                    return Err(ConfigError::invalid(
+                        key(k),
+                        "must be at least 1 (leave it unset for no limit)",
+                    ));
+                }
+            }
+        }
+        for (model, price) in &self.llm.prices {
+            if !(price.input_usd_per_mtok >= 0.0 && price.output_usd_per_mtok >= 0.0) {
+                return Err(ConfigError::invalid(
+                    format!("llm.prices.{model}"),
+                    "prices must be non-negative numbers",
+                ));
+            }
+        }
+        let b = &self.llm.breaker;
+        if b.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "llm.breaker.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if b.open_ms == 0 || b.window_ms == 0 {
+            return Err(ConfigError::invalid(
+                "llm.breaker.open_ms",
+                "open_ms and window_ms must be greater than 0",
+            ));
         }
         Ok(())
     }

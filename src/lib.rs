@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod kafka;
 pub mod llm;
+pub mod pipeline;
 pub mod processor;
 pub mod shutdown;
 pub mod sink;

@@ -15,8 +15,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +74,38 @@ pub struct Metrics {
     pub decode_errors: IntCounterVec,
     /// Time from the record's Kafka timestamp to its completion.
     pub end_to_end: Histogram,
+    /// Step runs deferred because a dependency is throttling or down, by step and reason.
+    pub deferrals: IntCounterVec,
+    /// LLM tokens (input + output) one event cost, over all its calls.
+    pub event_tokens: Histogram,
+    /// USD one event cost, over all its calls.
+    pub event_cost: Histogram,
+    /// LLM collectors.
+    pub llm: LlmMetrics,
+}
+
+/// Collectors of the LLM stage.
+pub struct LlmMetrics {
+    /// Wall time of one provider request, by model and outcome.
+    pub request_duration: HistogramVec,
+    /// Tokens the providers counted, by model and kind (`input`, `output`).
+    pub tokens: IntCounterVec,
+    /// Spend from the price table, by model.
+    pub cost_usd: CounterVec,
+    /// Time a request waited for admission (rate limits, `Retry-After`), by model.
+    pub admission_wait: HistogramVec,
+    /// 429 rate-limit answers received, by model.
+    pub rate_limited: IntCounterVec,
+    /// Breaker state per provider: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+    /// Breaker transitions, by provider and new state.
+    pub breaker_transitions: IntCounterVec,
+    /// Requests sent to a fallback instead of the primary, by the fallback's model.
+    pub fallbacks: IntCounterVec,
+    /// Repair requests after invalid structured output, by model.
+    pub repairs: IntCounterVec,
+    /// Conditions that need a human (`insufficient_quota`, `auth`), by provider and reason.
+    pub alerts: IntCounterVec,
 }
 
 impl Metrics {
@@ -186,9 +218,93 @@ impl Metrics {
                     "spillway_end_to_end_seconds",
                     "Time from the record's Kafka timestamp to the end of its processing."
                 )
-                .buckets(latency_buckets)
+                .buckets(latency_buckets.clone())
             )
             .expect("valid metric")),
+            deferrals: reg!(counter_vec(
+                "spillway_step_deferrals_total",
+                "Step runs deferred because a dependency is throttling or down (not failures).",
+                &["step", "reason"]
+            )),
+            event_tokens: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_event_llm_tokens",
+                    "LLM tokens (input plus output) one event cost over all its calls."
+                )
+                .buckets(prometheus::exponential_buckets(10.0, 2.0, 16).expect("valid buckets"))
+            )
+            .expect("valid metric")),
+            event_cost: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_event_llm_cost_usd",
+                    "USD one event cost over all its LLM calls, from the configured price table."
+                )
+                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 14).expect("valid buckets"))
+            )
+            .expect("valid metric")),
+            llm: LlmMetrics {
+                request_duration: reg!(HistogramVec::new(
+                    HistogramOpts::new(
+                        "spillway_llm_request_duration_seconds",
+                        "Wall time of one LLM provider request."
+                    )
+                    .buckets(latency_buckets.clone()),
+                    &["model", "outcome"]
+                )
+                .expect("valid metric")),
+                tokens: reg!(counter_vec(
+                    "spillway_llm_tokens_total",
+                    "Tokens the providers counted, by kind (input, output).",
+                    &["model", "kind"]
+                )),
+                cost_usd: reg!(CounterVec::new(
+                    Opts::new(
+                        "spillway_llm_cost_usd_total",
+                        "LLM spend from the configured price table."
+                    ),
+                    &["model"]
+                )
+                .expect("valid metric")),
+                admission_wait: reg!(HistogramVec::new(
+                    HistogramOpts::new(
+                        "spillway_llm_admission_wait_seconds",
+                        "Time a request waited for admission (rate limits and Retry-After)."
+                    )
+                    .buckets(latency_buckets),
+                    &["model"]
+                )
+                .expect("valid metric")),
+                rate_limited: reg!(counter_vec(
+                    "spillway_llm_rate_limited_total",
+                    "429 rate-limit answers received from providers.",
+                    &["model"]
+                )),
+                breaker_state: reg!(gauge_vec(
+                    "spillway_llm_breaker_state",
+                    "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
+                    &["provider"]
+                )),
+                breaker_transitions: reg!(counter_vec(
+                    "spillway_llm_breaker_transitions_total",
+                    "Circuit breaker transitions, by new state.",
+                    &["provider", "state"]
+                )),
+                fallbacks: reg!(counter_vec(
+                    "spillway_llm_fallbacks_total",
+                    "Requests sent to a fallback because the providers before it were unavailable.",
+                    &["model"]
+                )),
+                repairs: reg!(counter_vec(
+                    "spillway_llm_repairs_total",
+                    "Repair requests after structured output failed validation.",
+                    &["model"]
+                )),
+                alerts: reg!(counter_vec(
+                    "spillway_llm_alerts_total",
+                    "Provider conditions that need a human: insufficient_quota, auth.",
+                    &["provider", "reason"]
+                )),
+            },
             registry,
         };
         Arc::new(m)

@@ -1,4 +1,16 @@
-//! The LLM stage. So far: the provider simulator (`spillway mock-llm`) that tests and local
-//! load tests run against. The client, admission control and breaker come with issue 3.
+//! The LLM stage.
+//!
+//! * [`client`]: one provider account over HTTP (OpenAI-compatible or Anthropic), one request
+//!   per call, every outcome classified.
+//! * [`limit`]: admission control per account: `Retry-After` deadlines, refundable token
+//!   buckets, a governor request limiter.
+//! * [`breaker`]: the circuit breaker per account; it closes the processor's gate.
+//! * [`prompt`]: templates and output validation. [`step`]: the step that ties them together.
+//! * [`simulator`]: `spillway mock-llm`, the provider simulator for tests and load tests.
 
+pub mod breaker;
+pub mod client;
+pub mod limit;
+pub mod prompt;
 pub mod simulator;
+pub mod step;

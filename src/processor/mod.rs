@@ -6,9 +6,11 @@
 //! * [`offsets`]: the per-partition low-watermark tracker, the only source of commits.
 //! * [`worker`]: one record's life: decode, steps with retries, DLQ.
 //! * [`step`]: the trait steps implement. [`retry`]: backoff. [`dlq`]: the DLQ writer.
+//! * [`gate`]: closed by steps whose dependency is down; pauses intake.
 
 pub mod consumer;
 pub mod dlq;
+pub mod gate;
 pub mod offsets;
 pub mod retry;
 mod scheduler;
@@ -27,6 +29,7 @@ use crate::codec::{Codec, CodecError};
 use crate::config::{Config, ConfigError};
 use crate::telemetry::{Health, Metrics};
 use consumer::{Input, KafkaConsumer};
+use gate::Gate;
 use step::Pipeline;
 use worker::Worker;
 
@@ -61,6 +64,7 @@ pub struct Processor {
     worker: Arc<Worker>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    gate: Gate,
     metrics_addr: SocketAddr,
     telemetry: tokio::task::JoinHandle<()>,
     telemetry_stop: CancellationToken,
@@ -68,15 +72,38 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Sets everything up: dev topics if configured, the DLQ producer, the codec, the
-    /// consumer subscription and the telemetry server. `shutdown` stops it.
+    /// Builds the steps from `config.steps` and starts a processor with them.
+    pub async fn from_config(
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Result<Processor, ProcessorError> {
+        config.validate()?;
+        let metrics = Metrics::new();
+        let gate = Gate::new();
+        let steps = crate::pipeline::build(&config, &metrics, &gate)?;
+        Self::start_with(config, steps, metrics, gate, shutdown).await
+    }
+
+    /// Starts a processor with the given steps (and fresh metrics and gate).
     pub async fn start(
         config: Config,
         steps: Pipeline,
         shutdown: CancellationToken,
     ) -> Result<Processor, ProcessorError> {
+        Self::start_with(config, steps, Metrics::new(), Gate::new(), shutdown).await
+    }
+
+    /// Sets everything up: dev topics if configured, the DLQ producer, the codec, the
+    /// consumer subscription and the telemetry server. `steps` were built against `metrics`
+    /// and `gate`. `shutdown` stops it.
+    pub async fn start_with(
+        config: Config,
+        steps: Pipeline,
+        metrics: Arc<Metrics>,
+        gate: Gate,
+        shutdown: CancellationToken,
+    ) -> Result<Processor, ProcessorError> {
         config.validate()?;
-        let metrics = Metrics::new();
         let health = Health::new(Duration::from_millis(config.telemetry.liveness_timeout_ms));
         // Telemetry outlives the drain, so /metrics and /healthz stay up while it runs.
         let telemetry_stop = CancellationToken::new();
@@ -124,6 +151,7 @@ impl Processor {
             worker,
             metrics,
             health,
+            gate,
             metrics_addr,
             telemetry,
             telemetry_stop,
@@ -160,6 +188,7 @@ impl Processor {
             self.worker,
             self.metrics,
             self.health,
+            self.gate,
         );
         let result = scheduler
             .run(self.rx, self.shutdown.clone(), stop, alive)
@@ -176,6 +205,5 @@ impl Processor {
 
 /// Starts a processor from configuration (steps built from `config.steps`) and runs it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ProcessorError> {
-    let steps = crate::sink::build_pipeline(&config.steps)?;
-    Processor::start(config, steps, shutdown).await?.run().await
+    Processor::from_config(config, shutdown).await?.run().await
 }

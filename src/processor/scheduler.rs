@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{tpl_of, Input, KafkaConsumer, Partition};
+use super::gate::Gate;
 use super::offsets::{OffsetTracker, Tracked};
 use super::worker::{Outcome, Worker};
 use crate::config::ProcessorConfig;
@@ -97,6 +98,10 @@ pub(crate) struct Scheduler {
     next_epoch: u64,
     pending_revoke: Option<PendingRevoke>,
     draining: bool,
+    gate: Gate,
+    gate_rx: tokio::sync::watch::Receiver<u64>,
+    /// The gate is closed: every assigned partition is paused and no record starts.
+    gate_closed: bool,
 }
 
 /// A partition pauses when this many times `max_buffered_per_partition` offsets are tracked
@@ -116,8 +121,13 @@ impl Scheduler {
         worker: Arc<Worker>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        gate: Gate,
     ) -> Self {
+        let gate_rx = gate.subscribe();
         Scheduler {
+            gate,
+            gate_rx,
+            gate_closed: false,
             cfg,
             consumer,
             worker,
@@ -168,6 +178,7 @@ impl Scheduler {
                     break;
                 }
                 _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
+                Ok(()) = self.gate_rx.changed() => self.on_gate(),
                 _ = commit_tick.tick() => {
                     if !poll_alive.load(Ordering::Acquire) {
                         tracing::error!("poll thread died; shutting down");
@@ -223,9 +234,15 @@ impl Scheduler {
         }
         // librdkafka keeps a partition's pause flag across revoke and re-assign; a partition
         // paused for a full buffer in its previous assignment would never be fetched again.
-        // Every assignment starts unpaused, matching the fresh state below.
-        if let Err(e) = self.consumer.resume(&tpl_of(&parts)) {
-            tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+        // Every assignment starts unpaused, matching the fresh state below, unless the gate
+        // is closed.
+        let result = if self.gate_closed {
+            self.consumer.pause(&tpl_of(&parts))
+        } else {
+            self.consumer.resume(&tpl_of(&parts))
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "setting the pause state of new partitions failed");
         }
         for (topic, partition) in parts {
             self.next_epoch += 1;
@@ -248,6 +265,50 @@ impl Scheduler {
         self.metrics
             .assigned_partitions
             .set(self.partitions.values().map(|p| p.len() as i64).sum());
+        self.update_paused_gauge();
+    }
+
+    /// Re-evaluates the gate after a dependency changed state; pauses or resumes intake.
+    fn on_gate(&mut self) {
+        let closed = !self.gate.is_open();
+        if closed == self.gate_closed || self.draining {
+            return;
+        }
+        self.gate_closed = closed;
+        let all: Vec<Partition> = self
+            .partitions
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p)))
+            .collect();
+        let result = if closed {
+            tracing::warn!(
+                partitions = all.len(),
+                "a step's dependency is down; pausing intake until it recovers"
+            );
+            self.consumer.pause(&tpl_of(&all))
+        } else {
+            tracing::info!("dependencies recovered; resuming intake");
+            self.consumer
+                .resume(&tpl_of(all.iter().filter(|p| !self.paused.contains(*p))))
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, closed, "gate pause/resume failed");
+        }
+        self.metrics
+            .pause_events
+            .with_label_values(&[if closed { "gate_closed" } else { "gate_opened" }])
+            .inc();
+        self.update_paused_gauge();
+    }
+
+    /// Paused partitions: all of them while the gate is closed, else those with full buffers.
+    fn update_paused_gauge(&self) {
+        let paused = if self.gate_closed {
+            self.partitions.values().map(|m| m.len()).sum()
+        } else {
+            self.paused.len()
+        };
+        self.metrics.paused_partitions.set(paused as i64);
     }
 
     fn on_record(&mut self, msg: OwnedMessage) {
@@ -315,6 +376,8 @@ impl Scheduler {
         let tpl = tpl_of([&part]);
         let result = if pause {
             self.consumer.pause(&tpl)
+        } else if self.gate_closed {
+            Ok(()) // Stays paused at the consumer until the gate opens.
         } else {
             self.consumer.resume(&tpl)
         };
@@ -334,7 +397,7 @@ impl Scheduler {
                 .with_label_values(&["resume"])
                 .inc();
         }
-        self.metrics.paused_partitions.set(self.paused.len() as i64);
+        self.update_paused_gauge();
     }
 
     /// Resumes paused partitions whose buffers drained to half (and the total below its cap).
@@ -371,6 +434,9 @@ impl Scheduler {
 
     /// Starts ready records while there is room in the in-flight window.
     fn dispatch(&mut self) {
+        if self.gate_closed && !self.draining {
+            return;
+        }
         while self.tasks.len() < self.cfg.max_in_flight {
             let Some(job) = self.ready.pop_front() else {
                 break;
@@ -487,7 +553,7 @@ impl Scheduler {
         let revoked: HashSet<&Partition> = parts.iter().collect();
         self.ready
             .retain(|j| !revoked.contains(&(j.topic.clone(), j.partition)));
-        self.metrics.paused_partitions.set(self.paused.len() as i64);
+        self.update_paused_gauge();
         self.metrics.buffered.set(self.buffered_total as i64);
         // A second revoke while one is pending cannot happen (the poll thread is blocked in
         // the first), but if it did, finish the first now rather than lose its ack.

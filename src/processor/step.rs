@@ -26,6 +26,14 @@ pub enum Action {
         /// A server-given earliest retry time (`Retry-After`).
         after: Option<Duration>,
     },
+    /// A dependency is throttling or down (a provider's breaker is open, a rate limit said
+    /// wait): wait no less than `after`, then until [`Step::ready`], and run the step again.
+    /// This is flow control, not a failure: it does not use up an attempt, and the record is
+    /// never dead-lettered for it.
+    Defer {
+        /// A server-given earliest retry time (`Retry-After`).
+        after: Option<Duration>,
+    },
     /// Deterministic: retrying cannot help; write the record to the DLQ and move on.
     DeadLetter,
     /// Nothing to do for this event (a duplicate, a filtered event): finish it as skipped.
@@ -64,6 +72,15 @@ impl StepError {
         }
     }
 
+    /// The step's dependency cannot take work now; wait for it without using an attempt.
+    pub fn defer(code: &'static str, message: impl Into<String>, after: Option<Duration>) -> Self {
+        StepError {
+            action: Action::Defer { after },
+            code,
+            message: message.into(),
+        }
+    }
+
     /// A deterministic error: the record goes to the DLQ.
     pub fn deterministic(code: &'static str, message: impl Into<String>) -> Self {
         StepError {
@@ -93,6 +110,21 @@ pub struct EventContext {
     pub outputs: Map<String, Json>,
     /// 1-based attempt number of the current step.
     pub attempt: u32,
+    /// What the event has cost so far across steps and attempts (LLM tokens and USD).
+    pub spend: Spend,
+}
+
+/// Tokens and money an event has spent, for the per-event histograms.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spend {
+    /// Paid provider calls made for this event.
+    pub calls: u32,
+    /// Prompt tokens the providers counted.
+    pub input_tokens: u64,
+    /// Output tokens the providers counted.
+    pub output_tokens: u64,
+    /// Cost from the configured price table, in USD.
+    pub cost_usd: f64,
 }
 
 /// One unit of per-event work.
@@ -102,6 +134,12 @@ pub trait Step: Send + Sync + 'static {
 
     /// Runs the step once. Retries are the processor's job, not the step's.
     fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>>;
+
+    /// Resolves when the step's dependencies can take work again. The worker awaits it after
+    /// a [`Action::Defer`]. Steps without such a dependency are always ready.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// The ordered chain of steps every event goes through.

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use super::dlq::{DlqWriter, Failure};
 use super::retry::backoff;
-use super::step::{Action, EventContext, Pipeline, StepError};
+use super::step::{Action, EventContext, Pipeline, Spend, StepError};
 use crate::codec::{Codec, CodecError};
 use crate::config::RetryConfig;
 use crate::telemetry::{now_ms, Metrics};
@@ -117,15 +117,29 @@ impl Worker {
             event,
             outputs: Map::new(),
             attempt: 0,
+            spend: Spend::default(),
         };
+        let outcome = self.run_steps(&record, &mut ctx).await;
+        if ctx.spend.calls > 0 {
+            self.metrics
+                .event_tokens
+                .observe((ctx.spend.input_tokens + ctx.spend.output_tokens) as f64);
+            self.metrics.event_cost.observe(ctx.spend.cost_usd);
+        }
+        outcome
+    }
+
+    async fn run_steps(&self, record: &Arc<OwnedMessage>, ctx: &mut EventContext) -> Outcome {
         for step in self.steps.iter() {
             let mut attempts = Attempts::new();
             let mut attempt = 0u32;
             loop {
+                // A step whose dependency is down (an open breaker) holds the event here.
+                step.ready().await;
                 attempt += 1;
                 ctx.attempt = attempt;
                 let started = Instant::now();
-                let result = AssertUnwindSafe(step.run(&mut ctx))
+                let result = AssertUnwindSafe(step.run(ctx))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|panic| {
@@ -143,6 +157,7 @@ impl Worker {
                     Ok(()) => "ok",
                     Err(e) => match e.action {
                         Action::Retry { .. } => "transient",
+                        Action::Defer { .. } => "deferred",
                         Action::DeadLetter => "deterministic",
                         Action::Skip => "skip",
                     },
@@ -159,6 +174,23 @@ impl Worker {
                     Action::Skip => {
                         tracing::debug!(step = step.name(), code = err.code, "event skipped");
                         return Outcome::Skipped;
+                    }
+                    Action::Defer { after } => {
+                        // Flow control, not failure: the attempt is not used up.
+                        attempt -= 1;
+                        self.metrics
+                            .deferrals
+                            .with_label_values(&[step.name(), err.code])
+                            .inc();
+                        tracing::debug!(
+                            step = step.name(),
+                            code = err.code,
+                            "step deferred; waiting for its dependency"
+                        );
+                        match after {
+                            Some(after) => tokio::time::sleep(after).await,
+                            None => tokio::task::yield_now().await,
+                        }
                     }
                     Action::Retry { after } if attempt < self.retry.max_attempts => {
                         attempts.first_failure_ms.get_or_insert_with(now_ms);
@@ -184,7 +216,7 @@ impl Worker {
                             err.message,
                             attempt,
                         );
-                        return self.dead_letter(&record, failure).await;
+                        return self.dead_letter(record, failure).await;
                     }
                 }
             }

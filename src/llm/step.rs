@@ -1,0 +1,372 @@
+//! The LLM step: render the prompt, pick the first provider of the fallback chain whose
+//! breaker lets a request through, wait for admission, send one request, check the answer
+//! (with repair requests for invalid structured output), and pass the result on.
+//!
+//! Retries belong to the processor's worker: this step sends at most one request per provider
+//! per run and answers with a classified [`StepError`]. Rate limits and open breakers answer
+//! [`Action::Defer`](crate::processor::step::Action::Defer): the event waits without using up
+//! attempts, and is never dead-lettered for it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::select_all;
+use serde_json::json;
+use tracing::Instrument;
+
+use super::breaker::Breaker;
+use super::client::{CallError, ChatRequest, Completion, ErrorClass, Message, Provider, Role};
+use super::limit::Admission;
+use super::prompt::{OutputCheck, Prompt};
+use crate::config::{ConfigError, LlmConfig, LlmStepConfig, PriceConfig};
+use crate::processor::gate::Gate;
+use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::telemetry::Metrics;
+
+/// One provider account: its client, admission control and breaker, shared by every step.
+pub struct Account {
+    /// HTTP client of the account.
+    pub provider: Provider,
+    /// Rate limits.
+    pub admission: Admission,
+    /// Health.
+    pub breaker: Arc<Breaker>,
+}
+
+/// The accounts of `llm.providers`, built once per processor.
+pub struct Accounts {
+    accounts: BTreeMap<String, Arc<Account>>,
+}
+
+impl Accounts {
+    /// Builds every configured provider account.
+    pub fn new(
+        config: &LlmConfig,
+        gate: &Gate,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let mut accounts = BTreeMap::new();
+        for (name, p) in &config.providers {
+            accounts.insert(
+                name.clone(),
+                Arc::new(Account {
+                    provider: Provider::new(name, p)?,
+                    admission: Admission::new(p),
+                    breaker: Breaker::new(
+                        name,
+                        config.breaker.clone(),
+                        gate.clone(),
+                        metrics.clone(),
+                    ),
+                }),
+            );
+        }
+        Ok(Accounts { accounts })
+    }
+
+    fn get(&self, name: &str, key: String) -> Result<Arc<Account>, ConfigError> {
+        self.accounts
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ConfigError::Invalid {
+                key,
+                message: format!("`{name}` is not defined in llm.providers"),
+            })
+    }
+}
+
+struct Target {
+    account: Arc<Account>,
+    model: String,
+    price: Option<PriceConfig>,
+}
+
+/// A configured LLM step.
+pub struct LlmStep {
+    name: String,
+    chain: Vec<Target>,
+    prompt: Prompt,
+    output: OutputCheck,
+    repair_attempts: u32,
+    max_tokens: u32,
+    temperature: Option<f64>,
+    metrics: Arc<Metrics>,
+}
+
+/// Rough prompt size: one token per four characters plus a few per message. Admission
+/// reserves this and settles with the provider's count afterwards.
+fn estimate_tokens(system: Option<&str>, messages: &[Message]) -> u64 {
+    let chars: usize = system.map_or(0, |s| s.chars().count())
+        + messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum::<usize>();
+    (chars as u64).div_ceil(4) + 4 * (messages.len() as u64 + 1)
+}
+
+impl LlmStep {
+    /// Builds the step and registers its chain with the gate: while every provider of the
+    /// chain is open, intake pauses.
+    pub fn new(
+        config: &LlmStepConfig,
+        llm: &LlmConfig,
+        accounts: &Accounts,
+        gate: &Gate,
+        metrics: &Arc<Metrics>,
+    ) -> Result<LlmStep, ConfigError> {
+        let key = |k: &str| format!("steps.{}.{k}", config.name);
+        let mut chain = vec![Target {
+            account: accounts.get(&config.provider, key("provider"))?,
+            model: config.model.clone(),
+            price: llm.prices.get(&config.model).cloned(),
+        }];
+        for (i, f) in config.fallback.iter().enumerate() {
+            chain.push(Target {
+                account: accounts.get(&f.provider, key(&format!("fallback[{i}].provider")))?,
+                model: f.model.clone(),
+                price: llm.prices.get(&f.model).cloned(),
+            });
+        }
+        let breakers: Vec<Arc<Breaker>> = chain.iter().map(|t| t.account.breaker.clone()).collect();
+        gate.add_check(move || breakers.iter().any(|b| !b.is_open()));
+        Ok(LlmStep {
+            name: config.name.clone(),
+            chain,
+            prompt: Prompt::new(&config.name, config.system.as_deref(), &config.user)?,
+            output: OutputCheck::new(&config.name, &config.output)?,
+            repair_attempts: config.output.repair_attempts,
+            max_tokens: config.max_tokens,
+            temperature: config.temperature,
+            metrics: metrics.clone(),
+        })
+    }
+
+    async fn run_once(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+        let (system, user) = self
+            .prompt
+            .render(ctx)
+            .map_err(|e| StepError::deterministic("llm_template_error", e))?;
+        let mut messages = vec![Message {
+            role: Role::User,
+            content: user,
+        }];
+        let mut repairs = 0;
+        loop {
+            let (completion, target) = self.call(system.as_deref(), &messages, ctx).await?;
+            match self.output.check(&completion.text) {
+                Ok(value) => {
+                    let mut out = json!({
+                        "text": completion.text,
+                        "model": target.model,
+                        "provider": target.account.provider.name(),
+                        "usage": {
+                            "input_tokens": completion.input_tokens,
+                            "output_tokens": completion.output_tokens,
+                        },
+                        "repairs": repairs,
+                    });
+                    if let Some(value) = value {
+                        out["json"] = value;
+                    }
+                    ctx.outputs.insert(self.name.clone(), out);
+                    return Ok(());
+                }
+                Err(invalid) if repairs < self.repair_attempts => {
+                    repairs += 1;
+                    self.metrics
+                        .llm
+                        .repairs
+                        .with_label_values(&[&target.model])
+                        .inc();
+                    tracing::info!(
+                        step = %self.name,
+                        repair = repairs,
+                        problem = %invalid.for_humans,
+                        "invalid output; asking for a repair"
+                    );
+                    messages.push(Message {
+                        role: Role::Assistant,
+                        content: completion.text,
+                    });
+                    messages.push(Message {
+                        role: Role::User,
+                        content: format!(
+                            "Your answer was not accepted: {}. Answer again with only the \
+                             corrected JSON, nothing else.",
+                            invalid.for_model
+                        ),
+                    });
+                }
+                Err(invalid) => {
+                    return Err(StepError::deterministic(
+                        "llm_invalid_output",
+                        format!("{} after {repairs} repair requests", invalid.for_humans),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// One request to the first provider of the chain that takes it.
+    async fn call(
+        &self,
+        system: Option<&str>,
+        messages: &[Message],
+        ctx: &mut EventContext,
+    ) -> Result<(Completion, &Target), StepError> {
+        let estimate = estimate_tokens(system, messages);
+        let mut last: Option<StepError> = None;
+        let m = &self.metrics.llm;
+        for (i, target) in self.chain.iter().enumerate() {
+            let account = &target.account;
+            let Some(permit) = account.breaker.try_acquire() else {
+                continue;
+            };
+            if i > 0 {
+                m.fallbacks.with_label_values(&[&target.model]).inc();
+                tracing::info!(
+                    step = %self.name,
+                    provider = account.provider.name(),
+                    model = %target.model,
+                    "primary unavailable; using fallback"
+                );
+            }
+            let waited = Instant::now();
+            let reservation = account
+                .admission
+                .acquire(estimate, u64::from(self.max_tokens))
+                .await;
+            m.admission_wait
+                .with_label_values(&[&target.model])
+                .observe(waited.elapsed().as_secs_f64());
+            let request = ChatRequest {
+                model: &target.model,
+                system,
+                messages,
+                max_tokens: self.max_tokens,
+                temperature: self.temperature,
+                json: self.output.wants_json(),
+            };
+            let started = Instant::now();
+            let span =
+                tracing::info_span!("llm_call", model = %target.model, attempt = ctx.attempt);
+            let (result, headers) = account.provider.complete(&request).instrument(span).await;
+            account.admission.observe(&headers);
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.code(),
+            };
+            m.request_duration
+                .with_label_values(&[&target.model, outcome])
+                .observe(started.elapsed().as_secs_f64());
+            let err = match result {
+                Ok(c) => {
+                    reservation.settle(c.input_tokens, c.output_tokens);
+                    permit.success();
+                    self.account_spend(target, &c, ctx);
+                    return Ok((c, target));
+                }
+                Err(e) => e,
+            };
+            drop(reservation);
+            let message = format!("{}: {err}", account.provider.name());
+            match err.class() {
+                ErrorClass::RateLimited => {
+                    m.rate_limited.with_label_values(&[&target.model]).inc();
+                    let after = headers.retry_after.unwrap_or(Duration::from_secs(1));
+                    account.admission.hold(after);
+                    drop(permit);
+                    last = Some(StepError::defer(err.code(), message, Some(after)));
+                }
+                ErrorClass::Transient => {
+                    if let Some(after) = headers.retry_after {
+                        account.admission.hold(after);
+                    }
+                    permit.failure();
+                    last = Some(match headers.retry_after {
+                        Some(after) => StepError::retry_after(err.code(), message, after),
+                        None => StepError::transient(err.code(), message),
+                    });
+                }
+                ErrorClass::Fatal => {
+                    permit.trip();
+                    let reason = match err {
+                        CallError::Quota(_) => "insufficient_quota",
+                        _ => "auth",
+                    };
+                    m.alerts
+                        .with_label_values(&[account.provider.name(), reason])
+                        .inc();
+                    tracing::error!(
+                        provider = account.provider.name(),
+                        reason,
+                        "ALERT: provider account unusable until a human acts; breaker opened"
+                    );
+                    last = Some(StepError::defer(err.code(), message, None));
+                }
+                ErrorClass::Deterministic => {
+                    permit.success();
+                    return Err(StepError::deterministic(err.code(), message));
+                }
+            }
+        }
+        let chain_down = !self.chain.iter().any(|t| t.account.breaker.available());
+        Err(match last {
+            None => StepError::defer(
+                "llm_breaker_open",
+                "every provider of the chain is unavailable (breaker open)",
+                None,
+            ),
+            // The failure that opened the last breaker is not the event's fault: wait for a
+            // provider instead of using up attempts.
+            Some(e) if chain_down => StepError::defer(e.code, e.message, None),
+            Some(e) => e,
+        })
+    }
+
+    fn account_spend(&self, target: &Target, c: &Completion, ctx: &mut EventContext) {
+        let m = &self.metrics.llm;
+        m.tokens
+            .with_label_values(&[&target.model, "input"])
+            .inc_by(c.input_tokens);
+        m.tokens
+            .with_label_values(&[&target.model, "output"])
+            .inc_by(c.output_tokens);
+        let cost = target.price.as_ref().map_or(0.0, |p| {
+            (c.input_tokens as f64 * p.input_usd_per_mtok
+                + c.output_tokens as f64 * p.output_usd_per_mtok)
+                / 1e6
+        });
+        m.cost_usd.with_label_values(&[&target.model]).inc_by(cost);
+        ctx.spend.calls += 1;
+        ctx.spend.input_tokens += c.input_tokens;
+        ctx.spend.output_tokens += c.output_tokens;
+        ctx.spend.cost_usd += cost;
+    }
+}
+
+impl Step for LlmStep {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.run_once(ctx))
+    }
+
+    /// Ready when some provider of the chain would let a request through.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut changes: Vec<_> = self
+                .chain
+                .iter()
+                .map(|t| t.account.breaker.subscribe())
+                .collect();
+            while !self.chain.iter().any(|t| t.account.breaker.available()) {
+                let waits = changes.iter_mut().map(|rx| Box::pin(rx.changed()));
+                let _ = select_all(waits).await;
+            }
+        })
+    }
+}
