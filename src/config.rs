@@ -266,14 +266,17 @@ pub struct PriceConfig {
     pub output_usd_per_mtok: f64,
 }
 
-/// Circuit breaker: closed, open after consecutive failures, half-open with a single probe.
+/// Circuit breaker: closed, open after enough failures, half-open with a single probe.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {
-    /// Consecutive failures (5xx, 529, timeouts, connection errors) that open the breaker.
+    /// Failures (5xx, 529, timeouts, connection errors) within `window_ms` that open it.
     #[serde(default = "default_breaker_failures")]
     pub failure_threshold: u32,
-    /// Failures older than this many milliseconds no longer count.
+    /// ...and the share of the window's calls that must have failed, in (0, 1].
+    #[serde(default = "default_breaker_ratio")]
+    pub failure_ratio: f64,
+    /// Calls older than this many milliseconds no longer count.
     #[serde(default = "default_breaker_window_ms")]
     pub window_ms: u64,
     /// How long the breaker stays open before one probe is let through, in milliseconds.
@@ -526,6 +529,9 @@ fn default_burst_ms() -> u64 {
 fn default_breaker_failures() -> u32 {
     5
 }
+fn default_breaker_ratio() -> f64 {
+    0.5
+}
 fn default_breaker_window_ms() -> u64 {
     60_000
 }
@@ -592,6 +598,7 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failure_threshold: default_breaker_failures(),
+            failure_ratio: default_breaker_ratio(),
             window_ms: default_breaker_window_ms(),
             open_ms: default_breaker_open_ms(),
         }
@@ -861,6 +868,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "llm.breaker.failure_threshold",
                 "must be at least 1",
+            ));
+        }
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return Err(ConfigError::invalid(
+                "llm.breaker.failure_ratio",
+                "must be in (0, 1]",
             ));
         }
         if b.open_ms == 0 || b.window_ms == 0 {

@@ -50,7 +50,7 @@ async fn openai_answers_are_deterministic_with_exact_usage() {
         b["choices"][0]["message"]["content"]
     );
     let content = a["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(content.starts_with(&format!("label: {}", label_for(&format!("{prompt}\n")))));
+    assert!(content.starts_with(&format!("label: {}", label_for(prompt))));
     assert_eq!(
         a["usage"]["prompt_tokens"].as_u64().unwrap(),
         estimate_tokens(&format!("{prompt}\n"))

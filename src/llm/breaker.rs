@@ -1,9 +1,10 @@
 //! Circuit breaker per provider account: closed, open, half-open.
 //!
-//! * **Closed**: requests flow. `failure_threshold` consecutive failures (5xx, 529, timeouts,
-//!   connection errors, malformed answers), none older than `window_ms`, open it. Rate limits
-//!   are flow control and deterministic errors say nothing about the provider's health, so
-//!   neither counts; any success resets the count.
+//! * **Closed**: requests flow. It opens when, among the calls of the last `window_ms`, at
+//!   least `failure_threshold` failed (5xx, 529, timeouts, connection errors, malformed
+//!   answers) and failures are at least `failure_ratio` of them, so a busy pipeline with a
+//!   trickle of errors does not stop. Rate limits are flow control and deterministic errors say
+//!   nothing about the provider's health: neither counts.
 //! * **Open**: no request for `open_ms`. `insufficient_quota` and auth failures open it at once.
 //! * **Half-open**: a single probe. Its success closes the breaker; its failure opens it again.
 //!
@@ -52,9 +53,16 @@ impl State {
 
 #[derive(Debug)]
 enum Phase {
-    Closed { failures: VecDeque<Instant> },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    /// Outcomes of the calls in the window: (when, failed).
+    Closed {
+        calls: VecDeque<(Instant, bool)>,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 /// The breaker of one provider.
@@ -124,7 +132,7 @@ impl Breaker {
             provider: provider.to_string(),
             config,
             phase: Mutex::new(Phase::Closed {
-                failures: VecDeque::new(),
+                calls: VecDeque::new(),
             }),
             changed: watch::Sender::new(0),
             gate,
@@ -192,11 +200,18 @@ impl Breaker {
     fn on_success(self: &Arc<Self>) {
         let closed_now = {
             let mut phase = lock(&self.phase);
-            let was_closed = matches!(&*phase, Phase::Closed { .. });
-            *phase = Phase::Closed {
-                failures: VecDeque::new(),
-            };
-            !was_closed
+            match &mut *phase {
+                Phase::Closed { calls } => {
+                    self.record(calls, false);
+                    false
+                }
+                _ => {
+                    *phase = Phase::Closed {
+                        calls: VecDeque::new(),
+                    };
+                    true
+                }
+            }
         };
         if closed_now {
             tracing::info!(provider = %self.provider, "breaker closed: provider recovered");
@@ -208,17 +223,11 @@ impl Breaker {
         let open = {
             let mut phase = lock(&self.phase);
             match &mut *phase {
-                Phase::Closed { failures } => {
-                    let now = Instant::now();
-                    let window = Duration::from_millis(self.config.window_ms);
-                    while failures
-                        .front()
-                        .is_some_and(|t| now.saturating_duration_since(*t) > window)
-                    {
-                        failures.pop_front();
-                    }
-                    failures.push_back(now);
-                    failures.len() >= self.config.failure_threshold as usize
+                Phase::Closed { calls } => {
+                    self.record(calls, true);
+                    let failures = calls.iter().filter(|(_, failed)| *failed).count();
+                    failures >= self.config.failure_threshold as usize
+                        && failures as f64 >= self.config.failure_ratio * calls.len() as f64
                 }
                 Phase::HalfOpen { .. } => probe,
                 Phase::Open { .. } => false,
@@ -227,6 +236,21 @@ impl Breaker {
         if open {
             self.open();
         }
+    }
+
+    /// Adds an outcome to the window, forgetting calls older than `window_ms` (and beyond a
+    /// bounded count, so memory stays flat under any load).
+    fn record(&self, calls: &mut VecDeque<(Instant, bool)>, failed: bool) {
+        let now = Instant::now();
+        let window = Duration::from_millis(self.config.window_ms);
+        while calls
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > window)
+            || calls.len() >= 10_000
+        {
+            calls.pop_front();
+        }
+        calls.push_back((now, failed));
     }
 
     /// Opens the breaker for `open_ms` (again, if it was open).
@@ -298,6 +322,7 @@ mod tests {
             "p",
             BreakerConfig {
                 failure_threshold: 3,
+                failure_ratio: 0.5,
                 window_ms: 60_000,
                 open_ms: 300_000,
             },
@@ -307,15 +332,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn opens_after_consecutive_failures_then_probes_once_and_closes() {
+    async fn opens_on_enough_failures_then_probes_once_and_closes() {
         let b = breaker();
-        for _ in 0..2 {
-            b.try_acquire().unwrap().failure();
+        for _ in 0..4 {
+            b.try_acquire().unwrap().success();
         }
-        b.try_acquire().unwrap().success(); // resets the count
         for _ in 0..3 {
             b.try_acquire().unwrap().failure();
         }
+        // 3 failures of 7 calls: under the 50 % ratio, so a trickle of errors is tolerated.
+        assert_eq!(b.state(), State::Closed);
+        b.try_acquire().unwrap().failure();
         assert_eq!(b.state(), State::Open);
         assert!(b.try_acquire().is_none());
         tokio::time::sleep(Duration::from_secs(299)).await;

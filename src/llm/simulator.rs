@@ -13,9 +13,14 @@
 //!
 //! Latency is fixed plus uniform jitter. Faults are injected by rate or from a script:
 //! `500`, `529`, `hang`, `quota` (`insufficient_quota`), `overflow` (context window),
-//! `malformed` (a truncated 200 body), `ok`. Answers are deterministic functions of the prompt
-//! (a label from `positive`/`negative`/`neutral`), with exact `usage` counts, so end-to-end
-//! tests can assert results. `GET /stats` returns counters of what was received and refused.
+//! `malformed` (a truncated 200 body), `429` (a rate limit with `--retry-after-ms`), `invalid`
+//! (an answer that is not JSON), `ok`. Answers are deterministic functions of the first user
+//! message (a label from `positive`/`negative`/`neutral`, as `{"label":..}` when JSON was
+//! asked for), with exact `usage` counts, so end-to-end tests can assert results.
+//! A `sim-fault:<kind>` directive in the first user message injects that fault into every
+//! request of that conversation. `POST /control` swaps the fault rates or script at run time.
+//! `GET /stats` returns counters of what was received and refused, per-second counts, request
+//! arrival times, and requests that came before a `retry-after` deadline.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -67,6 +72,9 @@ pub struct SimulatorConfig {
     /// runs out, requests follow `--faults`.
     #[arg(long, default_value = "")]
     pub script: String,
+    /// `retry-after` of an injected `429` fault, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    pub retry_after_ms: u64,
 }
 
 impl SimulatorConfig {
@@ -83,6 +91,7 @@ impl SimulatorConfig {
             context_tokens: 128_000,
             faults: String::new(),
             script: String::new(),
+            retry_after_ms: 1_000,
         }
     }
 }
@@ -91,7 +100,7 @@ impl SimulatorConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SimulatorError {
     /// A fault kind or rate does not parse.
-    #[error("invalid --faults/--script entry `{0}`: kinds are ok, 500, 529, hang, quota, overflow, malformed; rates are 0..=1")]
+    #[error("invalid --faults/--script entry `{0}`: kinds are ok, 500, 529, 429, hang, quota, overflow, malformed, invalid; rates are 0..=1")]
     BadFault(String),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -119,6 +128,10 @@ pub enum Fault {
     Overflow,
     /// 200 with a truncated JSON body.
     Malformed,
+    /// 429 rate limit with `retry-after` of `--retry-after-ms`.
+    RateLimit,
+    /// 200 whose answer text is not JSON (bad structured output).
+    Invalid,
 }
 
 impl Fault {
@@ -131,6 +144,8 @@ impl Fault {
             "quota" => Fault::Quota,
             "overflow" => Fault::Overflow,
             "malformed" => Fault::Malformed,
+            "429" => Fault::RateLimit,
+            "invalid" => Fault::Invalid,
             other => return Err(SimulatorError::BadFault(other.to_string())),
         })
     }
@@ -254,6 +269,41 @@ pub struct Stats {
     pub input_tokens: u64,
     /// Output tokens of completed answers.
     pub output_tokens: u64,
+    /// Requests that arrived before the latest `retry-after` deadline the simulator gave
+    /// (more than 10 ms after giving it, so requests already on the wire do not count).
+    pub early_requests: u64,
+    /// Arrival time of each request, in milliseconds since start (the first 10,000).
+    pub request_times_ms: Vec<u64>,
+    /// Per-second counts since start (the first hour).
+    pub per_second: Vec<Second>,
+    /// Requests being handled right now (a hung request stays here until the client hangs up).
+    pub in_progress: u64,
+}
+
+/// What happened in one second of the simulator's life.
+#[derive(Debug, Default, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct Second {
+    /// Requests received.
+    pub received: u64,
+    /// Requests admitted past the limits.
+    pub admitted: u64,
+    /// Requests answered 429 for a rate limit.
+    pub rate_limited: u64,
+    /// Output tokens of answers completed in this second.
+    pub output_tokens: u64,
+}
+
+impl Stats {
+    fn second(&mut self, at: Duration) -> Option<&mut Second> {
+        let i = at.as_secs() as usize;
+        if i >= 3_600 {
+            return None;
+        }
+        if self.per_second.len() <= i {
+            self.per_second.resize(i + 1, Second::default());
+        }
+        self.per_second.get_mut(i)
+    }
 }
 
 struct Limits {
@@ -266,8 +316,11 @@ struct Shared {
     config: SimulatorConfig,
     limits: Mutex<Limits>,
     script: Mutex<VecDeque<Fault>>,
-    rates: Vec<(Fault, f64)>,
+    rates: Mutex<Vec<(Fault, f64)>>,
     stats: Mutex<Stats>,
+    started: Instant,
+    /// When the latest `retry-after` was given, and the deadline it set.
+    not_before: Mutex<Option<(Instant, Instant)>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -289,8 +342,10 @@ pub async fn serve(
             output: Bucket::new(config.output_tpm, now),
         }),
         script: Mutex::new(parse_script(&config.script)?),
-        rates: parse_rates(&config.faults)?,
+        rates: Mutex::new(parse_rates(&config.faults)?),
         stats: Mutex::new(Stats::default()),
+        started: now,
+        not_before: Mutex::new(None),
         config,
     });
     let listener = tokio::net::TcpListener::bind(shared.config.listen)
@@ -319,6 +374,14 @@ pub async fn serve(
             }),
         )
         .route(
+            "/control",
+            post(
+                |State(s): State<Arc<Shared>>, axum::Json(c): axum::Json<Control>| async move {
+                    control(&s, c)
+                },
+            ),
+        )
+        .route(
             "/stats",
             get(|State(s): State<Arc<Shared>>| async move { axum::Json(lock(&s.stats).clone()) }),
         )
@@ -333,6 +396,39 @@ pub async fn serve(
     });
     tracing::info!(%addr, "mock-llm serving /v1/chat/completions, /v1/messages and /stats");
     Ok((addr, task))
+}
+
+/// Body of `POST /control`: replaces the fault rates and/or the script while running, to
+/// start or end an outage in the middle of a test or load test.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
+pub struct Control {
+    /// New `--faults` value.
+    #[serde(default)]
+    pub faults: Option<String>,
+    /// New `--script` value.
+    #[serde(default)]
+    pub script: Option<String>,
+}
+
+fn control(s: &Shared, c: Control) -> Response {
+    let parsed = (|| -> Result<_, SimulatorError> {
+        Ok((
+            c.faults.as_deref().map(parse_rates).transpose()?,
+            c.script.as_deref().map(parse_script).transpose()?,
+        ))
+    })();
+    match parsed {
+        Ok((rates, script)) => {
+            if let Some(rates) = rates {
+                *lock(&s.rates) = rates;
+            }
+            if let Some(script) = script {
+                *lock(&s.script) = script;
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 /// Locks a mutex, recovering the data if a holder panicked (counters stay usable).
@@ -379,7 +475,23 @@ fn stable_hash(text: &str) -> u64 {
     })
 }
 
-/// The deterministic label the simulator answers for a prompt.
+/// The text of the first user message: the label depends on it alone, so a system prompt or
+/// a repair conversation does not change the answer.
+fn first_user_text(req: &Json) -> String {
+    let Some(first) = req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+    else {
+        return String::new();
+    };
+    match &first["content"] {
+        Json::String(s) => s.clone(),
+        Json::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// The deterministic label the simulator answers for a first user message.
 pub fn label_for(prompt: &str) -> &'static str {
     ["positive", "negative", "neutral"][(stable_hash(prompt) % 3) as usize]
 }
@@ -399,8 +511,40 @@ fn answer(prompt: &str, tokens: u32, json_mode: bool) -> String {
     text
 }
 
+/// Counts a request as in progress until its handler finishes or is dropped.
+struct InProgress(Arc<Shared>);
+
+impl InProgress {
+    fn new(s: &Arc<Shared>) -> Self {
+        lock(&s.stats).in_progress += 1;
+        InProgress(s.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        lock(&self.0.stats).in_progress -= 1;
+    }
+}
+
 async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
-    lock(&s.stats).received += 1;
+    let _in_progress = InProgress::new(&s);
+    let arrived = Instant::now();
+    let early = lock(&s.not_before).is_some_and(|(given, deadline)| {
+        arrived < deadline && arrived > given + Duration::from_millis(10)
+    });
+    {
+        let mut st = lock(&s.stats);
+        st.received += 1;
+        st.early_requests += u64::from(early);
+        let at = arrived.duration_since(s.started);
+        if st.request_times_ms.len() < 10_000 {
+            st.request_times_ms.push(at.as_millis() as u64);
+        }
+        if let Some(sec) = st.second(at) {
+            sec.received += 1;
+        }
+    }
     let req: Json = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return bad_request(&s, api, &format!("body is not JSON: {e}")),
@@ -436,7 +580,7 @@ async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         if !wait.is_zero() {
             let h = limit_headers(api, &l, Some(wait));
             drop(l);
-            lock(&s.stats).rate_limited += 1;
+            gave_retry_after(&s, wait);
             let kind = "rate_limit_exceeded";
             return error(
                 api,
@@ -451,9 +595,34 @@ async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         l.output.take(max_tokens as f64);
         headers = limit_headers(api, &l, None);
     }
-    lock(&s.stats).admitted += 1;
+    let fault = next_fault(&s, &first_user_text(&req));
+    if fault == Fault::RateLimit {
+        // An injected refusal, like a real one: nothing stays consumed.
+        {
+            let mut l = lock(&s.limits);
+            l.requests.give_back(1.0);
+            l.input.give_back(input as f64);
+            l.output.give_back(max_tokens as f64);
+        }
+        let wait = Duration::from_millis(s.config.retry_after_ms);
+        gave_retry_after(&s, wait);
+        let h = limit_headers(api, &lock(&s.limits), Some(wait));
+        return error(
+            api,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "rate limit reached; see retry-after",
+            h,
+        );
+    }
+    {
+        let mut st = lock(&s.stats);
+        st.admitted += 1;
+        if let Some(sec) = st.second(arrived.duration_since(s.started)) {
+            sec.admitted += 1;
+        }
+    }
 
-    let fault = next_fault(&s);
     let overflow = input + max_tokens > s.config.context_tokens;
     let latency = s.config.latency_ms
         + if s.config.latency_jitter_ms > 0 {
@@ -525,14 +694,17 @@ async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
                 .into_response()
         }
         _ => {
-            let json_mode = req["response_format"]["type"] == "json_object";
+            // JSON when asked for it: OpenAI's JSON mode, or a prompt that says JSON.
+            let json_mode = req["response_format"]["type"] == "json_object"
+                || prompt.to_ascii_lowercase().contains("json");
+            let json_mode = json_mode && fault != Fault::Invalid;
             let wanted = if s.config.output_tokens > 0 {
                 u64::from(s.config.output_tokens)
             } else {
                 20 + stable_hash(&prompt) % 181
             };
             let output = wanted.min(max_tokens);
-            let text = answer(&prompt, output as u32, json_mode);
+            let text = answer(&first_user_text(&req), output as u32, json_mode);
             // Settle: refund the reserved output that was not produced.
             refund(&s, max_tokens - output);
             {
@@ -540,6 +712,9 @@ async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
                 st.completed += 1;
                 st.input_tokens += input;
                 st.output_tokens += output;
+                if let Some(sec) = st.second(s.started.elapsed()) {
+                    sec.output_tokens += output;
+                }
             }
             let body = match api {
                 Api::OpenAi => json!({
@@ -566,18 +741,46 @@ async fn handle(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
     }
 }
 
+/// Counts a 429 and remembers its deadline, to catch requests that do not honour it.
+fn gave_retry_after(s: &Shared, wait: Duration) {
+    let now = Instant::now();
+    {
+        let mut nb = lock(&s.not_before);
+        let deadline = now + wait;
+        if nb.is_none_or(|(_, d)| d < deadline) {
+            *nb = Some((now, deadline));
+        }
+    }
+    let mut st = lock(&s.stats);
+    st.rate_limited += 1;
+    if let Some(sec) = st.second(now.duration_since(s.started)) {
+        sec.rate_limited += 1;
+    }
+}
+
 fn refund(s: &Shared, output_tokens: u64) {
     let mut l = lock(&s.limits);
     l.output.refill(Instant::now());
     l.output.give_back(output_tokens as f64);
 }
 
-fn next_fault(s: &Shared) -> Fault {
+/// The fault for a request: a `sim-fault:<kind>` directive in its first user message (so a
+/// test can fail one event deterministically), else the script, else the rates.
+fn next_fault(s: &Shared, first_user: &str) -> Fault {
+    if let Some((_, rest)) = first_user.split_once("sim-fault:") {
+        let kind: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if let Ok(f) = Fault::parse(&kind) {
+            return f;
+        }
+    }
     if let Some(f) = lock(&s.script).pop_front() {
         return f;
     }
     let mut rng = rand::rng();
-    for (fault, rate) in &s.rates {
+    for (fault, rate) in lock(&s.rates).iter() {
         if rng.random_bool(*rate) {
             return *fault;
         }

@@ -37,6 +37,19 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
     }
 }
 
+/// Like [`wait_until`] for conditions that must await (a scrape, a stats request).
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Blocking variant of [`wait_until`] for synchronous helpers.
 pub fn wait_until_blocking<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) {
     let deadline = Instant::now() + timeout;
@@ -845,5 +858,79 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts an in-process processor whose steps are built from the config (LLM steps, sinks).
+pub async fn start_configured(
+    toml: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<Result<(), spillway::processor::ProcessorError>>,
+) {
+    let config = spillway::config::Config::from_toml(toml).expect("test config is valid");
+    let p = spillway::processor::Processor::from_config(config, shutdown)
+        .await
+        .expect("processor starts");
+    let addr = p.metrics_addr();
+    (addr, tokio::spawn(p.run()))
+}
+
+/// A provider simulator (`spillway mock-llm`) on a loopback port, stopped on drop.
+pub struct Sim {
+    pub base: String,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Sim {
+    pub async fn start(tune: impl FnOnce(&mut spillway::llm::simulator::SimulatorConfig)) -> Sim {
+        let mut config =
+            spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        tune(&mut config);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (addr, _task) = spillway::llm::simulator::serve(config, stop.clone())
+            .await
+            .expect("simulator starts");
+        Sim {
+            base: format!("http://{addr}"),
+            stop,
+        }
+    }
+
+    pub async fn stats(&self) -> spillway::llm::simulator::Stats {
+        reqwest::get(format!("{}/stats", self.base))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats body")
+    }
+
+    /// Swaps the simulator's fault rates (and clears its script) at run time.
+    pub async fn set_faults(&self, faults: &str) {
+        let status = reqwest::Client::new()
+            .post(format!("{}/control", self.base))
+            .json(&serde_json::json!({"faults": faults, "script": ""}))
+            .send()
+            .await
+            .expect("control")
+            .status();
+        assert!(status.is_success(), "control answered {status}");
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A JSON record `{"text": ..}` keyed by `key`, for LLM pipelines.
+pub fn text_rec(key: &str, text: &str) -> Rec {
+    Rec {
+        key: Some(key.to_string()),
+        value: serde_json::json!({ "text": text }).to_string().into_bytes(),
+        headers: vec![],
     }
 }
