@@ -12,139 +12,32 @@
 //! Everything runs on 127.0.0.1 and stops by itself.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
 use rdkafka::Message;
 use spillway::processor::step::{BoxFuture, EventContext, Step, StepError};
+use spillway_load_tests::{create_topic, produce_records, start_broker};
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 12;
 const STEP_LATENCY: Duration = Duration::from_millis(500);
 
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
-    let out = Command::new(script)
-        .arg("tansu")
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/tools.sh");
-    assert!(out.status.success(), "installing tansu failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn start_broker() -> (Broker, String) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    let bootstrap = format!("127.0.0.1:{port}");
-    let probe: rdkafka::producer::BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while probe
-        .client()
-        .fetch_metadata(None, Duration::from_secs(2))
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (Broker(child), bootstrap)
-}
-
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin");
-    for r in admin
-        .create_topics(
-            [&NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topics")
-    {
-        r.expect("topic created");
-    }
-}
-
 /// Produces `events` JSON records over `keys` keys, round-robin.
 async fn produce(bootstrap: &str, topic: &str, events: u64, keys: u64) -> Duration {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    let started = Instant::now();
-    let mut pending = Vec::with_capacity(4096);
-    for i in 0..events {
-        let key = format!("k{}", i % keys);
-        let value = format!(r#"{{"key":"{key}","seq":{}}}"#, i / keys);
-        let f = p
-            .send_result(FutureRecord::to(topic).key(&key).payload(&value))
-            .map_err(|(e, _)| e)
-            .expect("enqueue");
-        pending.push(f);
-        if pending.len() == 4096 {
-            for f in pending.drain(..) {
-                f.await.expect("future").expect("delivered");
-            }
-        }
-    }
-    for f in pending {
-        f.await.expect("future").expect("delivered");
-    }
-    p.flush(Timeout::After(Duration::from_secs(30)))
-        .expect("flush");
-    started.elapsed()
+    produce_records(
+        bootstrap,
+        topic,
+        (0..events).map(|i| {
+            let key = format!("k{}", i % keys);
+            let value = format!(r#"{{"key":"{key}","seq":{}}}"#, i / keys);
+            (key, value)
+        }),
+    )
+    .await
 }
 
 /// A step that sleeps a fixed time and records when the first call started and when each

@@ -32,6 +32,9 @@ pub struct TokenBucket {
     capacity: f64,
     level: f64,
     last: Instant,
+    /// Sum of corrections made from provider headers, so one foreign consumption reported by
+    /// several answers is corrected once.
+    corrected: f64,
 }
 
 impl TokenBucket {
@@ -44,6 +47,7 @@ impl TokenBucket {
             capacity,
             level: capacity,
             last: now,
+            corrected: 0.0,
         }
     }
 
@@ -72,9 +76,22 @@ impl TokenBucket {
         self.level = (self.level + n).min(self.capacity);
     }
 
-    /// Never believe in more tokens than the provider says are left.
-    fn clamp(&mut self, remaining: f64) {
-        self.level = self.level.min(remaining);
+    /// The provider had `remaining` where this bucket had `level_then` (right after the same
+    /// request was admitted on both sides): the difference is what others used (replicas
+    /// sharing the account) and is charged now, minus what was already charged since.
+    fn correct(&mut self, then: Snapshot, remaining: f64) {
+        let gap = then.level - remaining - (self.corrected - then.corrected);
+        if gap > 0.0 {
+            self.level -= gap;
+            self.corrected += gap;
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            level: self.level,
+            corrected: self.corrected,
+        }
     }
 
     /// Tokens available now (after refilling to `now`).
@@ -82,6 +99,13 @@ impl TokenBucket {
         self.refill(now);
         self.level
     }
+}
+
+/// A bucket's state right after a request took its tokens.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    level: f64,
+    corrected: f64,
 }
 
 #[derive(Debug)]
@@ -100,6 +124,9 @@ pub struct Admission {
     hold_until: Mutex<Option<Instant>>,
     /// Requests are admitted one at a time, in arrival order, so none starves.
     queue: tokio::sync::Mutex<()>,
+    /// Wakes the request at the head of the queue when a settlement gives tokens back, so it
+    /// does not sleep out a wait computed before the refund.
+    refunded: tokio::sync::Notify,
 }
 
 /// Tokens reserved for one request. Settle it with the actual usage; dropping it unsettled
@@ -109,9 +136,34 @@ pub struct Reservation<'a> {
     input: u64,
     output: u64,
     settled: bool,
+    /// Total, input and output buckets right after this request took its tokens.
+    taken: [Option<Snapshot>; 3],
 }
 
 impl Reservation<'_> {
+    /// Takes in the rate-limit headers of this request's answer. They describe the account
+    /// when the provider admitted this request; comparing them with this bucket's state at the
+    /// same moment (not now, half a latency later) finds consumption by others without
+    /// mistaking the refill since for it.
+    pub fn observe(&self, h: &RateHeaders) {
+        {
+            let mut guard = lock(&self.admission.buckets);
+            let b = &mut *guard;
+            for (bucket, then, remaining) in [
+                (b.total.as_mut(), self.taken[0], h.remaining_tokens),
+                (b.input.as_mut(), self.taken[1], h.remaining_input_tokens),
+                (b.output.as_mut(), self.taken[2], h.remaining_output_tokens),
+            ] {
+                if let (Some(bucket), Some(then), Some(remaining)) = (bucket, then, remaining) {
+                    bucket.correct(then, remaining as f64);
+                }
+            }
+        }
+        if let (Some(0), Some(interval)) = (h.remaining_requests, self.admission.request_interval) {
+            self.admission.hold(interval);
+        }
+    }
+
     /// Settles against the provider's usage: the difference is refunded (or charged when the
     /// prompt estimate was low).
     pub fn settle(mut self, input_tokens: u64, output_tokens: u64) {
@@ -164,6 +216,7 @@ impl Admission {
             }),
             hold_until: Mutex::new(None),
             queue: tokio::sync::Mutex::new(()),
+            refunded: tokio::sync::Notify::new(),
         }
     }
 
@@ -171,6 +224,7 @@ impl Admission {
     /// may be sent, and reserves its tokens.
     pub async fn acquire(&self, input: u64, output: u64) -> Reservation<'_> {
         let _turn = self.queue.lock().await;
+        let mut taken = [None; 3];
         loop {
             self.wait_for_hold().await;
             let wait = {
@@ -192,12 +246,15 @@ impl Admission {
                 if wait.is_zero() {
                     if let Some(t) = b.total.as_mut() {
                         t.take((input + output) as f64);
+                        taken[0] = Some(t.snapshot());
                     }
                     if let Some(t) = b.input.as_mut() {
                         t.take(input as f64);
+                        taken[1] = Some(t.snapshot());
                     }
                     if let Some(t) = b.output.as_mut() {
                         t.take(output as f64);
+                        taken[2] = Some(t.snapshot());
                     }
                 }
                 wait
@@ -205,13 +262,17 @@ impl Admission {
             if wait.is_zero() {
                 break;
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.refunded.notified() => {}
+            }
         }
         let reservation = Reservation {
             admission: self,
             input,
             output,
             settled: false,
+            taken,
         };
         if let Some(limiter) = &self.requests {
             while let Err(not_until) = limiter.check() {
@@ -264,28 +325,9 @@ impl Admission {
             t.refill(now);
             t.adjust(d_out);
         }
-    }
-
-    /// Takes in what the provider reported: token buckets are clamped to what it says is left,
-    /// and with no requests left the next waits one request interval.
-    pub fn observe(&self, h: &RateHeaders) {
-        {
-            let mut guard = lock(&self.buckets);
-            let b = &mut *guard;
-            let now = Instant::now();
-            for (bucket, remaining) in [
-                (b.total.as_mut(), h.remaining_tokens),
-                (b.input.as_mut(), h.remaining_input_tokens),
-                (b.output.as_mut(), h.remaining_output_tokens),
-            ] {
-                if let (Some(bucket), Some(remaining)) = (bucket, remaining) {
-                    bucket.refill(now);
-                    bucket.clamp(remaining as f64);
-                }
-            }
-        }
-        if let (Some(0), Some(interval)) = (h.remaining_requests, self.request_interval) {
-            self.hold(interval);
+        drop(b);
+        if used_in < reserved_in || used_out < reserved_out {
+            self.refunded.notify_one();
         }
     }
 
@@ -377,16 +419,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn headers_clamp_the_bucket_to_what_the_provider_has_left() {
-        let a = Admission::new(&provider());
-        a.observe(&RateHeaders {
-            remaining_output_tokens: Some(100),
-            ..RateHeaders::default()
-        });
-        assert_eq!(a.output_available().unwrap().round(), 100.0);
+    async fn a_refund_wakes_the_waiting_request_at_once() {
+        let a = std::sync::Arc::new(Admission::new(&provider()));
+        let first = a.acquire(0, 1_000).await; // the bucket is empty now
         let start = Instant::now();
-        drop(a.acquire(0, 600).await);
-        // 500 more tokens at 1,000 per second.
-        assert!(Instant::now() - start >= Duration::from_millis(499));
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { drop(a.acquire(0, 1_000).await) })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // 100 refilled + 900 refunded: the waiter goes now, not after the full second it
+        // computed before the refund.
+        first.settle(0, 100);
+        waiter.await.unwrap();
+        let waited = Instant::now() - start;
+        assert!(waited < Duration::from_millis(150), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_charge_what_others_used_once_and_ignore_the_refill_since() {
+        let a = Admission::new(&provider());
+        let r1 = a.acquire(0, 300).await; // 700 left here
+        let r2 = a.acquire(0, 300).await; // 400 left here
+                                          // The answers arrive 200 ms later. The provider had 400 left when it admitted the
+                                          // first (another replica used 300) and 100 after the second: the same 300.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let h = |left| RateHeaders {
+            remaining_output_tokens: Some(left),
+            ..RateHeaders::default()
+        };
+        r1.observe(&h(400));
+        r2.observe(&h(100));
+        r1.settle(0, 300);
+        r2.settle(0, 300);
+        // 400 - 300 charged once + 200 refilled: the refill since is not mistaken for use,
+        // and the second answer does not charge the same 300 again.
+        assert_eq!(a.output_available().unwrap().round(), 300.0);
+        // An answer that saw more than this bucket had changes nothing.
+        let r3 = a.acquire(0, 100).await;
+        r3.observe(&h(1_000));
+        r3.settle(0, 100);
+        assert_eq!(a.output_available().unwrap().round(), 200.0);
     }
 }

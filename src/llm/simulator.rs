@@ -75,6 +75,10 @@ pub struct SimulatorConfig {
     /// `retry-after` of an injected `429` fault, in milliseconds.
     #[arg(long, default_value_t = 1_000)]
     pub retry_after_ms: u64,
+    /// Bucket capacity as this many milliseconds' worth of each limit. 60000 lets a full
+    /// minute burst; providers that enforce limits over shorter periods behave like ~1000.
+    #[arg(long, default_value_t = 60_000)]
+    pub burst_ms: u64,
 }
 
 impl SimulatorConfig {
@@ -92,6 +96,7 @@ impl SimulatorConfig {
             faults: String::new(),
             script: String::new(),
             retry_after_ms: 1_000,
+            burst_ms: 60_000,
         }
     }
 }
@@ -177,19 +182,22 @@ fn parse_rates(s: &str) -> Result<Vec<(Fault, f64)>, SimulatorError> {
         .collect()
 }
 
-/// A per-minute limit as a continuously refilling bucket holding at most one minute's worth.
+/// A per-minute limit as a continuously refilling bucket holding `burst_ms` worth of it.
 #[derive(Debug)]
 struct Bucket {
     limit_per_minute: f64,
+    capacity: f64,
     available: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(limit_per_minute: u64, now: Instant) -> Self {
+    fn new(limit_per_minute: u64, burst_ms: u64, now: Instant) -> Self {
+        let capacity = (limit_per_minute as f64 * burst_ms as f64 / 60_000.0).max(1.0);
         Bucket {
             limit_per_minute: limit_per_minute as f64,
-            available: limit_per_minute as f64,
+            capacity,
+            available: capacity,
             last: now,
         }
     }
@@ -200,8 +208,7 @@ impl Bucket {
 
     fn refill(&mut self, now: Instant) {
         let dt = now.duration_since(self.last).as_secs_f64();
-        self.available =
-            (self.available + dt * self.limit_per_minute / 60.0).min(self.limit_per_minute);
+        self.available = (self.available + dt * self.limit_per_minute / 60.0).min(self.capacity);
         self.last = now;
     }
 
@@ -221,7 +228,7 @@ impl Bucket {
 
     fn give_back(&mut self, n: f64) {
         if !self.unlimited() {
-            self.available = (self.available + n).min(self.limit_per_minute);
+            self.available = (self.available + n).min(self.capacity);
         }
     }
 
@@ -235,7 +242,7 @@ impl Bucket {
             return Duration::ZERO;
         }
         Duration::from_secs_f64(
-            (self.limit_per_minute - self.available).max(0.0) * 60.0 / self.limit_per_minute,
+            (self.capacity - self.available).max(0.0) * 60.0 / self.limit_per_minute,
         )
     }
 }
@@ -337,9 +344,9 @@ pub async fn serve(
     let now = Instant::now();
     let shared = Arc::new(Shared {
         limits: Mutex::new(Limits {
-            requests: Bucket::new(config.rpm, now),
-            input: Bucket::new(config.input_tpm, now),
-            output: Bucket::new(config.output_tpm, now),
+            requests: Bucket::new(config.rpm, config.burst_ms, now),
+            input: Bucket::new(config.input_tpm, config.burst_ms, now),
+            output: Bucket::new(config.output_tpm, config.burst_ms, now),
         }),
         script: Mutex::new(parse_script(&config.script)?),
         rates: Mutex::new(parse_rates(&config.faults)?),
@@ -908,7 +915,7 @@ mod tests {
     #[test]
     fn bucket_refills_continuously_and_caps_at_a_minute() {
         let t0 = Instant::now();
-        let mut b = Bucket::new(600, t0); // 10 per second
+        let mut b = Bucket::new(600, 60_000, t0); // 10 per second
         b.take(600.0);
         assert_eq!(b.wait_for(10.0), Duration::from_secs(1));
         b.refill(t0 + Duration::from_millis(500));

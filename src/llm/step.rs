@@ -252,7 +252,7 @@ impl LlmStep {
             let span =
                 tracing::info_span!("llm_call", model = %target.model, attempt = ctx.attempt);
             let (result, headers) = account.provider.complete(&request).instrument(span).await;
-            account.admission.observe(&headers);
+            reservation.observe(&headers);
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(e) => e.code(),

@@ -1,0 +1,133 @@
+//! Shared by the load-test binaries: a tansu broker on a free loopback port, topic creation
+//! and a bulk producer.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+/// A running tansu broker, killed on drop.
+pub struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
+    let out = Command::new(script)
+        .arg("tansu")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/tools.sh");
+    assert!(out.status.success(), "installing tansu failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Starts tansu (memory storage) on a free port; returns it and its bootstrap address.
+pub fn start_broker() -> (Broker, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(tansu_bin())
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let bootstrap = format!("127.0.0.1:{port}");
+    let probe: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe
+        .client()
+        .fetch_metadata(None, Duration::from_secs(2))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Broker(child), bootstrap)
+}
+
+/// Creates `topic` with `partitions` partitions.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin");
+    for r in admin
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topics")
+    {
+        r.expect("topic created");
+    }
+}
+
+/// Produces `(key, value)` records with an idempotent producer and waits for every ack.
+pub async fn produce_records(
+    bootstrap: &str,
+    topic: &str,
+    records: impl IntoIterator<Item = (String, String)>,
+) -> Duration {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(4096);
+    for (key, value) in records {
+        let f = p
+            .send_result(FutureRecord::to(topic).key(&key).payload(&value))
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        pending.push(f);
+        if pending.len() == 4096 {
+            for f in pending.drain(..) {
+                f.await.expect("future").expect("delivered");
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("future").expect("delivered");
+    }
+    p.flush(Timeout::After(Duration::from_secs(30)))
+        .expect("flush");
+    started.elapsed()
+}
