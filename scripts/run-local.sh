@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's run command: a local broker, a demo webhook receiver, the processor with
-# config/example.toml, and a burst of demo events flowing through. Prints what /metrics
+# The README's run command: a local broker, the LLM provider simulator, a demo webhook
+# receiver, the processor with config/example.toml (LLM classification, then the webhook),
+# and a burst of demo events flowing through. Prints what /metrics
 # shows, then stops everything cleanly (SIGTERM; the processor drains and commits).
 # EVENTS (default 2000) sets the burst size. Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -20,6 +21,10 @@ trap cleanup EXIT
 echo "== building (release)"
 cargo build --release --quiet --bin spillway -p spillway --bin demo -p spillway-load-tests
 scripts/broker.sh start
+
+echo "== LLM provider simulator on 127.0.0.1:8089 (3,000 RPM, 200 ms latency)"
+target/release/spillway mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
+  --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
 
 echo "== demo webhook receiver on 127.0.0.1:8090 (the example config's sink)"
 target/release/demo sink --addr 127.0.0.1:8090 >"$RUN/sink.log" 2>&1 & pids+=($!)
@@ -44,7 +49,8 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 echo "== $done_count events finished; a few series from /metrics:"
-curl -fs http://127.0.0.1:9464/metrics | grep -E '^spillway_(events_total|consumer_lag|committed_offset_lag|inflight_events|paused_partitions|rebalances_total|offset_commits_total|step_duration_seconds_count)' | head -40
+curl -fs http://127.0.0.1:9464/metrics | grep -E '^spillway_(events_total|consumer_lag|committed_offset_lag|inflight_events|paused_partitions|offset_commits_total|step_duration_seconds_count|llm_tokens_total|llm_cost_usd_total|llm_breaker_state|event_llm_tokens_(sum|count)|event_llm_cost_usd_(sum|count))' | head -40
+echo "== the simulator saw: $(curl -fs http://127.0.0.1:8089/stats | head -c 300)"
 echo "== the receiver got: $(tail -1 "$RUN/sink.log")"
 
 echo "== SIGTERM: the processor drains, commits and leaves the group"

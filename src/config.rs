@@ -912,6 +912,14 @@ mod tests {
         let cfg = Config::from_toml(text).expect("config/example.toml must stay valid");
         assert_eq!(cfg.processor.max_in_flight, 1024);
         assert!(!cfg.steps.is_empty());
+        // Its templates and output schema compile too.
+        let steps = crate::pipeline::build(
+            &cfg,
+            &crate::telemetry::Metrics::new(),
+            &crate::processor::gate::Gate::new(),
+        )
+        .expect("example pipeline builds");
+        assert_eq!(steps.len(), cfg.steps.len());
     }
 
     #[test]

@@ -83,6 +83,11 @@ fn main() -> ExitCode {
                 }
             };
             if check {
+                // Also compiles templates and schemas and reads secrets.
+                if let Err(e) = spillway::pipeline::check(&config) {
+                    eprintln!("spillway: {e}");
+                    return ExitCode::from(2);
+                }
                 println!("configuration is valid");
                 return ExitCode::SUCCESS;
             }

@@ -35,3 +35,9 @@ pub fn build(
         .collect::<Result<Vec<_>, _>>()
         .map(Into::into)
 }
+
+/// Builds the steps once and throws them away: templates, output schemas and secrets are
+/// checked without starting anything (`spillway processor --check`).
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    build(config, &Metrics::new(), &Gate::new()).map(|_| ())
+}

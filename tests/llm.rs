@@ -525,6 +525,77 @@ async fn the_fallback_provider_is_used_while_the_primary_is_down() {
     task.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tpm_reservation_is_settled_against_actual_usage() {
+    let (broker, topic, dlq, group) = setup(2).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..60).map(|i| text_rec(&format!("k{i}"), &format!("event {i}"))),
+    )
+    .await;
+    // 60,000 output tokens per minute with a one-second bucket: 1,000 tokens. Each request
+    // reserves max_tokens = 500 and uses 20. Kept reserved, that is 2 requests per second and
+    // 30 s for 60 events; settled against usage, the bucket is back to ~1,000 after each
+    // answer and the run takes a few seconds.
+    let sim = Sim::start(|c| {
+        c.output_tpm = 60_000;
+        c.burst_ms = 1_000;
+        c.output_tokens = 20;
+        c.latency_ms = 50;
+    })
+    .await;
+    let (sink, received) = recording_sink().await;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &provider(
+            "primary",
+            "anthropic",
+            &sim,
+            "output_tokens_per_minute = 60000",
+        ),
+    )
+    .replace("max_tokens = 64", "max_tokens = 500");
+    let stop = CancellationToken::new();
+    let (addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until_async("the first answer", Duration::from_secs(60), || {
+        let s = &sim;
+        async move { s.stats().await.completed > 0 }
+    })
+    .await;
+    let started = Instant::now();
+    wait_until("every event completes", Duration::from_secs(60), || {
+        received.len() >= 60
+    })
+    .await;
+    let took = started.elapsed();
+    println!("60 events in {took:?} under a 1,000-token output bucket");
+    let s = sim.stats().await;
+    assert_eq!(s.output_tokens, 60 * 20, "usage as the provider counted it");
+    assert_eq!(
+        s.rate_limited, 0,
+        "refunds never made Spillway overrun the provider"
+    );
+    // Without settlement the same run needs 29.5 s at least; the margin is tenfold.
+    assert!(
+        took < Duration::from_secs(15),
+        "unused output was not refunded: {took:?}"
+    );
+    let m = metrics(addr).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "spillway_llm_tokens_total{kind=\"output\",model=\"mock-small\"}"
+        ),
+        Some(1_200.0)
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// The configured LLM step alone, for tests that drive it directly.
 fn llm_step(sim: &Sim, provider_extra: &str) -> Arc<dyn spillway::processor::step::Step> {
     let toml = format!(
