@@ -51,6 +51,10 @@ done
 echo "== $done_count events finished; a few series from /metrics:"
 curl -fs http://127.0.0.1:9464/metrics | grep -E '^spillway_(events_total|consumer_lag|committed_offset_lag|inflight_events|paused_partitions|offset_commits_total|step_duration_seconds_count|llm_tokens_total|llm_cost_usd_total|llm_breaker_state|event_llm_tokens_(sum|count)|event_llm_cost_usd_(sum|count))' | head -40
 echo "== the simulator saw: $(curl -fs http://127.0.0.1:8089/stats | head -c 300)"
+for _ in $(seq 1 30); do  # the receiver reports once a second
+  tail -1 "$RUN/sink.log" | grep -q "^$EVENTS posts" && break
+  sleep 0.2
+done
 echo "== the receiver got: $(tail -1 "$RUN/sink.log")"
 
 echo "== SIGTERM: the processor drains, commits and leaves the group"

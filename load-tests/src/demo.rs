@@ -58,6 +58,7 @@ async fn main() {
 struct Counts {
     posts: u64,
     ids: HashSet<String>,
+    labels: std::collections::BTreeMap<String, u64>,
 }
 
 async fn sink(addr: &str) {
@@ -74,6 +75,10 @@ async fn sink(addr: &str) {
                 if let Some(id) = body["id"].as_str() {
                     c.ids.insert(id.to_string());
                 }
+                // The LLM step's classification, when the pipeline has one.
+                if let Some(label) = body["outputs"]["classify"]["json"]["label"].as_str() {
+                    *c.labels.entry(label.to_string()).or_default() += 1;
+                }
                 "ok"
             }
         }),
@@ -86,7 +91,12 @@ async fn sink(addr: &str) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let c = c.lock().unwrap();
-            println!("{} posts, {} distinct event ids", c.posts, c.ids.len());
+            println!(
+                "{} posts, {} distinct event ids, labels {:?}",
+                c.posts,
+                c.ids.len(),
+                c.labels
+            );
         }
     });
     axum::serve(listener, app).await.expect("serve");
