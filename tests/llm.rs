@@ -596,6 +596,67 @@ async fn the_tpm_reservation_is_settled_against_actual_usage() {
     task.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_every_provider_is_down_exits_promptly_and_loses_nothing() {
+    let (broker, topic, dlq, group) = setup(2).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..10).map(|i| text_rec(&format!("k{i}"), &format!("event {i}"))),
+    )
+    .await;
+    let sim = Sim::start(|c| c.faults = "500=1.0".into()).await;
+    let (sink, received) = recording_sink().await;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &format!(
+            "{}[llm.breaker]\nfailure_threshold = 3\nopen_ms = 60000\n[processor]\nshutdown_timeout_ms = 20000\ncommit_interval_ms = 100\n",
+            provider("primary", "openai", &sim, "")
+        ),
+    );
+    let stop = CancellationToken::new();
+    let (addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until_async(
+        "the breaker opens and intake pauses",
+        Duration::from_secs(60),
+        || async move {
+            let m = metrics(addr).await;
+            metric_value(&m, "spillway_llm_breaker_state{provider=\"primary\"}") == Some(2.0)
+                && metric_value(&m, "spillway_paused_partitions") == Some(2.0)
+        },
+    )
+    .await;
+    // Every event is waiting for the provider. SIGTERM must not sit out the 20 s drain
+    // deadline for work that cannot progress, and must not commit it either.
+    let started = Instant::now();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let took = started.elapsed();
+    println!("shutdown with the breaker open took {took:?}");
+    assert!(took < Duration::from_secs(10), "shutdown waited {took:?}");
+    let c = committed(&broker.bootstrap(), &group, &topic, 2);
+    assert!(
+        c.values().all(|o| *o == 0),
+        "nothing finished, so nothing may be committed: {c:?}"
+    );
+    // The provider recovers; the next instance of the group delivers every event once.
+    sim.set_faults("").await;
+    let stop = CancellationToken::new();
+    let (_addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until(
+        "every event is delivered after the restart",
+        Duration::from_secs(60),
+        || received.len() >= 10,
+    )
+    .await;
+    assert_eq!(duplicates(&received), 0);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// The configured LLM step alone, for tests that drive it directly.
 fn llm_step(sim: &Sim, provider_extra: &str) -> Arc<dyn spillway::processor::step::Step> {
     let toml = format!(

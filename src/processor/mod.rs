@@ -135,6 +135,7 @@ impl Processor {
             retry: config.processor.retry.clone(),
             dlq,
             metrics: metrics.clone(),
+            drain: CancellationToken::new(),
         });
         let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;

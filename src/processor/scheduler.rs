@@ -504,8 +504,8 @@ impl Scheduler {
             return; // Finished after its partition was released: not ours to commit.
         };
         state.running -= 1;
-        if outcome.is_none() {
-            return; // Cancelled or panicked: unfinished.
+        if !outcome.is_some_and(Outcome::is_finished) {
+            return; // Cancelled, panicked or abandoned: unfinished.
         }
         if !state.tracker.finish(run.offset) {
             tracing::error!(
@@ -733,6 +733,8 @@ impl Scheduler {
         );
         self.draining = true;
         self.health.set_ready(false);
+        // Records waiting for a dependency (an open breaker) give up now, unfinished.
+        self.worker.drain.cancel();
         let all: Vec<Partition> = self
             .partitions
             .iter()
@@ -777,6 +779,8 @@ impl Scheduler {
     async fn shutdown(mut self, mut rx: mpsc::Receiver<Input>, stop: Arc<AtomicBool>) {
         self.draining = true;
         self.health.set_ready(false);
+        // Records waiting for a dependency (an open breaker) give up now, unfinished.
+        self.worker.drain.cancel();
         self.tasks.shutdown().await;
         if let Some(pending) = self.pending_revoke.take() {
             self.release(pending);

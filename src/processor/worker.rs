@@ -10,6 +10,7 @@ use std::time::Instant;
 use futures_util::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
 use serde_json::Map;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::dlq::{DlqWriter, Failure};
@@ -28,6 +29,9 @@ pub enum Outcome {
     DeadLettered,
     /// A step (or the codec) said there is nothing to do.
     Skipped,
+    /// Not finished: it was waiting for a step's dependency when shutdown began. Its offset is
+    /// not committed, so it is delivered again.
+    Abandoned,
 }
 
 impl Outcome {
@@ -37,7 +41,13 @@ impl Outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Skipped => "skipped",
+            Outcome::Abandoned => "abandoned",
         }
+    }
+
+    /// Whether the record is done and its offset may be committed.
+    pub fn is_finished(self) -> bool {
+        self != Outcome::Abandoned
     }
 }
 
@@ -48,6 +58,9 @@ pub struct Worker {
     pub(crate) retry: RetryConfig,
     pub(crate) dlq: DlqWriter,
     pub(crate) metrics: Arc<Metrics>,
+    /// Cancelled when shutdown begins: records waiting for a dependency give up (unfinished)
+    /// instead of holding the drain until its deadline.
+    pub(crate) drain: CancellationToken,
 }
 
 /// Failure bookkeeping across the attempts of one stage.
@@ -95,6 +108,9 @@ impl Worker {
             event_id = tracing::field::Empty,
         );
         let outcome = self.process_inner(record.clone()).instrument(span).await;
+        if !outcome.is_finished() {
+            return outcome;
+        }
         self.metrics
             .events
             .with_label_values(&[record.topic(), outcome.as_str()])
@@ -134,8 +150,13 @@ impl Worker {
             let mut attempts = Attempts::new();
             let mut attempt = 0u32;
             loop {
-                // A step whose dependency is down (an open breaker) holds the event here.
-                step.ready().await;
+                // A step whose dependency is down (an open breaker) holds the event here,
+                // unless shutdown begins: then it is left unfinished and redelivered later.
+                tokio::select! {
+                    biased;
+                    _ = step.ready() => {}
+                    _ = self.drain.cancelled() => return Outcome::Abandoned,
+                }
                 attempt += 1;
                 ctx.attempt = attempt;
                 let started = Instant::now();
@@ -188,7 +209,11 @@ impl Worker {
                             "step deferred; waiting for its dependency"
                         );
                         match after {
-                            Some(after) => tokio::time::sleep(after).await,
+                            Some(after) => tokio::select! {
+                                biased;
+                                _ = tokio::time::sleep(after) => {}
+                                _ = self.drain.cancelled() => return Outcome::Abandoned,
+                            },
                             None => tokio::task::yield_now().await,
                         }
                     }
