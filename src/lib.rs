@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod ingress;
 pub mod kafka;
 pub mod llm;
 pub mod pipeline;
