@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use apache_avro::types::Value as AvroValue;
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -67,6 +70,9 @@ pub enum CodecError {
     /// The registry could not be reached or failed transiently.
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
+    /// The registry refused to register or resolve the envelope schema for encoding.
+    #[error("schema registry refused the envelope schema: {0}")]
+    EncodeRejected(String),
     /// The Avro binary does not match its schema.
     #[error("Avro value does not match schema id {id}: {message}")]
     AvroInvalid { id: u32, message: String },
@@ -84,6 +90,7 @@ impl CodecError {
             CodecError::UnknownSchemaId(_) => "unknown_schema_id",
             CodecError::RegistryRejected { .. } => "schema_registry_rejected",
             CodecError::RegistryUnavailable(_) => "schema_registry_unavailable",
+            CodecError::EncodeRejected(_) => "schema_registry_encode_rejected",
             CodecError::AvroInvalid { .. } => "avro_invalid",
         }
     }
@@ -165,6 +172,91 @@ impl Codec {
                 id,
                 message: e.error,
             })
+    }
+}
+
+/// The Avro envelope, `schemas/event.avsc`.
+pub const ENVELOPE_SCHEMA: &str = include_str!("../schemas/event.avsc");
+
+/// One event as ingress writes it: the envelope's attributes and the sender's exact JSON.
+#[derive(Debug, Clone)]
+pub struct Envelope<'a> {
+    /// Source-namespaced delivery id (also the record key and `ce_id`).
+    pub id: &'a str,
+    /// E.g. `/webhooks/github`.
+    pub source: &'a str,
+    /// Event type.
+    pub event_type: &'a str,
+    /// RFC 3339 occurrence time, if the sender gave one.
+    pub time: Option<&'a str>,
+    /// Optional subject within the source.
+    pub subject: Option<&'a str>,
+    /// When ingress received the request, in unix milliseconds.
+    pub received_at_ms: Option<i64>,
+    /// The payload, as the sender's exact JSON text.
+    pub data: &'a str,
+}
+
+/// Encodes [`Envelope`]s as Confluent-framed Avro, registering `schemas/event.avsc` under
+/// `<topic>-value` (TopicNameStrategy). The schema id is cached per topic after the first
+/// success, so a registry outage only fails encodes for topics never encoded before.
+pub struct EnvelopeEncoder {
+    encoder: AvroEncoder,
+}
+
+impl EnvelopeEncoder {
+    /// An encoder against the registry at `url`.
+    pub fn new(url: &str, timeout: Duration) -> Result<EnvelopeEncoder, CodecError> {
+        let settings = SrSettings::new_builder(url.to_string())
+            .set_timeout(timeout)
+            .build()
+            .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
+        Ok(EnvelopeEncoder {
+            encoder: AvroEncoder::new(settings),
+        })
+    }
+
+    /// Encodes one event for `topic`.
+    pub async fn encode(&self, topic: &str, e: &Envelope<'_>) -> Result<Vec<u8>, CodecError> {
+        let opt = |v: Option<&str>| match v {
+            Some(s) => AvroValue::Union(1, Box::new(AvroValue::String(s.to_string()))),
+            None => AvroValue::Union(0, Box::new(AvroValue::Null)),
+        };
+        let received = match e.received_at_ms {
+            Some(ms) => AvroValue::Union(1, Box::new(AvroValue::TimestampMillis(ms))),
+            None => AvroValue::Union(0, Box::new(AvroValue::Null)),
+        };
+        let fields = vec![
+            ("specversion", AvroValue::String("1.0".into())),
+            ("id", AvroValue::String(e.id.to_string())),
+            ("source", AvroValue::String(e.source.to_string())),
+            ("type", AvroValue::String(e.event_type.to_string())),
+            ("time", opt(e.time)),
+            ("subject", opt(e.subject)),
+            (
+                "datacontenttype",
+                AvroValue::String("application/json".into()),
+            ),
+            ("received_at", received),
+            ("data", AvroValue::String(e.data.to_string())),
+        ];
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            topic.to_string(),
+            false,
+            SuppliedSchema::new(
+                Some("io.spillway.Event".into()),
+                SchemaType::Avro,
+                ENVELOPE_SCHEMA.to_string(),
+            ),
+        );
+        self.encoder.encode(fields, strategy).await.map_err(|e| {
+            let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
+            if !e.retriable && text.contains("status 4") {
+                CodecError::EncodeRejected(e.error)
+            } else {
+                CodecError::RegistryUnavailable(e.error)
+            }
+        })
     }
 }
 

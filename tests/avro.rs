@@ -122,3 +122,66 @@ async fn confluent_avro_envelope_decodes_and_bad_frames_go_to_the_dlq() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_envelope_is_confluent_framed_and_survives_a_registry_outage_when_warm() {
+    use spillway::codec::{Codec, Envelope, EnvelopeEncoder};
+    let registry = Registry::start();
+    let url = registry.url();
+    let topic = unique("enc");
+    let encoder = EnvelopeEncoder::new(&url, Duration::from_secs(2)).unwrap();
+    let envelope = Envelope {
+        id: "github:72d3162e",
+        source: "/webhooks/github",
+        event_type: "com.github.issue_comment",
+        time: Some("2026-11-22T10:00:00Z"),
+        subject: None,
+        received_at_ms: Some(1_763_805_600_000),
+        data: r#"{"comment": {"body": "nice post"}}"#,
+    };
+    let bytes = encoder.encode(&topic, &envelope).await.expect("encodes");
+    // Confluent wire format: magic 0, the big-endian schema id the registry gave
+    // `<topic>-value`, then Avro binary.
+    assert_eq!(bytes[0], 0);
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let latest: serde_json::Value =
+        reqwest::get(format!("{url}/subjects/{topic}-value/versions/latest"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(latest["id"].as_u64(), Some(u64::from(id)), "{latest}");
+    // The processor's codec reads it back with the registry's schema.
+    let codec = Codec::new(&spillway::config::CodecConfig {
+        format: spillway::config::CodecFormat::Avro,
+        schema_registry_url: Some(url.clone()),
+        schema_registry_timeout_ms: 2_000,
+    })
+    .unwrap();
+    let record = rdkafka::message::OwnedMessage::new(
+        Some(bytes.clone()),
+        Some(b"github:72d3162e".to_vec()),
+        topic.clone(),
+        rdkafka::message::Timestamp::NotAvailable,
+        0,
+        0,
+        None,
+    );
+    let event = codec.decode(&record).await.expect("decodes");
+    assert_eq!(event.id, "github:72d3162e");
+    assert_eq!(event.event_type, "com.github.issue_comment");
+    assert_eq!(event.time.as_deref(), Some("2026-11-22T10:00:00Z"));
+    assert_eq!(event.data["comment"]["body"], "nice post");
+
+    // The registry goes down. A topic encoded before still encodes (the id is cached); one
+    // never encoded cannot, and the error is transient (ingress answers 503).
+    drop(registry);
+    let again = encoder.encode(&topic, &envelope).await.expect("warm cache");
+    assert_eq!(again[1..5], bytes[1..5]);
+    let err = encoder
+        .encode(&unique("cold"), &envelope)
+        .await
+        .expect_err("cold cache without a registry");
+    assert!(err.is_transient(), "{err}");
+}
