@@ -657,6 +657,48 @@ async fn sigterm_while_every_provider_is_down_exits_promptly_and_loses_nothing()
     task.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_takes_over_while_the_primary_is_under_a_retry_after_hold() {
+    let (broker, topic, dlq, group) = setup(1).await;
+    // One key: the events go one after another.
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..10).map(|i| text_rec("one-key", &format!("event {i}"))),
+    )
+    .await;
+    let primary = Sim::start(|c| {
+        c.script = "429".into();
+        c.retry_after_ms = 30_000;
+    })
+    .await;
+    let backup = Sim::start(|_| {}).await;
+    let (sink, received) = recording_sink().await;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        r#"fallback = [{ provider = "backup", model = "mock-large" }]"#,
+        &format!(
+            "{}{}",
+            provider("primary", "openai", &primary, ""),
+            provider("backup", "openai", &backup, "")
+        ),
+    );
+    let stop = CancellationToken::new();
+    let (_addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until("every event completes", Duration::from_secs(25), || {
+        received.len() >= 10
+    })
+    .await;
+    // The first event's 429 held the primary for 30 s; it and every later event went to the
+    // backup at once instead of waiting out the hold.
+    assert_eq!(primary.stats().await.received, 1);
+    assert_eq!(backup.stats().await.completed, 10);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// The configured LLM step alone, for tests that drive it directly.
 fn llm_step(sim: &Sim, provider_extra: &str) -> Arc<dyn spillway::processor::step::Step> {
     let toml = format!(

@@ -220,6 +220,16 @@ impl LlmStep {
         let m = &self.metrics.llm;
         for (i, target) in self.chain.iter().enumerate() {
             let account = &target.account;
+            // A provider under a Retry-After hold is skipped while a later one can take the
+            // request now; otherwise its admission waits out the hold.
+            let later_ready = || {
+                self.chain[i + 1..].iter().any(|t| {
+                    t.account.breaker.available() && t.account.admission.held_until().is_none()
+                })
+            };
+            if account.admission.held_until().is_some() && later_ready() {
+                continue;
+            }
             let Some(permit) = account.breaker.try_acquire() else {
                 continue;
             };
