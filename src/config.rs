@@ -18,6 +18,8 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
+pub mod ingress;
+
 /// Configuration errors. Each message names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -452,6 +454,34 @@ impl PropertyValue {
 /// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
 const ENV_SECTIONS: &[&str] = &["kafka", "processor", "dlq", "codec", "telemetry", "llm"];
 
+/// `SPILLWAY_<SECTION>__<KEY>` overrides for the given sections. Only `SECTION__KEY`
+/// variables are overrides; other SPILLWAY_* variables (SPILLWAY_CONFIG, tooling) are not
+/// configuration keys.
+fn env_overrides(sections: &'static [&'static str]) -> Env {
+    Env::prefixed("SPILLWAY_")
+        .filter(move |k| {
+            let k = k.as_str().to_ascii_lowercase();
+            sections.iter().any(|s| k.starts_with(&format!("{s}__")))
+        })
+        .split("__")
+}
+
+/// Rejects pass-through properties that Spillway manages itself.
+fn check_properties(
+    section: &str,
+    properties: &BTreeMap<String, PropertyValue>,
+) -> Result<(), ConfigError> {
+    for key in properties.keys() {
+        if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{section}.properties.\"{key}\""),
+                "is managed by Spillway and cannot be overridden",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// librdkafka properties Spillway sets itself; passing them through would break guarantees.
 pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
@@ -461,6 +491,8 @@ pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "auto.commit.interval.ms",
     "enable.idempotence",
     "enable.partition.eof",
+    "acks",
+    "message.timeout.ms",
 ];
 
 fn default_session_timeout_ms() -> u64 {
@@ -629,18 +661,9 @@ impl Config {
     /// Loads `path` (TOML) with `SPILLWAY_*` environment overrides and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::from_figment(
-            Figment::new().merge(Toml::file_exact(path)).merge(
-                Env::prefixed("SPILLWAY_")
-                    // Only `SECTION__KEY` variables are overrides; other SPILLWAY_*
-                    // variables (SPILLWAY_CONFIG, tooling) are not configuration keys.
-                    .filter(|k| {
-                        let k = k.as_str().to_ascii_lowercase();
-                        ENV_SECTIONS
-                            .iter()
-                            .any(|s| k.starts_with(&format!("{s}__")))
-                    })
-                    .split("__"),
-            ),
+            Figment::new()
+                .merge(Toml::file_exact(path))
+                .merge(env_overrides(ENV_SECTIONS)),
         )
     }
 
@@ -684,14 +707,7 @@ impl Config {
                 "must be `earliest` or `latest`",
             ));
         }
-        for key in k.properties.keys() {
-            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
-                return Err(ConfigError::invalid(
-                    format!("kafka.properties.\"{key}\""),
-                    "is managed by Spillway and cannot be overridden",
-                ));
-            }
-        }
+        check_properties("kafka", &k.properties)?;
         let p = &self.processor;
         if p.max_in_flight == 0 {
             return Err(ConfigError::invalid(

@@ -9,16 +9,28 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{ConfigError, KafkaConfig, ProcessorConfig};
+use std::collections::BTreeMap;
+
+use crate::config::ingress::ProducerConfig;
+use crate::config::{ConfigError, KafkaConfig, ProcessorConfig, PropertyValue};
 
 /// Properties common to every client: brokers plus the pass-through properties, with
 /// secrets resolved from the environment or files.
 pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    client_config(&k.brokers, &k.properties)
+}
+
+/// Properties common to every client, from the brokers and the pass-through `properties`
+/// (the `kafka.properties` table of either service's config).
+pub fn client_config(
+    brokers: &str,
+    properties: &BTreeMap<String, PropertyValue>,
+) -> Result<ClientConfig, ConfigError> {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers);
+    c.set("bootstrap.servers", brokers);
     // Warnings and errors only: commit failures (COMMITFAIL) and broker trouble are warnings.
     c.set("log_level", "4");
-    for (key, value) in &k.properties {
+    for (key, value) in properties {
         c.set(key, value.resolve(&format!("kafka.properties.\"{key}\""))?);
     }
     Ok(c)
@@ -62,6 +74,17 @@ pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     Ok(c)
 }
 
+/// The ingress producer: idempotent, `acks=all`, every delivery report within
+/// `message_timeout_ms`, batching for at most `linger_ms` (it adds to each response).
+pub fn ingress_producer_config(k: &ProducerConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = client_config(&k.brokers, &k.properties)?;
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", k.message_timeout_ms.to_string())
+        .set("linger.ms", k.linger_ms.to_string());
+    Ok(c)
+}
+
 /// Creates `topics` with `partitions` partitions where missing. Existing topics are left alone.
 pub async fn ensure_topics(
     k: &KafkaConfig,
@@ -69,6 +92,15 @@ pub async fn ensure_topics(
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    create_missing_topics(&config, topics, partitions).await
+}
+
+/// Like [`ensure_topics`], with an explicit client configuration.
+pub async fn create_missing_topics(
+    config: &ClientConfig,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()

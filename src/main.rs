@@ -33,6 +33,20 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Receive signed webhooks and produce them to Kafka (2xx only after the Kafka ack).
+    Ingress {
+        /// Path of the TOML configuration (SPILLWAY_* environment variables override it).
+        #[arg(
+            short,
+            long,
+            env = "SPILLWAY_INGRESS_CONFIG",
+            default_value = "config/ingress.toml"
+        )]
+        config: PathBuf,
+        /// Validate the configuration (sources, secrets, schemas, TLS files) and exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the LLM provider simulator (OpenAI and Anthropic APIs, RPM/TPM limits, faults).
     MockLlm(spillway::llm::simulator::SimulatorConfig),
 }
@@ -73,6 +87,39 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Ingress { config, check } => {
+            let config = match spillway::config::ingress::IngressConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spillway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(e) = spillway::ingress::check(&config) {
+                eprintln!("spillway: {e}");
+                return ExitCode::from(2);
+            }
+            if check {
+                println!("configuration is valid");
+                return ExitCode::SUCCESS;
+            }
+            spillway::telemetry::init_logging(config.telemetry.log_format);
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let result = runtime.block_on(async {
+                let shutdown = spillway::shutdown::on_signal();
+                spillway::ingress::run(config, shutdown).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "ingress failed");
+                    eprintln!("spillway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Processor { config, check } => {
             let config = match spillway::config::Config::load(&config) {

@@ -1,0 +1,627 @@
+//! Configuration of the ingress service (`spillway ingress --config F`).
+//!
+//! A separate top-level type from the processor's [`super::Config`]: ingress has no consumer
+//! group, topics to consume or DLQ, and the processor has no listener, sources or secrets.
+//! The same conventions hold: typed TOML, `deny_unknown_fields`, a documented default from a
+//! named function for every optional key, `SPILLWAY_<SECTION>__<KEY>` environment overrides,
+//! and a [`IngressConfig::validate`] that names the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+use super::{check_properties, env_overrides, ConfigError, PropertyValue, TelemetryConfig};
+use crate::ingress::limit::Rate;
+
+/// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
+const INGRESS_ENV_SECTIONS: &[&str] = &["server", "kafka", "registry", "replay", "telemetry"];
+
+/// The whole ingress configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// The HTTPS listener, its timeouts and connection limits.
+    pub server: ServerConfig,
+    /// The Kafka cluster events are produced to.
+    pub kafka: ProducerConfig,
+    /// The Confluent-compatible schema registry the Avro envelope is registered with.
+    pub registry: RegistryConfig,
+    /// The cache of delivery ids that turns replays into no-ops.
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    /// Metrics, health endpoints and logs (a separate, internal listener).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Webhook sources by name; each is served at `/webhooks/<name>`.
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// The webhook listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// TLS certificate chain and key (PEM). Required unless `plaintext = true`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP. Only for local development or behind a TLS-terminating proxy; it
+    /// must be asked for explicitly.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// A connection must deliver a complete request head within this time, in milliseconds,
+    /// counted from when the server starts waiting for it (so idle keep-alive connections
+    /// are closed after it too). Cuts off slowloris clients. Also bounds the TLS handshake.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// The whole body must arrive within this time, in milliseconds, or the request gets
+    /// 408 and the connection is closed.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// Open connections beyond this are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Cheap per-client-IP limit applied before any signature work, e.g. `100/s`. Unset: no
+    /// per-IP limit (behind a load balancer every request may share one IP).
+    #[serde(default)]
+    pub ip_rate: Option<String>,
+    /// `Retry-After` seconds on a 503 (Kafka or the schema registry could not take the event).
+    #[serde(default = "default_unavailable_retry_after_secs")]
+    pub unavailable_retry_after_secs: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish, in milliseconds. Requests
+    /// already producing always get their delivery report first.
+    #[serde(default = "default_ingress_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// PEM files for the listener's TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// The Kafka cluster ingress produces to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerConfig {
+    /// Bootstrap servers, comma separated (`bootstrap.servers`).
+    pub brokers: String,
+    /// Upper bound on a produce, from the send to the delivery report, in milliseconds
+    /// (`message.timeout.ms`). Past it the request gets 503 and the sender retries; keep it
+    /// below the senders' own timeouts (GitHub waits 10 s).
+    #[serde(default = "default_ingress_message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Time librdkafka waits to batch records, in milliseconds (`linger.ms`). It adds
+    /// directly to every response's latency.
+    #[serde(default = "default_ingress_linger_ms")]
+    pub linger_ms: u64,
+    /// Create the sources' topics at start-up with this many partitions where missing.
+    /// Meant for development; leave unset against managed clusters.
+    #[serde(default)]
+    pub create_topics_partitions: Option<i32>,
+    /// Any other librdkafka property, passed through (SASL/SSL and so on). Values may be
+    /// literals or `{ env = "VAR" }` / `{ file = "/path" }`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// Schema registry access.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Confluent-compatible schema registry URL.
+    pub url: String,
+    /// Timeout of one registry request, in milliseconds.
+    #[serde(default = "default_ingress_registry_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The replay cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// How long an accepted delivery id is remembered, in seconds. Must be at least twice
+    /// the largest timestamp tolerance, so a replay inside the signature window always hits.
+    #[serde(default = "default_replay_ttl_secs")]
+    pub ttl_secs: u64,
+    /// Most ids remembered at once (least recently used are evicted first).
+    #[serde(default = "default_replay_max_ids")]
+    pub max_ids: u64,
+}
+
+/// Signature schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemeName {
+    /// Standard Webhooks 1.0 (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+    StandardWebhooks,
+    /// GitHub (`X-Hub-Signature-256`, `X-GitHub-Delivery`).
+    Github,
+    /// Stripe (`Stripe-Signature`).
+    Stripe,
+    /// Slack (`X-Slack-Signature`, `X-Slack-Request-Timestamp`).
+    Slack,
+    /// HMAC-SHA256 of the raw body in a configurable header.
+    Hmac,
+}
+
+/// Encodings of a generic HMAC signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    /// Hex.
+    Hex,
+    /// Standard base64.
+    Base64,
+}
+
+/// Where a value comes from in a request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FieldRef {
+    /// A request header.
+    Header {
+        /// Header name.
+        header: String,
+    },
+    /// A JSON Pointer into the body, e.g. `/id` or `/event/event_id`.
+    Json {
+        /// JSON Pointer (RFC 6901).
+        json: String,
+    },
+    /// A fixed value.
+    Fixed(String),
+}
+
+/// One webhook source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Signature scheme.
+    pub scheme: SchemeName,
+    /// Signing secrets; any one may match, so a new secret can be added before the old one
+    /// is removed. Literals or `{ env = "VAR" }` / `{ file = "/path" }`.
+    pub secrets: Vec<PropertyValue>,
+    /// `hmac` only: the header carrying the signature.
+    #[serde(default)]
+    pub signature_header: Option<String>,
+    /// `hmac` only: prefix before the encoded signature, e.g. `sha256=`.
+    #[serde(default)]
+    pub signature_prefix: Option<String>,
+    /// `hmac` only: `hex` (default) or `base64`.
+    #[serde(default)]
+    pub signature_encoding: Option<SignatureEncoding>,
+    /// Allowed distance between a signed timestamp and now, both ways, in seconds.
+    #[serde(default = "default_tolerance_secs")]
+    pub tolerance_secs: u64,
+    /// Largest accepted body, in bytes; larger bodies get 413 however they are framed.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Requests per period for this source after authentication, e.g. `10/min`; over it
+    /// gets 429 with `Retry-After`. Unset: unlimited.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// Where the sender's delivery id is: a header or a JSON Pointer. Defaults per scheme:
+    /// `webhook-id` (Standard Webhooks), `X-GitHub-Delivery` (GitHub), `/id` (Stripe),
+    /// `/event_id` (Slack). Required for `hmac`.
+    #[serde(default)]
+    pub delivery_id: Option<FieldRef>,
+    /// The event type (`ce_type`): a fixed string, a header or a JSON Pointer.
+    pub event_type: FieldRef,
+    /// Optional subject (a header or a JSON Pointer), e.g. the repository.
+    #[serde(default)]
+    pub subject: Option<FieldRef>,
+    /// Optional occurrence time (RFC 3339 text; a header or a JSON Pointer).
+    #[serde(default)]
+    pub time: Option<FieldRef>,
+    /// Topic the events are produced to.
+    pub topic: String,
+    /// Optional JSON Schema file every body must satisfy (else 400 naming the paths).
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+}
+
+fn default_header_read_timeout_ms() -> u64 {
+    5_000
+}
+fn default_body_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_unavailable_retry_after_secs() -> u64 {
+    5
+}
+fn default_ingress_shutdown_timeout_ms() -> u64 {
+    20_000
+}
+fn default_ingress_message_timeout_ms() -> u64 {
+    5_000
+}
+fn default_ingress_linger_ms() -> u64 {
+    1
+}
+fn default_ingress_registry_timeout_ms() -> u64 {
+    2_000
+}
+fn default_replay_ttl_secs() -> u64 {
+    900
+}
+fn default_replay_max_ids() -> u64 {
+    1_000_000
+}
+fn default_tolerance_secs() -> u64 {
+    300
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            ttl_secs: default_replay_ttl_secs(),
+            max_ids: default_replay_max_ids(),
+        }
+    }
+}
+
+impl IngressConfig {
+    /// Loads `path` (TOML) with `SPILLWAY_*` environment overrides and validates the result.
+    pub fn load(path: &Path) -> Result<IngressConfig, ConfigError> {
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::file_exact(path))
+                .merge(env_overrides(INGRESS_ENV_SECTIONS)),
+        )
+    }
+
+    /// Parses a TOML string (no environment overrides) and validates it.
+    pub fn from_toml(toml: &str) -> Result<IngressConfig, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<IngressConfig, ConfigError> {
+        let config: IngressConfig = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field rules. Fails on the first broken rule, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        match (&s.tls, s.plaintext) {
+            (None, false) => {
+                return Err(ConfigError::invalid(
+                    "server.tls",
+                    "is required (set cert_file and key_file), or set server.plaintext = true \
+                     to serve plain HTTP for local development",
+                ))
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::invalid(
+                    "server.plaintext",
+                    "cannot be combined with server.tls",
+                ))
+            }
+            _ => {}
+        }
+        for (key, v) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+            (
+                "server.unavailable_retry_after_secs",
+                s.unavailable_retry_after_secs,
+            ),
+            ("kafka.message_timeout_ms", self.kafka.message_timeout_ms),
+            ("registry.timeout_ms", self.registry.timeout_ms),
+            ("replay.max_ids", self.replay.max_ids),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if let Some(r) = &s.ip_rate {
+            Rate::parse(r).map_err(|e| ConfigError::invalid("server.ip_rate", e))?;
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if let Some(p) = self.kafka.create_topics_partitions {
+            if p < 1 {
+                return Err(ConfigError::invalid(
+                    "kafka.create_topics_partitions",
+                    "must be at least 1",
+                ));
+            }
+        }
+        check_properties("kafka", &self.kafka.properties)?;
+        if self.kafka.properties.contains_key("linger.ms") {
+            return Err(ConfigError::invalid(
+                "kafka.properties.\"linger.ms\"",
+                "use kafka.linger_ms",
+            ));
+        }
+        let url = reqwest::Url::parse(&self.registry.url)
+            .map_err(|e| ConfigError::invalid("registry.url", e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid(
+                "registry.url",
+                "must be an http(s) URL",
+            ));
+        }
+        if self.sources.is_empty() {
+            return Err(ConfigError::invalid(
+                "sources",
+                "must define at least one source",
+            ));
+        }
+        let mut max_tolerance = 0;
+        for (name, src) in &self.sources {
+            validate_source(name, src)?;
+            max_tolerance = max_tolerance.max(src.tolerance_secs);
+        }
+        if self.replay.ttl_secs < 2 * max_tolerance {
+            return Err(ConfigError::invalid(
+                "replay.ttl_secs",
+                format!(
+                    "must be at least twice the largest sources.*.tolerance_secs ({} s), so a \
+                     replay inside the signature window is always caught",
+                    2 * max_tolerance
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_source(name: &str, src: &SourceConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("sources.{name}.{k}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::invalid(
+            format!("sources.{name}"),
+            "source names may only use a-z, 0-9, `-` and `_` (they are URL paths and metric labels)",
+        ));
+    }
+    if src.secrets.is_empty() {
+        return Err(ConfigError::invalid(
+            key("secrets"),
+            "must list at least one secret",
+        ));
+    }
+    let hmac_only = [
+        ("signature_header", src.signature_header.is_some()),
+        ("signature_prefix", src.signature_prefix.is_some()),
+        ("signature_encoding", src.signature_encoding.is_some()),
+    ];
+    if src.scheme == SchemeName::Hmac {
+        if src
+            .signature_header
+            .as_deref()
+            .is_none_or(|h| h.trim().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                key("signature_header"),
+                "is required for scheme = \"hmac\"",
+            ));
+        }
+        if src.delivery_id.is_none() {
+            return Err(ConfigError::invalid(
+                key("delivery_id"),
+                "is required for scheme = \"hmac\": name the header or JSON Pointer that \
+                 carries the sender's delivery id",
+            ));
+        }
+    } else if let Some((k, _)) = hmac_only.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::invalid(
+            key(k),
+            "only applies to scheme = \"hmac\"",
+        ));
+    }
+    if src.tolerance_secs == 0 {
+        return Err(ConfigError::invalid(
+            key("tolerance_secs"),
+            "must be greater than 0",
+        ));
+    }
+    if src.max_body_bytes == 0 {
+        return Err(ConfigError::invalid(
+            key("max_body_bytes"),
+            "must be greater than 0",
+        ));
+    }
+    if let Some(r) = &src.rate {
+        Rate::parse(r).map_err(|e| ConfigError::invalid(key("rate"), e))?;
+    }
+    if src.topic.trim().is_empty() {
+        return Err(ConfigError::invalid(key("topic"), "must not be empty"));
+    }
+    let fields = [
+        ("delivery_id", src.delivery_id.as_ref()),
+        ("event_type", Some(&src.event_type)),
+        ("subject", src.subject.as_ref()),
+        ("time", src.time.as_ref()),
+    ];
+    for (k, field) in fields {
+        match field {
+            Some(FieldRef::Json { json }) if !json.starts_with('/') => {
+                return Err(ConfigError::invalid(
+                    key(k),
+                    format!("`{json}` is not a JSON Pointer (it must start with `/`)"),
+                ))
+            }
+            Some(FieldRef::Header { header }) if header.trim().is_empty() => {
+                return Err(ConfigError::invalid(key(k), "header must not be empty"))
+            }
+            Some(FieldRef::Fixed(v)) if v.trim().is_empty() => {
+                return Err(ConfigError::invalid(key(k), "must not be empty"))
+            }
+            Some(FieldRef::Fixed(_)) if k == "delivery_id" => {
+                return Err(ConfigError::invalid(
+                    key(k),
+                    "must be { header = \"..\" } or { json = \"/..\" }: a fixed id would make \
+                     every event a replay of the first",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = "127.0.0.1:8443"
+        plaintext = true
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        [registry]
+        url = "http://127.0.0.1:8081"
+        [sources.github]
+        scheme = "github"
+        secrets = ["s3cret"]
+        event_type = { header = "x-github-event" }
+        topic = "events"
+    "#;
+
+    fn with(extra_source: &str) -> Result<IngressConfig, ConfigError> {
+        IngressConfig::from_toml(&format!("{MINIMAL}\n{extra_source}"))
+    }
+
+    #[test]
+    fn example_ingress_config_parses_and_validates() {
+        let text = include_str!("../../config/ingress.toml");
+        let cfg = IngressConfig::from_toml(text).expect("config/ingress.toml must stay valid");
+        assert!(cfg.sources.len() >= 4);
+    }
+
+    #[test]
+    fn minimal_ingress_config_gets_documented_defaults() {
+        let cfg = with("").unwrap();
+        assert_eq!(cfg.server.header_read_timeout_ms, 5_000);
+        assert_eq!(cfg.server.body_timeout_ms, 10_000);
+        assert_eq!(cfg.kafka.message_timeout_ms, 5_000);
+        assert_eq!(cfg.replay.ttl_secs, 900);
+        let gh = &cfg.sources["github"];
+        assert_eq!(gh.tolerance_secs, 300);
+        assert_eq!(gh.max_body_bytes, 1024 * 1024);
+        assert_eq!(
+            gh.event_type,
+            FieldRef::Header {
+                header: "x-github-event".into()
+            }
+        );
+    }
+
+    #[test]
+    fn plain_http_must_be_asked_for() {
+        let err = IngressConfig::from_toml(&MINIMAL.replace("plaintext = true", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.tls"), "{err}");
+    }
+
+    #[test]
+    fn hmac_needs_a_header_and_a_delivery_id() {
+        let err = with(
+            r#"[sources.shop]
+            scheme = "hmac"
+            secrets = ["k"]
+            event_type = "order"
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.shop.signature_header"), "{err}");
+        let err = with(
+            r#"[sources.shop]
+            scheme = "hmac"
+            signature_header = "x-shop-signature"
+            secrets = ["k"]
+            event_type = "order"
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.shop.delivery_id"), "{err}");
+    }
+
+    #[test]
+    fn hmac_settings_on_another_scheme_are_rejected() {
+        let err = with(
+            r#"[sources.stripe]
+            scheme = "stripe"
+            signature_prefix = "v1="
+            secrets = ["k"]
+            event_type = { json = "/type" }
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.stripe.signature_prefix"), "{err}");
+    }
+
+    #[test]
+    fn replay_ttl_must_cover_twice_the_tolerance() {
+        let err = with("[replay]\nttl_secs = 500").unwrap_err().to_string();
+        assert!(err.contains("replay.ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn bad_rates_pointers_and_names_are_named() {
+        let err = with(
+            r#"[sources.x]
+            scheme = "github"
+            secrets = ["k"]
+            rate = "ten a minute"
+            event_type = "e"
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.x.rate"), "{err}");
+        let err = with(
+            r#"[sources.x]
+            scheme = "stripe"
+            secrets = ["k"]
+            event_type = { json = "type" }
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.x.event_type"), "{err}");
+        let err = with(
+            r#"[sources.Bad]
+            scheme = "github"
+            secrets = ["k"]
+            event_type = "e"
+            topic = "events""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sources.Bad"), "{err}");
+    }
+}

@@ -1,0 +1,551 @@
+//! The webhook listener: connections, TLS, timeouts, and the request path.
+//!
+//! Connections are served by hyper's HTTP/1.1 server directly (no router: the only route is
+//! `POST /webhooks/{source}`), so every limit is explicit:
+//! - `max_connections` permits; a connection beyond them is closed at once;
+//! - the TLS handshake and every request head must complete within `header_read_timeout`
+//!   (hyper's header timer also runs while a keep-alive connection idles), which cuts off
+//!   slowloris clients;
+//! - request heads are capped at 64 KiB, bodies at the source's `max_body_bytes` whatever the
+//!   framing (a `Content-Length` over the limit is refused before reading; a chunked body is
+//!   counted while it streams), and the body must arrive within `body_timeout`.
+//!
+//! The request path runs the checks in the order of `../shared/conventions.md`: size,
+//! headers present, timestamp, signature (all in [`auth::verify`]), delivery-id dedup,
+//! per-source rate limit, schema validation, produce. A cheap per-IP limit runs before all
+//! of them. The produce runs in its own task, so a client that hangs up cannot cancel a
+//! record half-way: its delivery report still settles the replay-cache claim.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::auth;
+use super::limit::{retry_after_secs, IpLimit, SourceLimits};
+use super::produce::Producer;
+use super::replay::{Claim, ReplayCache};
+use super::source::{parse_json, Source};
+use crate::codec::Envelope;
+use crate::telemetry::IngressMetrics;
+
+/// Largest request head (request line plus headers) a connection may buffer.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Everything the request path needs, shared by all connections.
+pub struct Shared {
+    /// Sources by name.
+    pub sources: std::collections::HashMap<String, Arc<Source>>,
+    /// Per-source rate limits.
+    pub source_limits: SourceLimits,
+    /// Optional per-IP limit.
+    pub ip_limit: Option<IpLimit>,
+    /// Delivery ids already in Kafka (or being produced).
+    pub replay: ReplayCache,
+    /// The producer.
+    pub producer: Arc<Producer>,
+    /// Ingress collectors.
+    pub metrics: Arc<IngressMetrics>,
+    /// Produce tasks, awaited on shutdown before the producer is flushed.
+    pub produces: TaskTracker,
+    /// Time allowed for a whole body.
+    pub body_timeout: Duration,
+    /// Time allowed for the TLS handshake and each request head.
+    pub header_read_timeout: Duration,
+    /// `Retry-After` on a 503.
+    pub unavailable_retry_after_secs: u64,
+}
+
+/// What a request gets back, before it becomes an HTTP response.
+struct Reply {
+    status: StatusCode,
+    outcome: &'static str,
+    body: serde_json::Value,
+    retry_after: Option<u64>,
+    /// Close the connection after the response (the request body was not fully read).
+    close: bool,
+}
+
+impl Reply {
+    fn new(status: StatusCode, outcome: &'static str, body: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            outcome,
+            body,
+            retry_after: None,
+            close: false,
+        }
+    }
+
+    fn error(status: StatusCode, outcome: &'static str, message: impl std::fmt::Display) -> Reply {
+        Reply::new(
+            status,
+            outcome,
+            json!({"error": outcome, "message": message.to_string()}),
+        )
+    }
+
+    fn retry_after(mut self, secs: u64) -> Reply {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    fn closing(mut self) -> Reply {
+        self.close = true;
+        self
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from(self.body.to_string())));
+        *r.status_mut() = self.status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            h.insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        r
+    }
+}
+
+/// Accepts connections until `shutdown`, serving each in a task on `connections`. On
+/// shutdown every connection finishes its in-flight request and closes.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of
+                    // spinning; established connections keep being served.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .connections_closed
+                .with_label_values(&["limit"])
+                .inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            shared.metrics.connections.inc();
+            let metrics = shared.metrics.clone();
+            let hrt = shared.header_read_timeout;
+            let svc = Svc { shared, remote };
+            match tls {
+                None => serve_connection(TokioIo::new(stream), svc, hrt, shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(hrt, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        serve_connection(TokioIo::new(tls_stream), svc, hrt, shutdown).await
+                    }
+                    _ => {
+                        metrics
+                            .connections_closed
+                            .with_label_values(&["tls_handshake"])
+                            .inc();
+                    }
+                },
+            }
+            metrics.connections.dec();
+        });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    svc: Svc,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let metrics = svc.shared.metrics.clone();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Finish the request in flight (its produce included), then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        let reason = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse() || e.is_parse_too_large() {
+            "protocol"
+        } else {
+            "io"
+        };
+        metrics
+            .connections_closed
+            .with_label_values(&[reason])
+            .inc();
+        tracing::debug!(error = %e, reason, "connection closed with an error");
+    }
+}
+
+/// The per-connection hyper service.
+#[derive(Clone)]
+struct Svc {
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Svc {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let remote = self.remote;
+        Box::pin(async move { Ok(handle(shared, remote, req).await) })
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let path = req.uri().path();
+    if path == "/healthz" && req.method() == Method::GET {
+        // For load balancers that probe the serving port; readiness lives on the telemetry
+        // listener.
+        return Reply::new(StatusCode::OK, "ok", json!({"status": "ok"})).into_response();
+    }
+    let Some(name) = path.strip_prefix("/webhooks/") else {
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such path; webhooks are POSTed to /webhooks/{source}",
+        )
+        .into_response();
+    };
+    let source = shared.sources.get(name).cloned();
+    let label = source
+        .as_ref()
+        .map_or("unknown", |s| s.name.as_str())
+        .to_string();
+    shared.metrics.in_flight.inc();
+    let reply = check_and_produce(&shared, remote, source, req).await;
+    shared.metrics.in_flight.dec();
+    shared
+        .metrics
+        .request(&label, reply.outcome, start.elapsed());
+    if reply.status.is_server_error() {
+        tracing::warn!(source = %label, outcome = reply.outcome, "webhook not accepted");
+    } else {
+        tracing::debug!(source = %label, outcome = reply.outcome, status = %reply.status, "webhook handled");
+    }
+    reply.into_response()
+}
+
+async fn check_and_produce(
+    shared: &Arc<Shared>,
+    remote: SocketAddr,
+    source: Option<Arc<Source>>,
+    req: Request<Incoming>,
+) -> Reply {
+    // A cheap per-IP limit first: no body read, no HMAC, for a flooding client.
+    if let Some(limit) = &shared.ip_limit {
+        if let Err(wait) = limit.check(&remote.ip()) {
+            return Reply::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this address",
+            )
+            .retry_after(retry_after_secs(wait))
+            .closing();
+        }
+    }
+    let Some(source) = source else {
+        return Reply::error(
+            StatusCode::NOT_FOUND,
+            "unknown_source",
+            "no such webhook source",
+        );
+    };
+    if req.method() != Method::POST {
+        return Reply::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid",
+            "webhooks must be POSTed",
+        );
+    }
+    let (parts, body) = req.into_parts();
+
+    // 1. Size: a declared length over the limit is refused without reading a byte; any other
+    //    body is counted as it streams.
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > source.max_body_bytes as u64) {
+        return too_large(&source, body);
+    }
+    let body = match read_body(body, source.max_body_bytes, shared.body_timeout).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(rest)) => return too_large(&source, rest),
+        Err(BodyError::Timeout) => {
+            return Reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the body did not arrive within {} ms",
+                    shared.body_timeout.as_millis()
+                ),
+            )
+            .closing()
+        }
+        Err(BodyError::Broken(e)) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("the body could not be read: {e}"),
+            )
+            .closing()
+        }
+    };
+
+    // 2-4. Headers present, timestamp, signature over the exact raw bytes.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let verified = match auth::verify(
+        &source.scheme,
+        &source.secrets,
+        &parts.headers,
+        &body,
+        now,
+        source.tolerance_secs,
+    ) {
+        Ok(v) => v,
+        Err(e) => return Reply::error(StatusCode::UNAUTHORIZED, e.code(), e),
+    };
+    shared
+        .metrics
+        .secret_matches
+        .with_label_values(&[&source.name, &verified.secret_index.to_string()])
+        .inc();
+
+    let json = match parse_json(&body) {
+        Ok(j) => j,
+        Err(e) => return Reply::error(StatusCode::BAD_REQUEST, "invalid", e),
+    };
+    if matches!(source.scheme, auth::Scheme::Slack)
+        && json.get("type").and_then(|t| t.as_str()) == Some("url_verification")
+    {
+        // Slack's endpoint handshake: signed like any event, answered with its challenge,
+        // never produced.
+        let challenge = json.get("challenge").cloned().unwrap_or_default();
+        return Reply::new(StatusCode::OK, "challenge", json!({"challenge": challenge}));
+    }
+    let (id, event_type) = match (
+        source.event_id(&parts.headers, &json),
+        source.event_type(&parts.headers, &json),
+    ) {
+        (Ok(id), Ok(t)) => (id, t),
+        (Err(e), _) | (_, Err(e)) => return Reply::error(StatusCode::BAD_REQUEST, "invalid", e),
+    };
+
+    // 5. Delivery-id dedup: copies wait for the first copy's delivery report.
+    let claim = match shared.replay.claim(&id).await {
+        Claim::Duplicate => {
+            return Reply::new(
+                StatusCode::OK,
+                "duplicate",
+                json!({"status": "duplicate", "id": id}),
+            )
+        }
+        Claim::First(first) => first,
+    };
+
+    // 6. Per-source rate limit (a refused request releases its claim, so a retry goes through).
+    if let Err(wait) = shared.source_limits.check(&source.name) {
+        return Reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "this source is over its rate limit",
+        )
+        .retry_after(retry_after_secs(wait));
+    }
+
+    // 7. Schema validation.
+    if let Err(e) = source.validate(&json) {
+        return Reply::error(StatusCode::BAD_REQUEST, "invalid", e);
+    }
+
+    // 8. Produce, in a task of its own: the outcome settles the claim even if this request
+    //    is dropped (the client hung up), so a copy never waits on an abandoned produce.
+    let Ok(data) = String::from_utf8(body.to_vec()) else {
+        return Reply::error(StatusCode::BAD_REQUEST, "invalid", "body is not UTF-8");
+    };
+    let subject = source.subject(&parts.headers, &json);
+    let time = source.time(&parts.headers, &json);
+    let received_at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let producer = shared.producer.clone();
+    let task_source = source.clone();
+    let task_id = id.clone();
+    let produced = shared.produces.spawn(async move {
+        let envelope = Envelope {
+            id: &task_id,
+            source: &task_source.ce_source,
+            event_type: &event_type,
+            time: time.as_deref(),
+            subject: subject.as_deref(),
+            received_at_ms: Some(received_at_ms),
+            data: &data,
+        };
+        let result = producer
+            .produce(&task_source.name, &task_source.topic, &envelope)
+            .await;
+        if result.is_ok() {
+            claim.accepted();
+        }
+        result
+    });
+    match produced.await {
+        Ok(Ok(())) => Reply::new(
+            StatusCode::ACCEPTED,
+            "accepted",
+            json!({"status": "accepted", "id": id}),
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(source = %source.name, error = %e, "event not produced");
+            let status = match e {
+                super::produce::ProduceError::RegistryRejected(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Reply::error(
+                status,
+                e.code(),
+                "the event could not be stored; retry later",
+            )
+            .retry_after(shared.unavailable_retry_after_secs)
+        }
+        Err(join) => {
+            tracing::error!(error = %join, "produce task failed");
+            Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "kafka_unavailable",
+                "the event could not be stored; retry later",
+            )
+            .retry_after(shared.unavailable_retry_after_secs)
+        }
+    }
+}
+
+/// The 413 reply. The rest of the body is drained (bounded in bytes and time, never kept)
+/// before the connection closes, so the client reads the 413 instead of a reset.
+fn too_large(source: &Source, rest: Incoming) -> Reply {
+    tokio::spawn(drain(
+        rest,
+        (4 * source.max_body_bytes).max(1 << 20),
+        Duration::from_secs(2),
+    ));
+    Reply::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the body exceeds this source's limit of {} bytes",
+            source.max_body_bytes
+        ),
+    )
+    .closing()
+}
+
+async fn drain(mut body: Incoming, max_bytes: usize, max_time: Duration) {
+    let _ = tokio::time::timeout(max_time, async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > max_bytes {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+enum BodyError {
+    TooLarge(Incoming),
+    Timeout,
+    Broken(hyper::Error),
+}
+
+/// Reads a whole body of at most `max` bytes within `timeout`.
+async fn read_body(mut body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(body.size_hint().lower().min(max as u64) as usize);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(BodyError::Broken(e)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > max {
+                return Err(BodyError::TooLarge(body));
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+}
