@@ -65,6 +65,9 @@ pub struct Ingress {
     connections: TaskTracker,
     accept: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
+    /// Stops the Kafka probe before the final flush, so no metadata request is in flight
+    /// while the producer drains.
+    health_stop: CancellationToken,
     health: Arc<Health>,
     serving: Arc<AtomicBool>,
     telemetry: tokio::task::JoinHandle<()>,
@@ -187,12 +190,13 @@ impl Ingress {
             source,
         })?;
         let serving = Arc::new(AtomicBool::new(true));
+        let health_stop = CancellationToken::new();
         let health_task = tokio::spawn(produce::watch_health(
             producer,
             health.clone(),
             serving.clone(),
             metrics,
-            telemetry_stop.clone(),
+            health_stop.clone(),
         ));
 
         let listener = TcpListener::bind(config.server.listen)
@@ -228,6 +232,7 @@ impl Ingress {
             connections,
             accept,
             health_task,
+            health_stop,
             health,
             serving,
             telemetry,
@@ -270,13 +275,14 @@ impl Ingress {
         // got 2xx can be missing from Kafka, and none that is missing got 2xx.
         self.shared.produces.close();
         self.shared.produces.wait().await;
+        self.health_stop.cancel();
+        let _ = self.health_task.await;
         let producer = self.shared.producer.clone();
         let flush_timeout = self.flush_timeout;
         let flushed = tokio::task::spawn_blocking(move || producer.flush(flush_timeout))
             .await
             .unwrap_or(Ok(()));
         self.telemetry_stop.cancel();
-        let _ = self.health_task.await;
         let _ = self.telemetry.await;
         tracing::info!("ingress stopped");
         flushed.map_err(IngressError::Flush)

@@ -404,6 +404,24 @@ fn read_topic_inner(
     out
 }
 
+/// Sum of the high watermarks of `topic`'s partitions: how many records it ever held.
+pub fn records_in(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
+    blocking(|| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique("watermarks"))
+            .create()
+            .expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
+            .sum()
+    })
+}
+
 /// What the recording HTTP sink received.
 #[derive(Clone, Default)]
 pub struct Received {
@@ -634,18 +652,24 @@ impl SpillwayProc {
     /// Writes `toml` (with its port-0 metrics address replaced by a free port) and starts
     /// the processor on it.
     pub fn spawn(toml: &str) -> SpillwayProc {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let cfg = dir.path().join("spillway.toml");
-        std::fs::write(
-            &cfg,
-            toml.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        Self::spawn_service(
+            "processor",
+            &toml.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+            SocketAddr::from(([127, 0, 0, 1], port)),
         )
-        .expect("write config");
+    }
+
+    /// Starts `spillway <service> --config <toml>` as is; `metrics` is where its telemetry
+    /// listener will be.
+    pub fn spawn_service(service: &str, toml: &str, metrics: SocketAddr) -> SpillwayProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("spillway.toml");
+        std::fs::write(&cfg, toml).expect("write config");
         let log = dir.path().join("spillway.log");
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(["processor", "--config"])
+            .args([service, "--config"])
             .arg(&cfg)
             .env(
                 "RUST_LOG",
@@ -657,7 +681,7 @@ impl SpillwayProc {
             .expect("spawn spillway");
         SpillwayProc {
             child: Some(child),
-            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics,
             log,
             _dir: dir,
         }
