@@ -1,5 +1,5 @@
-//! Shared by the load-test binaries: a tansu broker on a free loopback port, topic creation
-//! and a bulk producer.
+//! Shared by the load-test binaries: a tansu broker and a rivven-schema registry on free
+//! loopback ports, topic creation and a bulk producer.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -22,26 +22,74 @@ impl Drop for Broker {
     }
 }
 
-fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
+/// The path of a tool from `env` or, failing that, from `scripts/tools.sh` (which installs
+/// it once and caches it).
+fn tool(env: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
         return PathBuf::from(p);
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
     let out = Command::new(script)
-        .arg("tansu")
+        .arg(name)
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/tools.sh");
-    assert!(out.status.success(), "installing tansu failed");
+    assert!(out.status.success(), "installing {name} failed");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn tansu_bin() -> PathBuf {
+    tool("SPILLWAY_TANSU_BIN", "tansu")
+}
+
+/// A running rivven-schema registry (Confluent-compatible REST API), killed on drop.
+pub struct Registry {
+    child: Child,
+    port: u16,
+}
+
+impl Registry {
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts rivven-schema on a free port and waits until it accepts connections.
+pub fn start_registry() -> Registry {
+    let port = free_port();
+    let child = Command::new(tool("SPILLWAY_RIVVEN_BIN", "rivven-schema"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rivven-schema");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "rivven-schema did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry { child, port }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// Starts tansu (memory storage) on a free port; returns it and its bootstrap address.
 pub fn start_broker() -> (Broker, String) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let url = format!("tcp://127.0.0.1:{port}");
     let child = Command::new(tansu_bin())
         .args([
