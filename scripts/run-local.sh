@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The README's run command: a local broker, the LLM provider simulator, a demo webhook
-# receiver, the processor with config/example.toml (LLM classification, then the webhook),
-# and a burst of demo events flowing through. Prints what /metrics
-# shows, then stops everything cleanly (SIGTERM; the processor drains and commits).
-# EVENTS (default 2000) sets the burst size. Everything listens on 127.0.0.1 only.
+# The README's run command: a local broker, a schema registry, the LLM provider simulator,
+# a demo webhook receiver, the ingress (config/ingress-local.toml) and the processor
+# (config/example.toml: LLM classification, then the webhook). First WEBHOOKS (default 200)
+# signed webhooks travel ingress -> Kafka (Avro, Confluent framing) -> processor -> sink,
+# with every tenth one replayed to show replay protection; then a burst of EVENTS (default
+# 2000) demo events produced straight to the topic. Prints what /metrics shows, then stops
+# everything cleanly (SIGTERM; the ingress flushes, the processor drains and commits).
+# Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${EVENTS:-2000}"
+WEBHOOKS="${WEBHOOKS:-200}"
+REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PORT="${BROKER_PORT:-19092}"
 export BROKER_PORT="$PORT"
 RUN=.spillway/run; mkdir -p "$RUN"
@@ -22,6 +27,10 @@ echo "== building (release)"
 cargo build --release --quiet --bin spillway -p spillway --bin demo -p spillway-load-tests
 scripts/broker.sh start
 
+echo "== schema registry (rivven-schema, Confluent-compatible) on 127.0.0.1:$REGISTRY_PORT"
+"$(scripts/tools.sh rivven-schema)" serve --host 127.0.0.1 --port "$REGISTRY_PORT" \
+  >"$RUN/registry.log" 2>&1 & pids+=($!)
+
 echo "== LLM provider simulator on 127.0.0.1:8089 (3,000 RPM, 200 ms latency)"
 target/release/spillway mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
   --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
@@ -30,7 +39,8 @@ echo "== demo webhook receiver on 127.0.0.1:8090 (the example config's sink)"
 target/release/demo sink --addr 127.0.0.1:8090 >"$RUN/sink.log" 2>&1 & pids+=($!)
 
 echo "== processor: config/example.toml with SPILLWAY_KAFKA__BROKERS=127.0.0.1:$PORT"
-SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" target/release/spillway processor --config config/example.toml \
+SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \
+  target/release/spillway processor --config config/example.toml \
   >"$RUN/processor.log" 2>&1 & proc=$!; pids+=($proc)
 for _ in $(seq 1 300); do
   curl -fs http://127.0.0.1:9464/readyz >/dev/null 2>&1 && break
@@ -38,6 +48,36 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
+# A demo secret; a real one comes from the sender's dashboard.
+export BLOG_WEBHOOK_SECRET="whsec_c3BpbGx3YXktbG9jYWwtZGVtby1zZWNyZXQtMzJieXQ="
+echo "== ingress: config/ingress-local.toml, plain HTTP on 127.0.0.1:8088"
+SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT" \
+  target/release/spillway ingress --config config/ingress-local.toml \
+  >"$RUN/ingress.log" 2>&1 & ingress=$!; pids+=($ingress)
+for _ in $(seq 1 300); do
+  curl -fs http://127.0.0.1:9465/readyz >/dev/null 2>&1 && break
+  kill -0 "$ingress" 2>/dev/null || { echo "ingress exited:"; tail -30 "$RUN/ingress.log"; exit 1; }
+  sleep 0.1
+done
+
+echo "== a tampered webhook is refused:"
+curl -s -X POST http://127.0.0.1:8088/webhooks/blog -H 'content-type: application/json' \
+  -H 'webhook-id: msg_forged' -H "webhook-timestamp: $(date +%s)" \
+  -H 'webhook-signature: v1,Zm9yZ2VkLXNpZ25hdHVyZS1mb3JnZWQtc2lnbmF0dXJlIQ==' \
+  -d '{"text":"forged"}' -w ' (HTTP %{http_code})\n'
+
+echo "== sending $WEBHOOKS signed webhooks (Standard Webhooks) to http://127.0.0.1:8088/webhooks/blog"
+target/release/demo send --url http://127.0.0.1:8088/webhooks/blog --secret "$BLOG_WEBHOOK_SECRET" \
+  --count "$WEBHOOKS"
+echo "== the ingress's view: $(curl -fs http://127.0.0.1:9465/metrics | grep -E '^spillway_ingress_requests_total' | tr '\n' ' ')"
+for _ in $(seq 1 300); do
+  done_count=$(curl -fs http://127.0.0.1:9464/metrics | awk '/^spillway_events_total/ {s+=$2} END {print s+0}')
+  [ "$done_count" -ge "$WEBHOOKS" ] && break
+  sleep 0.2
+done
+echo "== $done_count webhooks went through the processor; the receiver got: $(sleep 1.1; tail -1 "$RUN/sink.log")"
+
+EVENTS_TOTAL=$((EVENTS + WEBHOOKS))
 echo "== producing $EVENTS events over 200 keys to spillway.events"
 target/release/demo produce --brokers "127.0.0.1:$PORT" --topic spillway.events --count "$EVENTS" --keys 200
 
@@ -45,18 +85,20 @@ echo "== waiting for them to finish (watching http://127.0.0.1:9464/metrics)"
 done_count=0
 for _ in $(seq 1 600); do
   done_count=$(curl -fs http://127.0.0.1:9464/metrics | awk '/^spillway_events_total/ {s+=$2} END {print s+0}')
-  [ "$done_count" -ge "$EVENTS" ] && break
+  [ "$done_count" -ge "$EVENTS_TOTAL" ] && break
   sleep 0.2
 done
 echo "== $done_count events finished; a few series from /metrics:"
 curl -fs http://127.0.0.1:9464/metrics | grep -E '^spillway_(events_total|consumer_lag|committed_offset_lag|inflight_events|paused_partitions|offset_commits_total|step_duration_seconds_count|llm_tokens_total|llm_cost_usd_total|llm_breaker_state|event_llm_tokens_(sum|count)|event_llm_cost_usd_(sum|count))' | head -40
 echo "== the simulator saw: $(curl -fs http://127.0.0.1:8089/stats | head -c 300)"
 for _ in $(seq 1 30); do  # the receiver reports once a second
-  tail -1 "$RUN/sink.log" | grep -q "^$EVENTS posts" && break
+  tail -1 "$RUN/sink.log" | grep -q "^$EVENTS_TOTAL posts" && break
   sleep 0.2
 done
 echo "== the receiver got: $(tail -1 "$RUN/sink.log")"
 
+echo "== SIGTERM: the ingress drains and flushes"
+kill -TERM "$ingress"; wait "$ingress"; echo "ingress exited with $?"
 echo "== SIGTERM: the processor drains, commits and leaves the group"
 kill -TERM "$proc"; wait "$proc"; echo "processor exited with $?"
 tail -3 "$RUN/processor.log"

@@ -759,10 +759,7 @@ async fn a_replayed_delivery_sequentially_or_ten_times_at_once_produces_exactly_
     assert_eq!(records_in(&s.bootstrap, &s.other_topic, 1), 1);
     let text = scrape(ing.metrics).await;
     assert_eq!(
-        metric_sum(
-            &text,
-            "spillway_ingress_requests_total{outcome=\"duplicate\""
-        ),
+        metric_sum(&text, "spillway_ingress_requests_total{outcome=\"replay\""),
         12.0,
         "1 sequential + 9 concurrent blog copies + 2 github copies"
     );

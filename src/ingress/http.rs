@@ -405,7 +405,7 @@ async fn check_and_produce(
         Claim::Duplicate => {
             return Reply::new(
                 StatusCode::OK,
-                "duplicate",
+                "replay",
                 json!({"status": "duplicate", "id": id}),
             )
         }
