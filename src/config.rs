@@ -66,6 +66,46 @@ pub struct Config {
     /// Metrics, health endpoints and logs.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Dedup and the step journal (exactly-once effects). Without it, processing is
+    /// at-least-once: a redelivered event runs every step again.
+    #[serde(default)]
+    pub journal: Option<JournalConfig>,
+}
+
+/// Dedup by a stable event id, and a durable record of each event's finished steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Compacted topic (`cleanup.policy=compact`) holding the entries, keyed by dedup key.
+    /// Input partition `p` writes to journal partition `p mod <its partition count>`.
+    pub topic: String,
+    /// How long an event's entry is kept, and its duplicates skipped, in seconds.
+    #[serde(default = "default_journal_ttl_secs")]
+    pub ttl_secs: u64,
+    /// TTL per event type (`ce_type`), overriding `ttl_secs`, e.g.
+    /// `{ "com.example.comment" = 86400, "com.example.presence" = 3600 }`.
+    #[serde(default)]
+    pub ttl_by_type: BTreeMap<String, u64>,
+    /// Where the stable id comes from: unset, the `ce_id` header; or a JSON pointer into the
+    /// event's data (e.g. `/order/id`) for upstream topics without CloudEvents headers.
+    #[serde(default)]
+    pub id_field: Option<String>,
+    /// Entries held in memory (older ones are read again from the topic on restore only).
+    #[serde(default = "default_journal_max_entries")]
+    pub max_entries: u64,
+    /// Time allowed to read one journal partition on assignment, in milliseconds.
+    #[serde(default = "default_journal_restore_timeout_ms")]
+    pub restore_timeout_ms: u64,
+}
+
+fn default_journal_ttl_secs() -> u64 {
+    86_400
+}
+fn default_journal_max_entries() -> u64 {
+    1_000_000
+}
+fn default_journal_restore_timeout_ms() -> u64 {
+    60_000
 }
 
 /// Kafka connection and consumer-group settings.
@@ -368,6 +408,10 @@ pub struct WebhookConfig {
     /// Extra request headers. Values may be literals or secret references.
     #[serde(default)]
     pub headers: BTreeMap<String, PropertyValue>,
+    /// Standard Webhooks secret (`whsec_<base64>`): when set, each request carries
+    /// `webhook-id` (the dedup key), `webhook-timestamp` and `webhook-signature`.
+    #[serde(default)]
+    pub signing_secret: Option<PropertyValue>,
 }
 
 /// Metrics, health endpoints and logs.
@@ -452,7 +496,15 @@ impl PropertyValue {
 }
 
 /// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
-const ENV_SECTIONS: &[&str] = &["kafka", "processor", "dlq", "codec", "telemetry", "llm"];
+const ENV_SECTIONS: &[&str] = &[
+    "kafka",
+    "processor",
+    "dlq",
+    "codec",
+    "telemetry",
+    "llm",
+    "journal",
+];
 
 /// `SPILLWAY_<SECTION>__<KEY>` overrides for the given sections. Only `SECTION__KEY`
 /// variables are overrides; other SPILLWAY_* variables (SPILLWAY_CONFIG, tooling) are not
@@ -680,6 +732,9 @@ impl Config {
 
     /// Cross-field rules. Fails on the first broken rule, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(j) = &self.journal {
+            self.validate_journal(j)?;
+        }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
@@ -796,6 +851,37 @@ impl Config {
 }
 
 impl Config {
+    fn validate_journal(&self, j: &JournalConfig) -> Result<(), ConfigError> {
+        if j.topic.trim().is_empty() {
+            return Err(ConfigError::invalid("journal.topic", "must not be empty"));
+        }
+        if self.kafka.topics.contains(&j.topic) || j.topic == self.dlq.topic {
+            return Err(ConfigError::invalid(
+                "journal.topic",
+                "must differ from the input topics and the DLQ topic",
+            ));
+        }
+        if j.ttl_secs == 0 || j.ttl_by_type.values().any(|t| *t == 0) {
+            return Err(ConfigError::invalid(
+                "journal.ttl_secs",
+                "TTLs must be at least 1 second",
+            ));
+        }
+        if j.id_field.as_deref().is_some_and(|f| !f.starts_with('/')) {
+            return Err(ConfigError::invalid(
+                "journal.id_field",
+                "must be a JSON pointer such as /id",
+            ));
+        }
+        if j.max_entries == 0 || j.restore_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "journal.max_entries",
+                "max_entries and restore_timeout_ms must be positive",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_llm_step(&self, i: usize, l: &LlmStepConfig) -> Result<(), ConfigError> {
         let targets = std::iter::once((l.provider.as_str(), l.model.as_str(), "provider".into()))
             .chain(l.fallback.iter().enumerate().map(|(j, f)| {
@@ -966,6 +1052,27 @@ mod tests {
         let text = MINIMAL.replace("events.dlq", "events");
         let err = Config::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("dlq.topic"), "{err}");
+    }
+
+    #[test]
+    fn journal_gets_defaults_and_bad_journal_settings_name_their_key() {
+        let cfg = Config::from_toml(&format!("{MINIMAL}\n[journal]\ntopic = \"j\"\n")).unwrap();
+        let j = cfg.journal.expect("journal section");
+        assert_eq!((j.ttl_secs, j.id_field), (86_400, None));
+        for (extra, key) in [
+            ("topic = \"events\"", "journal.topic"),
+            ("topic = \"j\"\nttl_secs = 0", "journal.ttl_secs"),
+            (
+                "topic = \"j\"\nttl_by_type = { \"a\" = 0 }",
+                "journal.ttl_secs",
+            ),
+            ("topic = \"j\"\nid_field = \"order.id\"", "journal.id_field"),
+        ] {
+            let err = Config::from_toml(&format!("{MINIMAL}\n[journal]\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

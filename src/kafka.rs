@@ -95,6 +95,30 @@ pub async fn ensure_topics(
     create_missing_topics(&config, topics, partitions).await
 }
 
+/// Creates `topic` compacted (`cleanup.policy=compact`) with `partitions` partitions if it
+/// is missing (development convenience, like [`ensure_topics`]).
+pub async fn ensure_compacted_topic(
+    k: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics([&new], &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                tracing::error!(%topic, ?code, "could not create the journal topic");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Like [`ensure_topics`], with an explicit client configuration.
 pub async fn create_missing_topics(
     config: &ClientConfig,

@@ -5,7 +5,9 @@
 
 pub mod codec;
 pub mod config;
+pub mod fault;
 pub mod ingress;
+pub mod journal;
 pub mod kafka;
 pub mod llm;
 pub mod pipeline;

@@ -80,6 +80,19 @@ pub struct Metrics {
     pub event_tokens: Histogram,
     /// USD one event cost, over all its calls.
     pub event_cost: Histogram,
+    /// Events skipped because the journal says they are done (duplicates within the TTL),
+    /// by topic.
+    pub duplicates: IntCounterVec,
+    /// Steps not run again because the journal holds their result, by step.
+    pub journal_reused: IntCounterVec,
+    /// Journal entry writes, by outcome (`ok`, `error`).
+    pub journal_writes: IntCounterVec,
+    /// Time from a journal write to Kafka's acknowledgement.
+    pub journal_write_duration: Histogram,
+    /// Time to read one journal partition on assignment.
+    pub journal_restores: Histogram,
+    /// Events that waited for another copy of themselves to finish.
+    pub journal_waits: IntCounter,
     /// LLM collectors.
     pub llm: LlmMetrics,
 }
@@ -240,6 +253,42 @@ impl Metrics {
                     "USD one event cost over all its LLM calls, from the configured price table."
                 )
                 .buckets(prometheus::exponential_buckets(1e-6, 4.0, 14).expect("valid buckets"))
+            )
+            .expect("valid metric")),
+            duplicates: reg!(counter_vec(
+                "spillway_duplicates_total",
+                "Events skipped as duplicates: the journal holds them as done within their TTL.",
+                &["topic"]
+            )),
+            journal_reused: reg!(counter_vec(
+                "spillway_journal_reused_steps_total",
+                "Steps not run again because the journal holds their result (no second LLM call).",
+                &["step"]
+            )),
+            journal_writes: reg!(counter_vec(
+                "spillway_journal_writes_total",
+                "Journal entry writes, by outcome.",
+                &["outcome"]
+            )),
+            journal_write_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_journal_write_duration_seconds",
+                    "Time from a journal write to Kafka's acknowledgement."
+                )
+                .buckets(latency_buckets.clone())
+            )
+            .expect("valid metric")),
+            journal_restores: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_journal_restore_duration_seconds",
+                    "Time to read one journal partition when its input partition is assigned."
+                )
+                .buckets(latency_buckets.clone())
+            )
+            .expect("valid metric")),
+            journal_waits: reg!(IntCounter::new(
+                "spillway_journal_waits_total",
+                "Events that waited for another copy of themselves to finish."
             )
             .expect("valid metric")),
             llm: LlmMetrics {

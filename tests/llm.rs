@@ -760,6 +760,7 @@ fn context(text: &str) -> EventContext {
             time: None,
             data: json!({ "text": text }),
         },
+        dedup_key: "test|1".into(),
         outputs: serde_json::Map::new(),
         attempt: 1,
         spend: Spend::default(),

@@ -173,6 +173,7 @@ mod tests {
                 time: None,
                 data,
             },
+            dedup_key: "test|1".into(),
             outputs: serde_json::Map::new(),
             attempt: 1,
             spend: Spend::default(),

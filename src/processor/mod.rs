@@ -54,6 +54,9 @@ pub enum ProcessorError {
     /// The poll thread could not be started or died.
     #[error("consumer: {0}")]
     Consumer(String),
+    /// The journal topic could not be reached or is missing.
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 /// A started processor: consumer subscribed, telemetry served. Call [`Processor::run`].
@@ -122,7 +125,16 @@ impl Processor {
             let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
             topics.push(&config.dlq.topic);
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
+            if let Some(j) = &config.journal {
+                crate::kafka::ensure_compacted_topic(&config.kafka, &j.topic, partitions).await?;
+            }
         }
+        let journal = match &config.journal {
+            Some(j) => Some(Arc::new(
+                crate::journal::Journal::new(j, &config.kafka, metrics.clone()).await?,
+            )),
+            None => None,
+        };
         let dlq = dlq::DlqWriter::new(
             &config.kafka,
             &config.dlq.topic,
@@ -136,6 +148,7 @@ impl Processor {
             dlq,
             metrics: metrics.clone(),
             drain: CancellationToken::new(),
+            journal,
         });
         let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;

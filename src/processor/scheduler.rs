@@ -236,6 +236,9 @@ impl Scheduler {
         // paused for a full buffer in its previous assignment would never be fetched again.
         // Every assignment starts unpaused, matching the fresh state below, unless the gate
         // is closed.
+        if let Some(j) = &self.worker.journal {
+            j.assigned(parts.iter().map(|(_, p)| *p));
+        }
         let result = if self.gate_closed {
             self.consumer.pause(&tpl_of(&parts))
         } else {

@@ -106,6 +106,9 @@ pub struct EventContext {
     pub record: Arc<OwnedMessage>,
     /// The decoded event.
     pub event: Event,
+    /// The event's dedup key (`<source>|<id>` with a journal, else the event id): the
+    /// `Idempotency-Key` and `webhook-id` sinks send, so receivers can drop repeats.
+    pub dedup_key: String,
     /// Results of earlier steps, by step name, for the steps after them.
     pub outputs: Map<String, Json>,
     /// 1-based attempt number of the current step.

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
-use serde_json::Map;
+use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -18,6 +18,8 @@ use super::retry::backoff;
 use super::step::{Action, EventContext, Pipeline, Spend, StepError};
 use crate::codec::{Codec, CodecError};
 use crate::config::RetryConfig;
+use crate::fault;
+use crate::journal::{Entry, Journal, JournalError};
 use crate::telemetry::{now_ms, Metrics};
 
 /// How a record finished.
@@ -61,6 +63,8 @@ pub struct Worker {
     /// Cancelled when shutdown begins: records waiting for a dependency give up (unfinished)
     /// instead of holding the drain until its deadline.
     pub(crate) drain: CancellationToken,
+    /// Dedup and the step journal, when configured.
+    pub(crate) journal: Option<Arc<Journal>>,
 }
 
 /// Failure bookkeeping across the attempts of one stage.
@@ -128,14 +132,22 @@ impl Worker {
             Err(outcome) => return outcome,
         };
         tracing::Span::current().record("event_id", event.id.as_str());
+        let dedup_key = match &self.journal {
+            Some(j) => j.key(&event),
+            None => event.id.clone(),
+        };
         let mut ctx = EventContext {
             record: record.clone(),
             event,
+            dedup_key,
             outputs: Map::new(),
             attempt: 0,
             spend: Spend::default(),
         };
-        let outcome = self.run_steps(&record, &mut ctx).await;
+        let outcome = match self.journal.clone() {
+            None => self.run_steps(&record, &mut ctx, None).await,
+            Some(j) => self.run_journaled(&j, &record, &mut ctx).await,
+        };
         if ctx.spend.calls > 0 {
             self.metrics
                 .event_tokens
@@ -145,8 +157,103 @@ impl Worker {
         outcome
     }
 
-    async fn run_steps(&self, record: &Arc<OwnedMessage>, ctx: &mut EventContext) -> Outcome {
-        for step in self.steps.iter() {
+    /// Runs the steps the journal does not hold as finished. A duplicate of a finished event
+    /// is skipped; a copy of one still running waits for it.
+    async fn run_journaled(
+        &self,
+        journal: &Journal,
+        record: &Arc<OwnedMessage>,
+        ctx: &mut EventContext,
+    ) -> Outcome {
+        let partition = record.partition();
+        if let Err(o) = self
+            .journal_retry("journal_restore", || journal.restore(partition))
+            .await
+        {
+            return o;
+        }
+        let key = ctx.dedup_key.clone();
+        let _claim = tokio::select! {
+            biased;
+            claim = journal.claim(&key) => claim,
+            _ = self.drain.cancelled() => return Outcome::Abandoned,
+        };
+        let prior = journal.get(&key);
+        if prior.as_ref().is_some_and(|e| e.done) {
+            self.metrics
+                .duplicates
+                .with_label_values(&[record.topic()])
+                .inc();
+            tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
+            return Outcome::Skipped;
+        }
+        let mut entry = prior.map(|e| (*e).clone()).unwrap_or_else(|| Entry {
+            v: 1,
+            expires_at_ms: now_ms() + journal.ttl(&ctx.event.event_type).as_millis() as u64,
+            done: false,
+            steps: Map::new(),
+        });
+        self.run_steps(record, ctx, Some((journal, &mut entry)))
+            .await
+    }
+
+    /// Retries a journal operation until it succeeds (it is never a reason to dead-letter),
+    /// or gives the record up unfinished when shutdown begins.
+    async fn journal_retry<F, Fut>(&self, what: &'static str, mut op: F) -> Result<(), Outcome>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), JournalError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = tokio::select! {
+                biased;
+                _ = self.drain.cancelled() => return Err(Outcome::Abandoned),
+                r = op() => r,
+            };
+            let Err(e) = result else { return Ok(()) };
+            self.metrics
+                .retries
+                .with_label_values(&[what, "kafka"])
+                .inc();
+            let delay = backoff(
+                attempt.min(self.retry.max_attempts.max(1)),
+                &self.retry,
+                None,
+                &mut rand::rng(),
+            );
+            tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "{what} failed; retrying");
+            tokio::select! {
+                biased;
+                _ = self.drain.cancelled() => return Err(Outcome::Abandoned),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn run_steps(
+        &self,
+        record: &Arc<OwnedMessage>,
+        ctx: &mut EventContext,
+        mut journal: Option<(&Journal, &mut Entry)>,
+    ) -> Outcome {
+        let count = self.steps.len();
+        for (index, step) in self.steps.iter().enumerate() {
+            if let Some((_, entry)) = &journal {
+                if let Some(output) = entry.steps.get(step.name()) {
+                    // Finished before a crash or rebalance: reuse the result, do not pay twice.
+                    if !output.is_null() {
+                        ctx.outputs.insert(step.name().to_string(), output.clone());
+                    }
+                    self.metrics
+                        .journal_reused
+                        .with_label_values(&[step.name()])
+                        .inc();
+                    continue;
+                }
+            }
+            fault::point("before_step", step.name());
             let mut attempts = Attempts::new();
             let mut attempt = 0u32;
             loop {
@@ -244,6 +351,27 @@ impl Worker {
                         return self.dead_letter(record, failure).await;
                     }
                 }
+            }
+            fault::point("after_step", step.name());
+            if let Some((j, entry)) = journal.as_mut() {
+                let done = index + 1 == count;
+                let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
+                entry.steps.insert(step.name().to_string(), output);
+                entry.done = done;
+                let (key, partition, snapshot) =
+                    (ctx.dedup_key.clone(), record.partition(), entry.clone());
+                if let Err(o) = self
+                    .journal_retry("journal_write", || {
+                        j.write(partition, &key, snapshot.clone())
+                    })
+                    .await
+                {
+                    return o;
+                }
+                fault::point(
+                    if done { "after_done" } else { "after_journal" },
+                    step.name(),
+                );
             }
         }
         Outcome::Succeeded

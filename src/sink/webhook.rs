@@ -3,7 +3,9 @@
 //! Classification follows `../shared/conventions.md`: 2xx succeeds; 408, 409, 425, 429, 5xx,
 //! timeouts and connection errors are transient (with `Retry-After` honoured); any other 4xx
 //! is deterministic and dead-letters the record. The request carries `Idempotency-Key` set to
-//! the event id, so receivers can drop redeliveries.
+//! the event's dedup key, so receivers can drop redeliveries; with `signing_secret` it is
+//! also signed with Standard Webhooks (`webhook-id` = the dedup key, `webhook-timestamp`,
+//! `webhook-signature`), so receivers can verify it came from Spillway.
 
 use std::time::Duration;
 
@@ -31,6 +33,7 @@ pub struct WebhookSink {
     name: String,
     url: reqwest::Url,
     client: reqwest::Client,
+    signing: Option<crate::ingress::auth::Secret>,
 }
 
 impl WebhookSink {
@@ -56,10 +59,25 @@ impl WebhookSink {
             .default_headers(headers)
             .build()
             .map_err(|e| invalid(format!("steps.{}", config.name), e.to_string()))?;
+        let signing = match &config.signing_secret {
+            None => None,
+            Some(v) => {
+                let key = format!("steps.{}.signing_secret", config.name);
+                let text = v.resolve(&key)?;
+                Some(
+                    crate::ingress::auth::Secret::new(
+                        &crate::ingress::auth::Scheme::StandardWebhooks,
+                        &text,
+                    )
+                    .map_err(|m| invalid(key, m))?,
+                )
+            }
+        };
         Ok(WebhookSink {
             name: config.name.clone(),
             url,
             client,
+            signing,
         })
     }
 
@@ -68,22 +86,31 @@ impl WebhookSink {
             event: &ctx.event,
             outputs: &ctx.outputs,
         };
-        let response = self
+        let bytes = serde_json::to_vec(&body).map_err(|e| {
+            StepError::deterministic("webhook_body", format!("cannot serialize the body: {e}"))
+        })?;
+        let mut request = self
             .client
             .post(self.url.clone())
-            .header("Idempotency-Key", &ctx.event.id)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                let code = if e.is_timeout() {
-                    "webhook_timeout"
-                } else {
-                    "webhook_connect"
-                };
-                // reqwest's Display includes the URL, which may carry a token: keep it out.
-                StepError::transient(code, format!("{code}: {}", e.without_url()))
-            })?;
+            .header("Idempotency-Key", &ctx.dedup_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(secret) = &self.signing {
+            let ts = (crate::telemetry::now_ms() / 1000) as i64;
+            let signature = secret.sign_standard_webhooks(&ctx.dedup_key, ts, &bytes);
+            request = request
+                .header("webhook-id", &ctx.dedup_key)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature);
+        }
+        let response = request.body(bytes).send().await.map_err(|e| {
+            let code = if e.is_timeout() {
+                "webhook_timeout"
+            } else {
+                "webhook_connect"
+            };
+            // reqwest's Display includes the URL, which may carry a token: keep it out.
+            StepError::transient(code, format!("{code}: {}", e.without_url()))
+        })?;
         classify(response.status(), response.headers())
     }
 }

@@ -652,17 +652,32 @@ impl SpillwayProc {
     /// Writes `toml` (with its port-0 metrics address replaced by a free port) and starts
     /// the processor on it.
     pub fn spawn(toml: &str) -> SpillwayProc {
+        Self::spawn_with_env(toml, &[])
+    }
+
+    /// Like [`SpillwayProc::spawn`], with extra environment variables (e.g. `SPILLWAY_FAULT`).
+    pub fn spawn_with_env(toml: &str, env: &[(&str, &str)]) -> SpillwayProc {
         let port = free_port();
-        Self::spawn_service(
+        Self::spawn_service_env(
             "processor",
             &toml.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
             SocketAddr::from(([127, 0, 0, 1], port)),
+            env,
         )
     }
 
     /// Starts `spillway <service> --config <toml>` as is; `metrics` is where its telemetry
     /// listener will be.
     pub fn spawn_service(service: &str, toml: &str, metrics: SocketAddr) -> SpillwayProc {
+        Self::spawn_service_env(service, toml, metrics, &[])
+    }
+
+    fn spawn_service_env(
+        service: &str,
+        toml: &str,
+        metrics: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> SpillwayProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("spillway.toml");
         std::fs::write(&cfg, toml).expect("write config");
@@ -675,6 +690,7 @@ impl SpillwayProc {
                 "RUST_LOG",
                 std::env::var("SPILLWAY_TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

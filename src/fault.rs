@@ -1,0 +1,53 @@
+//! Crash points for the exactly-once tests: `SPILLWAY_FAULT=<point>:<step>:<n>` makes the
+//! process SIGKILL itself the `n`-th time an event passes `<point>` of step `<step>`. Points:
+//!
+//! - `before_step`: before the step's first attempt (e.g. before the LLM call);
+//! - `after_step`: the step succeeded, its journal entry is not written yet;
+//! - `after_journal`: the entry is durable, the next step has not started;
+//! - `after_done`: the event's final entry (`done`) is durable, its offset is not stored.
+//!
+//! Testing only; never set it in production. Unset, a check is one relaxed atomic load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Fault {
+    point: String,
+    step: String,
+    at: u64,
+    hits: AtomicU64,
+}
+
+fn fault() -> Option<&'static Fault> {
+    static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
+    FAULT
+        .get_or_init(|| {
+            let spec = std::env::var("SPILLWAY_FAULT").ok()?;
+            let mut parts = spec.splitn(3, ':');
+            let (point, step, at) = (parts.next()?, parts.next()?, parts.next()?);
+            let at = at.parse().ok()?;
+            tracing::warn!(%spec, "fault injection armed (testing only)");
+            Some(Fault {
+                point: point.to_string(),
+                step: step.to_string(),
+                at,
+                hits: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Passes crash point `point` of `step`; kills the process if the armed fault says so.
+pub fn point(point: &str, step: &str) {
+    let Some(f) = fault() else { return };
+    if f.point != point || f.step != step {
+        return;
+    }
+    if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
+        eprintln!("fault point {point}:{step} reached; SIGKILL");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! The step journal: what each event has already done, so a redelivered or duplicated event
+//! skips it. No second LLM call for an answer already paid for, no second post for an event
+//! already finished.
+//!
+//! - **Dedup key.** `<ce_source>|<stable id>`: the id is the event's `ce_id` (`Event::id`),
+//!   or, with `journal.id_field`, a JSON pointer into the event's data (upstream topics).
+//! - **Entries** record each finished step's output (the LLM answer with its usage; a sink's
+//!   receipt) and whether the whole event is done. They expire with the event type's TTL.
+//! - **Durable store.** A compacted Kafka topic keyed by dedup key, Kafka Streams changelog
+//!   style: an input partition `p` writes to journal partition `p mod J`, and when `p` is
+//!   assigned, the first record of it waits until that journal partition has been read from
+//!   the beginning to its high watermark. Entries are written with `acks=all` and awaited
+//!   before the event moves on, so an entry is durable before the step after it starts and
+//!   before any offset past it is committed.
+//! - **Fast layer.** A moka cache in front, bounded by `max_entries`, expiring each entry at
+//!   its own deadline.
+//! - **In flight.** Two copies of one event running at once (duplicates with different Kafka
+//!   keys) would both miss the journal; the second waits for the first to finish instead.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tokio::sync::{Notify, OnceCell};
+
+use crate::codec::Event;
+use crate::config::{JournalConfig, KafkaConfig};
+use crate::telemetry::{now_ms, Metrics};
+
+/// Journal failures. All are transient for the event: it waits and tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Producing or reading the journal topic failed.
+    #[error("journal topic: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Restoring a partition did not reach its high watermark in time.
+    #[error("restoring journal partition {partition} did not finish within {timeout_ms} ms")]
+    RestoreTimeout {
+        /// The journal partition.
+        partition: i32,
+        /// `journal.restore_timeout_ms`.
+        timeout_ms: u64,
+    },
+    /// The journal topic is missing or has no partitions.
+    #[error("journal topic {0} does not exist or has no partitions; create it compacted (cleanup.policy=compact)")]
+    MissingTopic(String),
+}
+
+/// What an event has done so far. Serialized as JSON on the journal topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Format version.
+    pub v: u8,
+    /// Unix ms after which the entry is ignored (the event type's TTL from its first step).
+    pub expires_at_ms: u64,
+    /// Every step finished: a redelivery is a duplicate and is skipped.
+    pub done: bool,
+    /// Output of each finished step, by step name (`null` for steps without output).
+    pub steps: Map<String, Json>,
+}
+
+struct ByDeadline;
+
+impl moka::Expiry<String, Arc<Entry>> for ByDeadline {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(
+            value.expires_at_ms.saturating_sub(now_ms()),
+        ))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &String,
+        value: &Arc<Entry>,
+        updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// The journal: cache, durable topic, restore state and in-flight claims.
+pub struct Journal {
+    config: JournalConfig,
+    producer: FutureProducer,
+    /// Client properties for the restore consumers.
+    restore_client: rdkafka::ClientConfig,
+    partitions: i32,
+    cache: Cache<String, Arc<Entry>>,
+    /// One restore per journal partition per assignment; reset on assign.
+    restored: Mutex<HashMap<i32, Arc<OnceCell<()>>>>,
+    inflight: Mutex<HashMap<String, Arc<Notify>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Held while an event runs; dropping it lets a waiting copy re-check the journal.
+pub struct Claim<'a> {
+    journal: &'a Journal,
+    key: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let notify = self
+            .journal
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+    }
+}
+
+impl Journal {
+    /// Connects to the journal topic and reads its partition count.
+    pub async fn new(
+        config: &JournalConfig,
+        kafka: &KafkaConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Journal, JournalError> {
+        let producer: FutureProducer = crate::kafka::producer_config(kafka)
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
+            .create()?;
+        let mut restore_client = crate::kafka::base_config(kafka)
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        restore_client
+            .set("group.id", format!("{}-journal-restore", kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        let topic = config.topic.clone();
+        let p = producer.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            let md = p
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            Ok::<_, KafkaError>(
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map_or(0, |t| t.partitions().len() as i32),
+            )
+        })
+        .await
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        if partitions == 0 {
+            return Err(JournalError::MissingTopic(config.topic.clone()));
+        }
+        Ok(Journal {
+            config: config.clone(),
+            producer,
+            restore_client,
+            partitions,
+            cache: Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(ByDeadline)
+                .build(),
+            restored: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The event's dedup key: `<source>|<id>`.
+    pub fn key(&self, event: &Event) -> String {
+        let id = self
+            .config
+            .id_field
+            .as_deref()
+            .and_then(|ptr| event.data.pointer(ptr))
+            .and_then(|v| match v {
+                Json::String(s) => Some(s.clone()),
+                Json::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| event.id.clone());
+        format!("{}|{id}", event.source)
+    }
+
+    /// How long entries of `event_type` are kept.
+    pub fn ttl(&self, event_type: &str) -> Duration {
+        Duration::from_secs(
+            self.config
+                .ttl_by_type
+                .get(event_type)
+                .copied()
+                .unwrap_or(self.config.ttl_secs),
+        )
+    }
+
+    fn journal_partition(&self, input_partition: i32) -> i32 {
+        input_partition.rem_euclid(self.partitions)
+    }
+
+    /// Input partitions were (re)assigned: their journal partitions are read again before
+    /// their next record, because another instance may have written to them meanwhile.
+    pub fn assigned(&self, input_partitions: impl IntoIterator<Item = i32>) {
+        let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+        for p in input_partitions {
+            restored.remove(&self.journal_partition(p));
+        }
+    }
+
+    /// Resolves once the journal partition of `input_partition` has been read to its high
+    /// watermark in this assignment. Concurrent callers share one restore.
+    pub async fn restore(&self, input_partition: i32) -> Result<(), JournalError> {
+        let jp = self.journal_partition(input_partition);
+        let cell = self
+            .restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(jp)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            let started = Instant::now();
+            let client = self.restore_client.clone();
+            let topic = self.config.topic.clone();
+            let timeout = Duration::from_millis(self.config.restore_timeout_ms);
+            let records =
+                tokio::task::spawn_blocking(move || read_partition(&client, &topic, jp, timeout))
+                    .await
+                    .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+            let (mut loaded, now) = (0u64, now_ms());
+            for m in &records {
+                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                    continue;
+                };
+                match m.payload() {
+                    None => self.cache.invalidate(key),
+                    Some(bytes) => match serde_json::from_slice::<Entry>(bytes) {
+                        Ok(e) if e.expires_at_ms > now => {
+                            loaded += 1;
+                            self.cache.insert(key.to_string(), Arc::new(e));
+                        }
+                        Ok(_) => self.cache.invalidate(key),
+                        Err(e) => {
+                            tracing::warn!(%key, error = %e, "unreadable journal entry ignored")
+                        }
+                    },
+                }
+            }
+            self.metrics
+                .journal_restores
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(
+                journal_partition = jp,
+                records = records.len(),
+                live_entries = loaded,
+                ms = started.elapsed().as_millis() as u64,
+                "journal partition restored"
+            );
+            Ok::<(), JournalError>(())
+        })
+        .await
+        .map(|_| ())
+        .inspect_err(|_| {
+            // A failed restore is tried again by the next record.
+            self.restored
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&jp);
+        })
+    }
+
+    /// The live entry for `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.cache.get(key).filter(|e| e.expires_at_ms > now_ms())
+    }
+
+    /// Claims `key` for this task. If another copy of the event is running, waits for it to
+    /// finish first (the caller then re-reads the journal).
+    pub async fn claim(&self, key: &str) -> Claim<'_> {
+        loop {
+            let waiting = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                match inflight.get(key) {
+                    Some(n) => n.clone(),
+                    None => {
+                        inflight.insert(key.to_string(), Arc::new(Notify::new()));
+                        return Claim {
+                            journal: self,
+                            key: key.to_string(),
+                        };
+                    }
+                }
+            };
+            // A `Notified` receives `notify_waiters` from its creation on. The holder removes
+            // its entry under the lock before notifying, so if the entry is still there after
+            // this point, the wakeup is still to come; if not, look again.
+            let notified = waiting.notified();
+            let still_held = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .is_some_and(|n| Arc::ptr_eq(n, &waiting));
+            if still_held {
+                self.metrics.journal_waits.inc();
+                notified.await;
+            }
+        }
+    }
+
+    /// Writes `entry` for `key` (to the journal partition of `input_partition`) and waits for
+    /// Kafka's acknowledgement; only then is it visible in the cache.
+    pub async fn write(
+        &self,
+        input_partition: i32,
+        key: &str,
+        entry: Entry,
+    ) -> Result<(), JournalError> {
+        let value = serde_json::to_vec(&entry).unwrap_or_default();
+        let started = Instant::now();
+        let record = FutureRecord::to(&self.config.topic)
+            .key(key)
+            .payload(&value)
+            .partition(self.journal_partition(input_partition));
+        let result = self
+            .producer
+            .send(record, Duration::from_secs(0))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| JournalError::Kafka(e));
+        self.metrics
+            .journal_writes
+            .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+            .inc();
+        self.metrics
+            .journal_write_duration
+            .observe(started.elapsed().as_secs_f64());
+        result?;
+        self.cache.insert(key.to_string(), Arc::new(entry));
+        Ok(())
+    }
+
+    /// Waits for queued journal writes (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "journal flush did not finish");
+        }
+    }
+}
+
+/// Reads `partition` of `topic` from the beginning until the consumer reaches its end
+/// (`PartitionEOF`). The end comes from the fetch itself, not from a ListOffsets query
+/// taken beforehand, which some Kafka-compatible brokers answer with a stale offset.
+fn read_partition(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Vec<OwnedMessage>, JournalError> {
+    let consumer: BaseConsumer = client.create()?;
+    let deadline = Instant::now() + timeout;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    loop {
+        if Instant::now() >= deadline {
+            return Err(JournalError::RestoreTimeout {
+                partition,
+                timeout_ms: timeout.as_millis() as u64,
+            });
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(out),
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Exactly-once effects on top of at-least-once delivery: the dedup key, the step journal on
+//! a compacted topic, and an idempotent, signed webhook sink. The real binary is SIGKILLed at
+//! each step boundary (`SPILLWAY_FAULT`) and restarted; the receiving server records every
+//! post with its `Idempotency-Key` and verifies its Standard Webhooks signature.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use spillway::ingress::auth::{self, Scheme, Secret};
+
+const PARTITIONS: i32 = 3;
+const IN_FLIGHT: u64 = 4;
+const SIGNING: &str = "whsec_c3BpbGx3YXktdGVzdC1zaWduaW5nLXNlY3JldC0zMmI=";
+
+/// Every post the receiver accepted: Idempotency-Key → how many times it arrived.
+#[derive(Clone, Default)]
+struct Receiver {
+    posts: Arc<Mutex<Vec<String>>>,
+    bad_signatures: Arc<Mutex<u64>>,
+}
+
+impl Receiver {
+    /// Raw posts (repeats included).
+    fn raw(&self) -> usize {
+        self.posts.lock().unwrap().len()
+    }
+
+    /// Side effects: what a receiver that dedups by Idempotency-Key did, once per key.
+    fn effects(&self) -> HashMap<String, u64> {
+        let mut m = HashMap::new();
+        for k in self.posts.lock().unwrap().iter() {
+            *m.entry(k.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+/// A webhook receiver that verifies each request's Standard Webhooks signature and records
+/// its Idempotency-Key. A receiver keyed on it performs each side effect once.
+async fn receiver() -> (SocketAddr, Receiver) {
+    use axum::http::HeaderMap;
+    use axum::routing::post;
+    let r = Receiver::default();
+    let rec = r.clone();
+    let secret = Secret::new(&Scheme::StandardWebhooks, SIGNING).unwrap();
+    let secrets = Arc::new(vec![secret]);
+    let app = axum::Router::new().route(
+        "/events",
+        post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (rec, secrets) = (rec.clone(), secrets.clone());
+            async move {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                if auth::verify(
+                    &Scheme::StandardWebhooks,
+                    &secrets,
+                    &headers,
+                    &body,
+                    now,
+                    300,
+                )
+                .is_err()
+                {
+                    *rec.bad_signatures.lock().unwrap() += 1;
+                    return axum::http::StatusCode::UNAUTHORIZED;
+                }
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("<none>")
+                    .to_string();
+                assert_eq!(
+                    headers.get("webhook-id").and_then(|v| v.to_str().ok()),
+                    Some(key.as_str()),
+                    "webhook-id is the dedup key"
+                );
+                rec.posts.lock().unwrap().push(key);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, r)
+}
+
+/// A comment with CloudEvents headers; `id` is its `ce_id`.
+fn comment(key: &str, id: &str, seq: u64) -> Rec {
+    Rec {
+        key: Some(key.to_string()),
+        value: format!(r#"{{"key":"{key}","seq":{seq},"text":"comment {id}"}}"#).into_bytes(),
+        headers: vec![
+            ("ce_id".into(), id.into()),
+            ("ce_source".into(), "/test".into()),
+            ("ce_type".into(), "com.example.comment".into()),
+            ("ce_specversion".into(), "1.0".into()),
+        ],
+    }
+}
+
+struct Names {
+    topic: String,
+    dlq: String,
+    group: String,
+    journal: String,
+}
+
+async fn names(broker: &Broker, prefix: &str) -> Names {
+    let n = Names {
+        topic: unique(prefix),
+        dlq: unique(&format!("{prefix}-dlq")),
+        group: unique("g"),
+        journal: unique(&format!("{prefix}-journal")),
+    };
+    create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
+    create_topic(&broker.bootstrap(), &n.journal, PARTITIONS).await;
+    n
+}
+
+/// LLM classification then the signed webhook, with the journal. Offsets are committed
+/// rarely, so a crash redelivers everything: only the journal stands between a redelivery
+/// and a second LLM call or post.
+fn toml(broker: &Broker, n: &Names, sim: &Sim, sink: SocketAddr) -> String {
+    config_toml(
+        &broker.bootstrap(),
+        &n.group,
+        &n.topic,
+        &n.dlq,
+        &format!(
+            r#"
+[processor]
+max_in_flight = {IN_FLIGHT}
+commit_interval_ms = 60000
+
+[journal]
+topic = "{journal}"
+ttl_secs = 86400
+ttl_by_type = {{ "com.example.presence" = 3600 }}
+
+[[steps]]
+type = "llm"
+name = "classify"
+provider = "sim"
+model = "mock-small"
+system = "You classify blog comments. Answer with JSON only."
+user = "Comment: {{{{ data.text }}}}"
+max_tokens = 64
+output = {{ format = "json" }}
+
+[[steps]]
+type = "webhook"
+name = "notify"
+url = "http://{sink}/events"
+timeout_ms = 10000
+signing_secret = "{SIGNING}"
+
+[llm.providers.sim]
+api = "openai"
+base_url = "{base}"
+api_key = "test-key"
+requests_per_minute = 60000
+"#,
+            journal = n.journal,
+            base = sim.base,
+        ),
+    )
+}
+
+async fn events_done(p: &SpillwayProc) -> f64 {
+    p.try_scrape()
+        .await
+        .map(|m| metric_sum(&m, "spillway_events_total"))
+        .unwrap_or(0.0)
+}
+
+/// Waits until `p` has finished `count` records (succeeded or skipped as duplicates).
+async fn wait_finished(p: &SpillwayProc, count: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while events_done(p).await < count as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: timed out; log:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_at_every_step_boundary_loses_nothing_and_repeats_no_side_effect() {
+    const EVENTS: u64 = 30;
+    const CRASH_AT: u64 = 8;
+    let broker = Broker::start();
+    // (fault point, step): before the LLM; after the LLM and before its journal entry; after
+    // the journal and before the sink; after the sink and before the event is marked done;
+    // after done and before the offset is stored.
+    let points = [
+        ("before_step", "classify"),
+        ("after_step", "classify"),
+        ("after_journal", "classify"),
+        ("after_step", "notify"),
+        ("after_done", "notify"),
+    ];
+    for (point, step) in points {
+        let n = names(&broker, "crash").await;
+        produce_all(
+            &broker.bootstrap(),
+            &n.topic,
+            (0..EVENTS).map(|i| comment(&format!("k{}", i % 6), &format!("evt-{i}"), i / 6)),
+        )
+        .await;
+        let sim = Sim::start(|c| {
+            c.rpm = 60_000;
+            c.latency_ms = 30;
+        })
+        .await;
+        let (sink, received) = receiver().await;
+        let config = toml(&broker, &n, &sim, sink);
+
+        let fault = format!("{point}:{step}:{CRASH_AT}");
+        let mut p = SpillwayProc::spawn_with_env(&config, &[("SPILLWAY_FAULT", &fault)]);
+        let status = blocking(|| p.wait_exit(Duration::from_secs(90)));
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{fault}: the process should have killed itself; log:\n{}",
+            p.log_text()
+        );
+        assert!(
+            p.log_text()
+                .contains(&format!("fault point {point}:{step} reached")),
+            "{fault}"
+        );
+        let calls_before = sim.stats().await.received;
+        let posts_before = received.raw();
+
+        // Restart without the fault: nothing was committed, so every record comes again.
+        let p = SpillwayProc::spawn(&config);
+        wait_finished(&p, EVENTS, &fault).await;
+        let mut p = p;
+        p.terminate();
+
+        let effects = received.effects();
+        let calls = sim.stats().await.received;
+        let repeats: u64 = effects.values().map(|c| c - 1).sum();
+        println!(
+            "{fault}: before the crash {calls_before} LLM calls, {posts_before} posts; after the restart {calls} LLM calls, {} posts, {} distinct side effects, {repeats} repeated posts (dropped by Idempotency-Key)",
+            received.raw(),
+            effects.len()
+        );
+        assert_eq!(*received.bad_signatures.lock().unwrap(), 0, "{fault}");
+        assert_eq!(
+            effects.len() as u64,
+            EVENTS,
+            "{fault}: every event's side effect happened"
+        );
+        for i in 0..EVENTS {
+            assert!(
+                effects.contains_key(&format!("/test|evt-{i}")),
+                "{fault}: evt-{i} lost"
+            );
+        }
+        // A repeat can only come from an event that was between its post and its `done`
+        // entry at the crash, so at most one per event in flight; the receiver drops it by
+        // its Idempotency-Key, so no side effect happens twice.
+        assert!(
+            repeats <= IN_FLIGHT,
+            "{fault}: {repeats} repeated posts; only the {IN_FLIGHT} in flight may repeat"
+        );
+        assert!(
+            calls <= EVENTS + IN_FLIGHT,
+            "{fault}: {calls} LLM calls for {EVENTS} events with {IN_FLIGHT} in flight"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_produced_three_times_upstream_costs_one_llm_call_and_one_post() {
+    let broker = Broker::start();
+    let n = names(&broker, "dups").await;
+    let sim = Sim::start(|c| c.latency_ms = 20).await;
+    let (sink, received) = receiver().await;
+    // evt-a three times under one key (a producer retry); evt-b three times under three keys
+    // (re-keyed upstream), so its copies may run at once on different partitions.
+    let recs = vec![
+        comment("k1", "evt-a", 0),
+        comment("k1", "evt-a", 0),
+        comment("k1", "evt-a", 0),
+        comment("k1", "evt-b", 1),
+        comment("k2", "evt-b", 1),
+        comment("k3", "evt-b", 1),
+        comment("k4", "evt-c", 0),
+    ];
+    produce_all(&broker.bootstrap(), &n.topic, recs).await;
+    let mut p = SpillwayProc::spawn(&toml(&broker, &n, &sim, sink));
+    wait_finished(&p, 7, "all copies handled").await;
+    let metrics = p.try_scrape().await.unwrap_or_default();
+    p.terminate();
+    let effects = received.effects();
+    assert_eq!(received.raw(), 3, "one post per event: {effects:?}");
+    assert_eq!(effects.len(), 3);
+    assert_eq!(sim.stats().await.received, 3, "one LLM call per event");
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_state_survives_a_restart_and_a_partition_moving_to_another_instance() {
+    let broker = Broker::start();
+    let n = names(&broker, "restore").await;
+    let sim = Sim::start(|c| c.latency_ms = 20).await;
+    let (sink, received) = receiver().await;
+    let config = toml(&broker, &n, &sim, sink);
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..12).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    // Instance A processes everything and stops cleanly (its offsets are committed).
+    let mut a = SpillwayProc::spawn(&config);
+    wait_finished(&a, 12, "instance A").await;
+    a.terminate();
+    assert_eq!(received.raw(), 12);
+
+    // Instance B is a new process with an empty cache: the group gives it A's partitions,
+    // and it restores their journal partitions from the topic before it trusts its cache.
+    let mut b = SpillwayProc::spawn(&config);
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..12).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    wait_finished(&b, 12, "instance B skips the duplicates").await;
+    let metrics = b.try_scrape().await.unwrap_or_default();
+    b.terminate();
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        12.0,
+        "{metrics}\n{}",
+        b.log_text()
+    );
+    assert_eq!(received.raw(), 12, "no second post after the move");
+    assert_eq!(sim.stats().await.received, 12, "no second LLM call");
+    assert!(
+        metric_sum(&metrics, "spillway_journal_restore_duration_seconds_count") >= 1.0,
+        "B restored journal partitions"
+    );
+}
