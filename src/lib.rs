@@ -14,4 +14,5 @@ pub mod pipeline;
 pub mod processor;
 pub mod shutdown;
 pub mod sink;
+pub mod status;
 pub mod telemetry;

@@ -47,6 +47,24 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Print lag per partition, the DLQ's size and oldest record, and a running processor's
+    /// in-flight events, paused partitions and breaker states.
+    Status {
+        /// Path of the processor's TOML configuration.
+        #[arg(
+            short,
+            long,
+            env = "SPILLWAY_CONFIG",
+            default_value = "config/example.toml"
+        )]
+        config: PathBuf,
+        /// The processor's /metrics URL (default: from telemetry.metrics_addr).
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the LLM provider simulator (OpenAI and Anthropic APIs, RPM/TPM limits, faults).
     MockLlm(spillway::llm::simulator::SimulatorConfig),
 }
@@ -116,6 +134,37 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "ingress failed");
+                    eprintln!("spillway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status {
+            config,
+            metrics_url,
+            json,
+        } => {
+            let config = match spillway::config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spillway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let url = metrics_url.unwrap_or_else(|| spillway::status::metrics_url(&config));
+            match spillway::status::gather(&config, Some(&url)) {
+                Ok(status) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    print!("{status}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
                     eprintln!("spillway: {e}");
                     ExitCode::FAILURE
                 }

@@ -1,0 +1,316 @@
+//! `spillway status`: what `XPENDING` told users of the old stack. From the broker: lag per
+//! partition (the group's committed offset against the log end), and the DLQ's size and the
+//! age of its oldest record. From a running processor's `/metrics`: events in flight, paused
+//! partitions and each provider's breaker state.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::Config;
+
+/// One input partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// The group's committed offset (`None`: nothing committed yet).
+    pub committed: Option<i64>,
+    /// The log start offset.
+    pub low: i64,
+    /// The log end offset (high watermark).
+    pub high: i64,
+    /// Records not yet covered by the committed offset.
+    pub lag: i64,
+}
+
+/// The DLQ topic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DlqStatus {
+    /// Topic name.
+    pub topic: String,
+    /// Records held (high minus low watermark, summed over partitions).
+    pub records: i64,
+    /// Kafka timestamp of the oldest record still held, in Unix ms.
+    pub oldest_ms: Option<i64>,
+    /// Its age when the status was taken, in seconds.
+    pub oldest_age_secs: Option<f64>,
+}
+
+/// What a running processor reports about itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessorStatus {
+    /// Where it was read.
+    pub metrics_url: String,
+    /// Events being processed.
+    pub in_flight: f64,
+    /// Partitions paused (full buffers or a closed gate).
+    pub paused_partitions: f64,
+    /// Breaker state by provider: `closed`, `half_open` or `open`.
+    pub breakers: Vec<(String, String)>,
+}
+
+/// The whole picture.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// Consumer group.
+    pub group: String,
+    /// Per input partition.
+    pub partitions: Vec<PartitionLag>,
+    /// Sum of the lags.
+    pub total_lag: i64,
+    /// The DLQ.
+    pub dlq: DlqStatus,
+    /// The processor, if its metrics endpoint answered.
+    pub processor: Option<ProcessorStatus>,
+    /// Why the processor's figures are missing, if they are.
+    pub processor_error: Option<String>,
+}
+
+/// Failures to gather the broker's figures.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Invalid configuration or unreadable secret.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Kafka could not be asked.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A configured topic does not exist.
+    #[error("topic {0} does not exist")]
+    MissingTopic(String),
+}
+
+/// The processor's `/metrics` URL from its config (`0.0.0.0` becomes loopback).
+pub fn metrics_url(config: &Config) -> String {
+    let mut addr = config.telemetry.metrics_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}/metrics")
+}
+
+/// Gathers the status: broker figures always, the processor's from `metrics_url` (its
+/// `/metrics`) if given. Blocking; call it from a blocking context.
+pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, StatusError> {
+    let timeout = Duration::from_secs(10);
+    let mut client = crate::kafka::base_config(&config.kafka)?;
+    client
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = client.create()?;
+    let mut partitions = Vec::new();
+    for topic in &config.kafka.topics {
+        let count = partition_count(&consumer, topic, timeout)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..count {
+            tpl.add_partition(topic, p);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        for p in 0..count {
+            let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+            let committed = committed
+                .find_partition(topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let from = committed.unwrap_or(low).max(low);
+            partitions.push(PartitionLag {
+                topic: topic.clone(),
+                partition: p,
+                committed,
+                low,
+                high,
+                lag: (high - from).max(0),
+            });
+        }
+    }
+    let total_lag = partitions.iter().map(|p| p.lag).sum();
+    let dlq = dlq_status(&client, &consumer, &config.dlq.topic, timeout)?;
+    let (processor, processor_error) = match metrics_url {
+        None => (None, None),
+        Some(url) => match scrape(url) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        },
+    };
+    Ok(Status {
+        group: config.kafka.group_id.clone(),
+        partitions,
+        total_lag,
+        dlq,
+        processor,
+        processor_error,
+    })
+}
+
+fn partition_count(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, StatusError> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let count = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len() as i32);
+    if count == 0 {
+        return Err(StatusError::MissingTopic(topic.to_string()));
+    }
+    Ok(count)
+}
+
+/// The DLQ's size, and the timestamp of the first record of each non-empty partition.
+fn dlq_status(
+    client: &rdkafka::ClientConfig,
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<DlqStatus, StatusError> {
+    let count = partition_count(consumer, topic, timeout)?;
+    let mut records = 0;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..count {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        records += (high - low).max(0);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    let mut oldest_ms: Option<i64> = None;
+    // A fresh consumer without a group: reading the first records must not touch the
+    // processor group's offsets.
+    let mut reader_config = client.clone();
+    reader_config.set("group.id", "spillway-status-reader");
+    let reader: BaseConsumer = reader_config.create()?;
+    reader.assign(&tpl)?;
+    let (mut done, deadline) = (
+        std::collections::HashSet::new(),
+        std::time::Instant::now() + timeout,
+    );
+    while done.len() < count as usize && std::time::Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if done.insert(m.partition()) => {
+                if let Some(ts) = m.timestamp().to_millis() {
+                    oldest_ms = Some(oldest_ms.map_or(ts, |o| o.min(ts)));
+                }
+                // One record per partition is enough.
+                let mut one = TopicPartitionList::new();
+                one.add_partition(topic, m.partition());
+                let _ = reader.pause(&one);
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                done.insert(p);
+            }
+            _ => {}
+        }
+    }
+    let now = crate::telemetry::now_ms() as i64;
+    Ok(DlqStatus {
+        topic: topic.to_string(),
+        records,
+        oldest_ms,
+        oldest_age_secs: oldest_ms.map(|t| (now - t).max(0) as f64 / 1000.0),
+    })
+}
+
+/// Reads the processor's own gauges from its `/metrics`.
+fn scrape(url: &str) -> Result<ProcessorStatus, String> {
+    let text = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let r = reqwest::Client::new()
+                    .get(url)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .map_err(|e| e.without_url().to_string())?;
+                r.text().await.map_err(|e| e.without_url().to_string())
+            })
+        })
+        .join()
+        .map_err(|_| "metrics request panicked".to_string())?
+    })?;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let breakers = text
+        .lines()
+        .filter(|l| l.starts_with("spillway_llm_breaker_state{"))
+        .filter_map(|l| {
+            let provider = l.split("provider=\"").nth(1)?.split('"').next()?;
+            let state = match l.rsplit(' ').next()?.parse::<f64>().ok()? as i64 {
+                0 => "closed",
+                1 => "half_open",
+                _ => "open",
+            };
+            Some((provider.to_string(), state.to_string()))
+        })
+        .collect();
+    Ok(ProcessorStatus {
+        metrics_url: url.to_string(),
+        in_flight: value("spillway_inflight_events"),
+        paused_partitions: value("spillway_paused_partitions"),
+        breakers,
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "group {}", self.group)?;
+        writeln!(
+            f,
+            "{:<40} {:>12} {:>12} {:>10}",
+            "partition", "committed", "end", "lag"
+        )?;
+        for p in &self.partitions {
+            writeln!(
+                f,
+                "{:<40} {:>12} {:>12} {:>10}",
+                format!("{}/{}", p.topic, p.partition),
+                p.committed.map_or("-".to_string(), |c| c.to_string()),
+                p.high,
+                p.lag
+            )?;
+        }
+        writeln!(f, "total lag {}", self.total_lag)?;
+        match self.dlq.oldest_age_secs {
+            Some(age) => writeln!(
+                f,
+                "dlq {}: {} records, oldest {:.0} s old",
+                self.dlq.topic, self.dlq.records, age
+            )?,
+            None => writeln!(f, "dlq {}: {} records", self.dlq.topic, self.dlq.records)?,
+        }
+        match (&self.processor, &self.processor_error) {
+            (Some(p), _) => {
+                writeln!(
+                    f,
+                    "processor ({}): {} in flight, {} paused partitions",
+                    p.metrics_url, p.in_flight, p.paused_partitions
+                )?;
+                for (provider, state) in &p.breakers {
+                    writeln!(f, "breaker {provider}: {state}")?;
+                }
+            }
+            (None, Some(e)) => writeln!(f, "processor: metrics unavailable ({e})")?,
+            (None, None) => {}
+        }
+        Ok(())
+    }
+}
