@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod dlq_tool;
 pub mod fault;
 pub mod ingress;
 pub mod journal;
