@@ -9,7 +9,7 @@
 //! - **Durable store.** A compacted Kafka topic keyed by dedup key, Kafka Streams changelog
 //!   style: an input partition `p` writes to journal partition `p mod J`, and when `p` is
 //!   assigned, the first record of it waits until that journal partition has been read from
-//!   the beginning to its high watermark. Entries are written with `acks=all` and awaited
+//!   the beginning to its end. Entries are written with `acks=all` and awaited
 //!   before the event moves on, so an entry is durable before the step after it starts and
 //!   before any offset past it is committed.
 //! - **Fast layer.** A moka cache in front, bounded by `max_entries`, expiring each entry at
@@ -142,7 +142,7 @@ impl Journal {
             .set("group.id", format!("{}-journal-restore", kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "50")
             .set("auto.offset.reset", "earliest");
         let topic = config.topic.clone();
         let p = producer.clone();
@@ -358,21 +358,26 @@ impl Journal {
     }
 }
 
-/// Reads `partition` of `topic` from the beginning until the consumer reaches its end
-/// (`PartitionEOF`). The end comes from the fetch itself, not from a ListOffsets query
-/// taken beforehand, which some Kafka-compatible brokers answer with a stale offset.
+/// Reads `partition` of `topic` from the beginning to its end. The end is reached when the
+/// position has passed the high watermark taken at the start *and* a fetch has come back
+/// empty: some Kafka-compatible brokers (tansu 0.6) answer ListOffsets with the base offset
+/// of the last batch, so the watermark alone would miss the tail. `PartitionEOF` is not
+/// relied on either: librdkafka may report it as a client-level error instead of on poll.
 fn read_partition(
     client: &rdkafka::ClientConfig,
     topic: &str,
     partition: i32,
     timeout: Duration,
 ) -> Result<Vec<OwnedMessage>, JournalError> {
+    const IDLE: Duration = Duration::from_millis(300);
     let consumer: BaseConsumer = client.create()?;
     let deadline = Instant::now() + timeout;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
+    let (mut next, mut last_record) = (low, Instant::now());
     loop {
         if Instant::now() >= deadline {
             return Err(JournalError::RestoreTimeout {
@@ -380,10 +385,17 @@ fn read_partition(
                 timeout_ms: timeout.as_millis() as u64,
             });
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => out.push(m.detach()),
-            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(out),
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                last_record = Instant::now();
+                out.push(m.detach());
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                if next >= high && last_record.elapsed() >= IDLE {
+                    return Ok(out);
+                }
+            }
             Some(Err(e)) => return Err(e.into()),
         }
     }

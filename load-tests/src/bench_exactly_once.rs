@@ -1,0 +1,391 @@
+//! `bench-exactly-once`: the journal under repeated SIGKILLs, modelled on Kafka's
+//! TransactionsTest.
+//!
+//! Events with per-key sequence numbers go through a processor (a child process: this binary
+//! re-executed as `serve-processor`) running an LLM step against the provider simulator
+//! (100 ms per call) and a webhook sink, with the journal on and `max_in_flight = 256`. The
+//! processor is killed with SIGKILL at random points, at least three times per run, and
+//! restarted at once. The receiver records every post with its `Idempotency-Key`.
+//!
+//! Printed per run: lost events, duplicate side effects (a second post that a receiver keyed
+//! on Idempotency-Key drops, and any second *distinct* effect, which must be 0), per-key order
+//! violations of the first effects, LLM re-calls (calls beyond one per event) and the
+//! recovery time after each kill (from the kill until the 1 s rate of new effects is back at
+//! 80 % of the rate before it).
+//!
+//! Usage: `cargo run --release -p spillway-load-tests --bin bench-exactly-once -- [--quick]`
+//! (`--quick`: 20,000 events, one run; default 100,000 events, two runs).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use spillway_load_tests::{create_topic, start_broker};
+
+const KEYS: u64 = 1_000;
+const PARTITIONS: i32 = 12;
+const IN_FLIGHT: u64 = 256;
+const LLM_MS: u64 = 100;
+
+#[derive(Default)]
+struct Seen {
+    /// Idempotency-Key → posts.
+    posts: HashMap<String, u64>,
+    /// First effects in arrival order: (key, seq).
+    first: Vec<(String, u64)>,
+    raw: u64,
+}
+
+async fn receiver() -> (SocketAddr, Arc<Mutex<Seen>>) {
+    use axum::http::HeaderMap;
+    use axum::routing::post;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        post(
+            move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let s = s.clone();
+                async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let mut s = s.lock().unwrap();
+                    s.raw += 1;
+                    let n = s.posts.entry(key).or_insert(0);
+                    *n += 1;
+                    if *n == 1 {
+                        let k = body["data"]["key"].as_str().unwrap_or_default().to_string();
+                        let seq = body["data"]["seq"].as_u64().unwrap_or(u64::MAX);
+                        s.first.push((k, seq));
+                    }
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (addr, seen)
+}
+
+async fn produce(bootstrap: &str, topic: &str, events: u64) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(4096);
+    for i in 0..events {
+        let key = format!("k{}", i % KEYS);
+        let value = format!(
+            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
+            i / KEYS
+        );
+        let id = format!("evt-{i}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "ce_source",
+                value: Some("/bench"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("com.example.comment"),
+            })
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            });
+        let f = p
+            .send_result(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        pending.push(f);
+        if pending.len() == 4096 {
+            for f in pending.drain(..) {
+                f.await.expect("future").expect("delivered");
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("future").expect("delivered");
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+fn spawn_processor(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new(std::env::current_exe().expect("own path"))
+        .arg("serve-processor")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn processor")
+}
+
+fn order_violations(first: &[(String, u64)]) -> u64 {
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    let mut v = 0;
+    for (k, s) in first {
+        if let Some(prev) = last.get(k.as_str()) {
+            if s <= prev {
+                v += 1;
+            }
+        }
+        last.insert(k, *s);
+    }
+    v
+}
+
+async fn sim_calls(base: &str) -> u64 {
+    let stats: serde_json::Value = reqwest::get(format!("{base}/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("stats json");
+    stats["received"].as_u64().unwrap_or(0)
+}
+
+async fn run(run: usize, events: u64, bootstrap: &str, kills: usize) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut sim_config =
+        spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    sim_config.latency_ms = LLM_MS;
+    let (sim_addr, _sim) = spillway::llm::simulator::serve(sim_config, stop.clone())
+        .await
+        .expect("simulator");
+    let sim = format!("http://{sim_addr}");
+    let (sink, seen) = receiver().await;
+    let tag = format!("{}-{run}", std::process::id());
+    let (topic, journal, dlq) = (
+        format!("eo-{tag}"),
+        format!("eo-journal-{tag}"),
+        format!("eo-dlq-{tag}"),
+    );
+    create_topic(bootstrap, &topic, PARTITIONS).await;
+    create_topic(bootstrap, &journal, PARTITIONS).await;
+    create_topic(bootstrap, &dlq, 1).await;
+    let started = Instant::now();
+    produce(bootstrap, &topic, events).await;
+    println!(
+        "run {run}: produced {events} events over {KEYS} keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("processor.toml");
+    let log = dir.path().join("processor.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "eo-{tag}"
+topics = ["{topic}"]
+session_timeout_ms = 6000
+[kafka.properties]
+"fetch.wait.max.ms" = 100
+[processor]
+max_in_flight = {IN_FLIGHT}
+commit_interval_ms = 1000
+[dlq]
+topic = "{dlq}"
+[journal]
+topic = "{journal}"
+[telemetry]
+metrics_addr = "127.0.0.1:0"
+log_format = "text"
+
+[[steps]]
+type = "llm"
+name = "classify"
+provider = "sim"
+model = "mock-small"
+system = "You classify blog comments. Answer with JSON only."
+user = "Comment: {{{{ data.text }}}}"
+max_tokens = 16
+output = {{ format = "json" }}
+
+[[steps]]
+type = "webhook"
+name = "notify"
+url = "http://{sink}/events"
+timeout_ms = 10000
+
+[llm.providers.sim]
+api = "openai"
+base_url = "{sim}"
+api_key = "bench"
+requests_per_minute = 10000000
+"#
+        ),
+    )
+    .expect("config");
+
+    let effects = |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap().first.len() as u64;
+    // Kill points: random fractions of the work, spread over the run.
+    let mut rng = rand::rng();
+    let mut points: Vec<u64> = (0..kills)
+        .map(|i| {
+            let lo = (i as f64 + 0.2) / (kills as f64 + 1.0);
+            let hi = (i as f64 + 0.8) / (kills as f64 + 1.0);
+            (rng.random_range(lo..hi) * events as f64) as u64
+        })
+        .collect();
+    points.sort();
+    let t0 = Instant::now();
+    let mut child = spawn_processor(&config, &log);
+    let mut recoveries = Vec::new();
+    let mut rate_samples: Vec<(Instant, u64)> = Vec::new();
+    let rate_over = |samples: &[(Instant, u64)], window: Duration| -> f64 {
+        let Some(&(t_end, n_end)) = samples.last() else {
+            return 0.0;
+        };
+        // The newest sample at least `window` old, else the oldest there is.
+        let start = samples
+            .iter()
+            .rev()
+            .find(|(t, _)| t_end.duration_since(*t) >= window)
+            .or(samples.first())
+            .copied();
+        match start {
+            Some((t, n)) if t < t_end => (n_end - n) as f64 / t_end.duration_since(t).as_secs_f64(),
+            _ => 0.0,
+        }
+    };
+    for (k, at) in points.iter().enumerate() {
+        while effects(&seen) < *at {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rate_samples.push((Instant::now(), effects(&seen)));
+        }
+        let steady = rate_over(&rate_samples, Duration::from_secs(3));
+        // SAFETY: kill(2) has no memory preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        let killed = Instant::now();
+        let calls_at_kill = sim_calls(&sim).await;
+        child = spawn_processor(&config, &log);
+        // Recovered when the 1 s rate of new effects is back at 80 % of the rate before.
+        let mut samples = vec![(killed, effects(&seen))];
+        let recovery = loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            samples.push((Instant::now(), effects(&seen)));
+            if effects(&seen) >= events {
+                break killed.elapsed();
+            }
+            if killed.elapsed() > Duration::from_secs(1)
+                && rate_over(&samples, Duration::from_secs(1)) >= 0.8 * steady
+            {
+                break killed.elapsed();
+            }
+            if killed.elapsed() > Duration::from_secs(120) {
+                break killed.elapsed();
+            }
+        };
+        println!(
+            "  kill {}: at {} effects ({:.0}/s before), {calls_at_kill} LLM calls so far; back to 80 % of that rate {:.1} s after the kill",
+            k + 1,
+            at,
+            steady,
+            recovery.as_secs_f64()
+        );
+        recoveries.push(recovery);
+        rate_samples = samples;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while effects(&seen) < events && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = t0.elapsed();
+    // SAFETY: as above; SIGTERM lets it drain and commit.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let calls = sim_calls(&sim).await;
+    stop.cancel();
+
+    let s = seen.lock().unwrap();
+    let lost = (0..events)
+        .filter(|i| !s.posts.contains_key(&format!("/bench|evt-{i}")))
+        .count();
+    let repeats: u64 = s.posts.values().map(|n| n - 1).sum();
+    let extra_effects = s.posts.len() as u64 - (events - lost as u64);
+    println!(
+        "run {run}: {events} events, {kills} SIGKILLs, {:.1} s ({:.0} events/s)",
+        elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  lost {lost}; duplicate side effects {extra_effects} (repeated posts dropped by Idempotency-Key: {repeats}, ≤ {IN_FLIGHT} in flight × {kills} kills); order violations {}; LLM calls {calls} for {events} events (re-calls {}); max recovery {:.1} s",
+        order_violations(&s.first),
+        calls.saturating_sub(events),
+        recoveries
+            .iter()
+            .map(|d| d.as_secs_f64())
+            .fold(0.0, f64::max)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if args.get(1).map(String::as_str) == Some("serve-processor") {
+        let config = spillway::config::Config::load(std::path::Path::new(&args[2]))
+            .expect("processor config");
+        spillway::telemetry::init_logging(config.telemetry.log_format);
+        let result = runtime.block_on(async {
+            let shutdown = spillway::shutdown::on_signal();
+            spillway::processor::run(config, shutdown).await
+        });
+        if let Err(e) = result {
+            eprintln!("processor: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let (events, runs) = if quick { (20_000, 1) } else { (100_000, 2) };
+    runtime.block_on(async {
+        let (_broker, bootstrap) = start_broker();
+        println!(
+            "# Exactly-once under SIGKILL: {events} events, {KEYS} keys, {LLM_MS} ms LLM, max_in_flight {IN_FLIGHT}, 3 kills per run, {runs} run(s)"
+        );
+        for r in 1..=runs {
+            run(r, events, &bootstrap, 3).await;
+        }
+    });
+}
