@@ -234,6 +234,53 @@ pub enum StepConfig {
     Webhook(WebhookConfig),
     /// A call to an LLM provider; its answer is passed on to the following steps.
     Llm(LlmStepConfig),
+    /// A Slack message: `chat.postMessage` with a bot token, or an incoming webhook.
+    Slack(SlackConfig),
+}
+
+/// The Slack sink. Set `webhook_url`, or `token` and `channel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `slack`.
+    #[serde(default = "default_slack_name")]
+    pub name: String,
+    /// An incoming webhook URL (a secret: from the environment or a file).
+    #[serde(default)]
+    pub webhook_url: Option<PropertyValue>,
+    /// A bot token (`xoxb-...`) for `chat.postMessage`.
+    #[serde(default)]
+    pub token: Option<PropertyValue>,
+    /// The channel id for `chat.postMessage`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Slack's Web API base URL.
+    #[serde(default = "default_slack_api_url")]
+    pub api_url: String,
+    /// The message, a minijinja template over `event`, `data` and `outputs`.
+    pub text: String,
+    /// Minimum time between two posts to the channel, in milliseconds (Slack: ~1 per second).
+    #[serde(default = "default_slack_pacing_ms")]
+    pub pacing_ms: u64,
+    /// Timeout of one request, in milliseconds.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How many recent channel messages reconciliation looks through.
+    #[serde(default = "default_slack_history")]
+    pub reconcile_history: u32,
+}
+
+fn default_slack_name() -> String {
+    "slack".to_string()
+}
+fn default_slack_api_url() -> String {
+    "https://slack.com/api".to_string()
+}
+fn default_slack_pacing_ms() -> u64 {
+    1_000
+}
+fn default_slack_history() -> u32 {
+    100
 }
 
 /// LLM providers, prices and the breaker.
@@ -844,6 +891,22 @@ impl Config {
                     }
                 }
                 StepConfig::Llm(l) => self.validate_llm_step(i, l)?,
+                StepConfig::Slack(c) => {
+                    let bot = c.token.is_some() && c.channel.is_some();
+                    if bot == c.webhook_url.is_some() || (c.token.is_some() != c.channel.is_some())
+                    {
+                        return Err(ConfigError::invalid(
+                            format!("steps[{i}].token"),
+                            "set either webhook_url, or token and channel",
+                        ));
+                    }
+                    if c.timeout_ms == 0 {
+                        return Err(ConfigError::invalid(
+                            format!("steps[{i}].timeout_ms"),
+                            "must be greater than 0",
+                        ));
+                    }
+                }
             }
         }
         self.validate_llm()

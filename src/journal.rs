@@ -65,6 +65,9 @@ pub struct Entry {
     pub done: bool,
     /// Output of each finished step, by step name (`null` for steps without output).
     pub steps: Map<String, Json>,
+    /// Steps that were about to act (a post that may have happened if no result follows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intents: Vec<String>,
 }
 
 struct ByDeadline;

@@ -23,6 +23,7 @@ pub fn build(
         .map(|s| -> Result<Arc<dyn Step>, ConfigError> {
             match s {
                 StepConfig::Webhook(w) => Ok(Arc::new(WebhookSink::new(w)?)),
+                StepConfig::Slack(c) => Ok(Arc::new(crate::sink::slack::SlackSink::new(c)?)),
                 StepConfig::Llm(l) => Ok(Arc::new(LlmStep::new(
                     l,
                     &config.llm,

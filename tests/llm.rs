@@ -761,6 +761,7 @@ fn context(text: &str) -> EventContext {
             data: json!({ "text": text }),
         },
         dedup_key: "test|1".into(),
+        intent_recorded: false,
         outputs: serde_json::Map::new(),
         attempt: 1,
         spend: Spend::default(),

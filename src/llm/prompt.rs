@@ -174,6 +174,7 @@ mod tests {
                 data,
             },
             dedup_key: "test|1".into(),
+            intent_recorded: false,
             outputs: serde_json::Map::new(),
             attempt: 1,
             spend: Spend::default(),

@@ -113,6 +113,10 @@ pub struct EventContext {
     pub outputs: Map<String, Json>,
     /// 1-based attempt number of the current step.
     pub attempt: u32,
+    /// The journal holds this step's intent from an earlier run: it may already have had its
+    /// effect (a crash after the post, before the result was recorded). Steps that can look
+    /// their effect up ([`Step::records_intent`]) check before acting again.
+    pub intent_recorded: bool,
     /// What the event has cost so far across steps and attempts (LLM tokens and USD).
     pub spend: Spend,
 }
@@ -137,6 +141,12 @@ pub trait Step: Send + Sync + 'static {
 
     /// Runs the step once. Retries are the processor's job, not the step's.
     fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>>;
+
+    /// Whether the worker should record this step's intent in the journal before its first
+    /// attempt, so a later run knows the effect may have happened and can reconcile.
+    fn records_intent(&self) -> bool {
+        false
+    }
 
     /// Resolves when the step's dependencies can take work again. The worker awaits it after
     /// a [`Action::Defer`]. Steps without such a dependency are always ready.

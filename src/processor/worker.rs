@@ -142,6 +142,7 @@ impl Worker {
             dedup_key,
             outputs: Map::new(),
             attempt: 0,
+            intent_recorded: false,
             spend: Spend::default(),
         };
         let outcome = match self.journal.clone() {
@@ -192,6 +193,7 @@ impl Worker {
             expires_at_ms: now_ms() + journal.ttl(&ctx.event.event_type).as_millis() as u64,
             done: false,
             steps: Map::new(),
+            intents: Vec::new(),
         });
         self.run_steps(record, ctx, Some((journal, &mut entry)))
             .await
@@ -251,6 +253,26 @@ impl Worker {
                         .with_label_values(&[step.name()])
                         .inc();
                     continue;
+                }
+            }
+            ctx.intent_recorded = false;
+            if let Some((j, entry)) = journal.as_mut() {
+                if step.records_intent() {
+                    if entry.intents.iter().any(|i| i == step.name()) {
+                        ctx.intent_recorded = true;
+                    } else {
+                        entry.intents.push(step.name().to_string());
+                        let (key, partition, snapshot) =
+                            (ctx.dedup_key.clone(), record.partition(), entry.clone());
+                        if let Err(o) = self
+                            .journal_retry("journal_write", || {
+                                j.write(partition, &key, snapshot.clone())
+                            })
+                            .await
+                        {
+                            return o;
+                        }
+                    }
                 }
             }
             fault::point("before_step", step.name());

@@ -1,3 +1,4 @@
 //! Side-effect steps: where results leave Spillway.
 
+pub mod slack;
 pub mod webhook;

@@ -1,0 +1,352 @@
+//! The Slack sink: a message per event, through `chat.postMessage` with a bot token, or an
+//! incoming webhook.
+//!
+//! - **Template.** `text` is a minijinja template over `event`, `data` and `outputs`.
+//! - **Pacing.** Slack allows about one message per second per channel; posts to one channel
+//!   are spaced `pacing_ms` apart (default 1000), and a 429's `Retry-After` is honoured.
+//! - **Classification.** HTTP 429 and Slack's `ratelimited` are retried after `Retry-After`;
+//!   5xx, timeouts and Slack's transient errors are retried; `channel_not_found`,
+//!   `not_in_channel`, `is_archived`, `invalid_auth` and other permanent errors go to the DLQ
+//!   at once.
+//! - **Reconciliation** (bot mode). Each message carries the event's dedup key in its
+//!   metadata. The worker records the intent in the journal before the first post; when a
+//!   post is retried (its answer was lost after Slack accepted it) or an event comes back after
+//!   a crash with the intent recorded, the sink first looks the key up in the channel's recent
+//!   history (`conversations.history`) and, if the message is there, does not post again.
+//!   Incoming webhooks have no history to ask; there the journal alone prevents repeats.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::header::RETRY_AFTER;
+use reqwest::StatusCode;
+use serde_json::{json, Value as Json};
+
+use crate::config::{ConfigError, SlackConfig};
+use crate::llm::prompt::Prompt;
+use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+
+/// The metadata event type Spillway's messages carry.
+pub const METADATA_EVENT_TYPE: &str = "spillway_event";
+
+enum Target {
+    Bot {
+        api: String,
+        token: String,
+        channel: String,
+    },
+    Webhook {
+        url: reqwest::Url,
+    },
+}
+
+/// Posts one Slack message per event.
+pub struct SlackSink {
+    name: String,
+    target: Target,
+    text: Prompt,
+    client: reqwest::Client,
+    pacing: Duration,
+    history: u32,
+    /// Per channel: the earliest time the next post may go.
+    next_slot: Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl SlackSink {
+    /// Builds the sink; the token or webhook URL is resolved now and never logged.
+    pub fn new(config: &SlackConfig) -> Result<SlackSink, ConfigError> {
+        let key = |k: &str| format!("steps.{}.{k}", config.name);
+        let invalid = |k: &str, message: String| ConfigError::Invalid {
+            key: key(k),
+            message,
+        };
+        let target = match (&config.webhook_url, &config.token, &config.channel) {
+            (Some(url), None, None) => {
+                let url = url.resolve(&key("webhook_url"))?;
+                Target::Webhook {
+                    url: reqwest::Url::parse(&url)
+                        .map_err(|e| invalid("webhook_url", e.to_string()))?,
+                }
+            }
+            (None, Some(token), Some(channel)) => Target::Bot {
+                api: config.api_url.trim_end_matches('/').to_string(),
+                token: token.resolve(&key("token"))?,
+                channel: channel.clone(),
+            },
+            _ => {
+                return Err(invalid(
+                    "token",
+                    "set either webhook_url, or token and channel".into(),
+                ))
+            }
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
+            .build()
+            .map_err(|e| invalid("timeout_ms", e.to_string()))?;
+        Ok(SlackSink {
+            name: config.name.clone(),
+            target,
+            text: Prompt::new(&config.name, None, &config.text)?,
+            client,
+            pacing: Duration::from_millis(config.pacing_ms),
+            history: config.reconcile_history,
+            next_slot: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn channel_key(&self) -> String {
+        match &self.target {
+            Target::Bot { channel, .. } => channel.clone(),
+            Target::Webhook { url } => url.path().to_string(),
+        }
+    }
+
+    /// Waits for the channel's next free slot (one post per `pacing`).
+    async fn pace(&self) {
+        let wait_until = {
+            let mut slots = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            let slot = slots.entry(self.channel_key()).or_insert(now);
+            let at = (*slot).max(now);
+            *slot = at + self.pacing;
+            at
+        };
+        tokio::time::sleep_until(wait_until).await;
+    }
+
+    /// Whether a message carrying `dedup_key` is already in the channel's recent history.
+    async fn already_posted(
+        &self,
+        api: &str,
+        token: &str,
+        channel: &str,
+        dedup_key: &str,
+    ) -> Result<Option<String>, StepError> {
+        let mut url = reqwest::Url::parse(&format!("{api}/conversations.history"))
+            .map_err(|e| StepError::deterministic("slack_config", e.to_string()))?;
+        url.query_pairs_mut()
+            .append_pair("channel", channel)
+            .append_pair("limit", &self.history.to_string())
+            .append_pair("include_all_metadata", "true");
+        let response = self
+            .client
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(request_error)?;
+        let body = answer(response).await?;
+        Ok(body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| {
+                m["metadata"]["event_type"] == METADATA_EVENT_TYPE
+                    && m["metadata"]["event_payload"]["dedup_key"] == dedup_key
+            })
+            .map(|m| m["ts"].as_str().unwrap_or_default().to_string()))
+    }
+
+    async fn post(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+        let (_, text) = self
+            .text
+            .render(ctx)
+            .map_err(|e| StepError::deterministic("slack_template", e))?;
+        match &self.target {
+            Target::Bot {
+                api,
+                token,
+                channel,
+            } => {
+                if ctx.attempt > 1 || ctx.intent_recorded {
+                    if let Some(ts) = self
+                        .already_posted(api, token, channel, &ctx.dedup_key)
+                        .await?
+                    {
+                        tracing::info!(step = %self.name, "message already in the channel; not posting again");
+                        ctx.outputs.insert(
+                            self.name.clone(),
+                            json!({"channel": channel, "ts": ts, "reconciled": true}),
+                        );
+                        return Ok(());
+                    }
+                }
+                self.pace().await;
+                let response = self
+                    .client
+                    .post(format!("{api}/chat.postMessage"))
+                    .bearer_auth(token)
+                    .json(&json!({
+                        "channel": channel,
+                        "text": text,
+                        "metadata": {
+                            "event_type": METADATA_EVENT_TYPE,
+                            "event_payload": {"dedup_key": ctx.dedup_key},
+                        },
+                    }))
+                    .send()
+                    .await
+                    .map_err(request_error)?;
+                let body = answer(response).await?;
+                ctx.outputs.insert(
+                    self.name.clone(),
+                    json!({"channel": body["channel"], "ts": body["ts"]}),
+                );
+                Ok(())
+            }
+            Target::Webhook { url } => {
+                self.pace().await;
+                let response = self
+                    .client
+                    .post(url.clone())
+                    .json(&json!({ "text": text }))
+                    .send()
+                    .await
+                    .map_err(request_error)?;
+                let status = response.status();
+                let after = retry_after(&response);
+                let body = response.text().await.unwrap_or_default();
+                classify_webhook(status, after, body.trim())
+            }
+        }
+    }
+}
+
+fn request_error(e: reqwest::Error) -> StepError {
+    let code = if e.is_timeout() {
+        "slack_timeout"
+    } else {
+        "slack_connect"
+    };
+    StepError::transient(code, format!("{code}: {}", e.without_url()))
+}
+
+fn retry_after(r: &reqwest::Response) -> Option<Duration> {
+    let v = r.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Reads a Web API answer: HTTP status first, then Slack's `ok` and `error`.
+async fn answer(response: reqwest::Response) -> Result<Json, StepError> {
+    let status = response.status();
+    let after = retry_after(&response);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(rate_limited(after));
+    }
+    if status.is_server_error() {
+        return Err(StepError::transient(
+            "slack_unavailable",
+            format!("slack answered {status}"),
+        ));
+    }
+    let body: Json = response.json().await.map_err(|e| {
+        StepError::transient("slack_unavailable", format!("unreadable answer: {e}"))
+    })?;
+    if body["ok"] == true {
+        return Ok(body);
+    }
+    let error = body["error"]
+        .as_str()
+        .unwrap_or("unknown_error")
+        .to_string();
+    Err(classify_error(&error, after))
+}
+
+fn rate_limited(after: Option<Duration>) -> StepError {
+    StepError::retry_after(
+        "slack_rate_limited",
+        "slack rate limit",
+        after.unwrap_or(Duration::from_secs(1)),
+    )
+}
+
+/// Slack Web API error codes: transient ones are retried, the rest dead-letter at once.
+pub fn classify_error(error: &str, after: Option<Duration>) -> StepError {
+    match error {
+        "ratelimited" | "rate_limited" => rate_limited(after),
+        "internal_error" | "fatal_error" | "service_unavailable" | "request_timeout" => {
+            StepError::transient("slack_unavailable", format!("slack error {error}"))
+        }
+        "channel_not_found" | "not_in_channel" | "is_archived" => {
+            StepError::deterministic("slack_channel", format!("slack error {error}"))
+        }
+        "invalid_auth" | "not_authed" | "account_inactive" | "token_revoked" | "missing_scope" => {
+            StepError::deterministic("slack_auth", format!("slack error {error}"))
+        }
+        other => StepError::deterministic("slack_rejected", format!("slack error {other}")),
+    }
+}
+
+/// Incoming webhooks answer `ok` as text, or an error code with a 4xx.
+fn classify_webhook(
+    status: StatusCode,
+    after: Option<Duration>,
+    body: &str,
+) -> Result<(), StepError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(rate_limited(after));
+    }
+    if status.is_server_error() {
+        return Err(StepError::transient(
+            "slack_unavailable",
+            format!("slack answered {status}"),
+        ));
+    }
+    Err(classify_error(body, after))
+}
+
+impl Step for SlackSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.post(ctx))
+    }
+
+    fn records_intent(&self) -> bool {
+        matches!(self.target, Target::Bot { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::step::Action;
+
+    #[test]
+    fn slack_errors_are_classified_per_conventions() {
+        let e = classify_error("ratelimited", Some(Duration::from_secs(7)));
+        assert_eq!(
+            e.action,
+            Action::Retry {
+                after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(
+            classify_error("channel_not_found", None).action,
+            Action::DeadLetter
+        );
+        assert_eq!(
+            classify_error("invalid_auth", None).action,
+            Action::DeadLetter
+        );
+        assert!(matches!(
+            classify_error("internal_error", None).action,
+            Action::Retry { .. }
+        ));
+        assert!(classify_webhook(StatusCode::OK, None, "ok").is_ok());
+        assert_eq!(
+            classify_webhook(StatusCode::NOT_FOUND, None, "channel_not_found")
+                .unwrap_err()
+                .code,
+            "slack_channel"
+        );
+    }
+}
