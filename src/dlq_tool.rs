@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -176,7 +176,7 @@ fn client(config: &Config) -> Result<rdkafka::ClientConfig, DlqToolError> {
     Ok(c)
 }
 
-fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, DlqToolError> {
+fn partitions(consumer: &crate::kafka::Reader, topic: &str) -> Result<i32, DlqToolError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(md
         .topics()
@@ -188,7 +188,7 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, DlqToolError>
 /// Reads the DLQ from where `consumer` is assigned to the end of every partition, calling
 /// `each` per record; `each` returns false to stop early.
 fn read_to_end(
-    consumer: &BaseConsumer,
+    consumer: &crate::kafka::Reader,
     count: i32,
     mut each: impl FnMut(OwnedMessage) -> Result<bool, DlqToolError>,
 ) -> Result<(), DlqToolError> {
@@ -218,7 +218,7 @@ fn read_to_end(
 pub fn list(config: &Config, filter: &Filter, limit: usize) -> Result<Vec<Json>, DlqToolError> {
     let mut c = client(config)?;
     c.set("group.id", "spillway-dlq-list");
-    let consumer: BaseConsumer = c.create()?;
+    let consumer: crate::kafka::Reader = c.create_with_context(crate::kafka::ReaderContext)?;
     let topic = &config.dlq.topic;
     let count = partitions(&consumer, topic)?;
     let mut tpl = TopicPartitionList::new();
@@ -240,7 +240,7 @@ pub fn list(config: &Config, filter: &Filter, limit: usize) -> Result<Vec<Json>,
 pub fn show(config: &Config, partition: i32, offset: i64) -> Result<Json, DlqToolError> {
     let mut c = client(config)?;
     c.set("group.id", "spillway-dlq-show");
-    let consumer: BaseConsumer = c.create()?;
+    let consumer: crate::kafka::Reader = c.create_with_context(crate::kafka::ReaderContext)?;
     let topic = config.dlq.topic.clone();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
@@ -299,7 +299,7 @@ pub struct ReplaySummary {
 pub async fn replay(config: &Config, opts: &ReplayOptions) -> Result<ReplaySummary, DlqToolError> {
     let mut c = client(config)?;
     c.set("group.id", &opts.group);
-    let consumer: BaseConsumer = c.create()?;
+    let consumer: crate::kafka::Reader = c.create_with_context(crate::kafka::ReaderContext)?;
     let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)?.create()?;
     let topic = config.dlq.topic.clone();
     let count = partitions(&consumer, &topic)?;
@@ -332,15 +332,16 @@ pub async fn replay(config: &Config, opts: &ReplayOptions) -> Result<ReplaySumma
         Ok(true)
     })?;
     for m in records {
-        let handled = |consumer: &BaseConsumer, m: &OwnedMessage| -> Result<(), DlqToolError> {
-            if opts.dry_run {
-                return Ok(());
-            }
-            let mut done = TopicPartitionList::new();
-            done.add_partition_offset(&topic, m.partition(), Offset::Offset(m.offset() + 1))?;
-            consumer.commit(&done, CommitMode::Sync)?;
-            Ok(())
-        };
+        let handled =
+            |consumer: &crate::kafka::Reader, m: &OwnedMessage| -> Result<(), DlqToolError> {
+                if opts.dry_run {
+                    return Ok(());
+                }
+                let mut done = TopicPartitionList::new();
+                done.add_partition_offset(&topic, m.partition(), Offset::Offset(m.offset() + 1))?;
+                consumer.commit(&done, CommitMode::Sync)?;
+                Ok(())
+            };
         if !opts.filter.matches(&m) {
             summary.not_matching += 1;
             handled(&consumer, &m)?;

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -373,7 +373,7 @@ fn read_partition(
     timeout: Duration,
 ) -> Result<Vec<OwnedMessage>, JournalError> {
     const IDLE: Duration = Duration::from_millis(300);
-    let consumer: BaseConsumer = client.create()?;
+    let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
     let deadline = Instant::now() + timeout;
     let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     let mut tpl = TopicPartitionList::new();

@@ -143,3 +143,25 @@ pub async fn create_missing_topics(
     }
     Ok(())
 }
+
+/// Client context for the tools' readers (`dlq`, `status`), which read to the end of
+/// partitions: librdkafka may report reaching the end as a client-level `PartitionEOF`
+/// error, which is expected there and is not logged as one.
+pub struct ReaderContext;
+
+impl rdkafka::client::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            tracing::debug!(reason, "end of partition");
+        } else {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
+/// A consumer for reading partitions to their end, with [`ReaderContext`].
+pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -105,7 +105,7 @@ pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, Stat
         .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = client.create()?;
+    let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
     let mut partitions = Vec::new();
     for topic in &config.kafka.topics {
         let count = partition_count(&consumer, topic, timeout)?;
@@ -153,7 +153,7 @@ pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, Stat
 }
 
 fn partition_count(
-    consumer: &BaseConsumer,
+    consumer: &crate::kafka::Reader,
     topic: &str,
     timeout: Duration,
 ) -> Result<i32, StatusError> {
@@ -172,7 +172,7 @@ fn partition_count(
 /// The DLQ's size, and the timestamp of the first record of each non-empty partition.
 fn dlq_status(
     client: &rdkafka::ClientConfig,
-    consumer: &BaseConsumer,
+    consumer: &crate::kafka::Reader,
     topic: &str,
     timeout: Duration,
 ) -> Result<DlqStatus, StatusError> {
@@ -189,7 +189,8 @@ fn dlq_status(
     // processor group's offsets.
     let mut reader_config = client.clone();
     reader_config.set("group.id", "spillway-status-reader");
-    let reader: BaseConsumer = reader_config.create()?;
+    let reader: crate::kafka::Reader =
+        reader_config.create_with_context(crate::kafka::ReaderContext)?;
     reader.assign(&tpl)?;
     let (mut done, deadline) = (
         std::collections::HashSet::new(),
