@@ -310,7 +310,27 @@ requests_per_minute = 10000000
             {
                 break killed.elapsed();
             }
-            if killed.elapsed() > Duration::from_secs(120) {
+            // tansu 0.6 sometimes hands the restarted member no partitions (its group
+            // coordinator keeps the killed member); no progress for 30 s means that, so
+            // restart once more and say so. The time still counts as recovery.
+            let stalled = samples
+                .iter()
+                .rev()
+                .find(|(t, _)| t.elapsed() >= Duration::from_secs(30))
+                .is_some_and(|(_, n)| *n == effects(&seen));
+            if stalled {
+                println!(
+                    "  kill {}: no progress 30 s after the restart (no partitions assigned); restarting again",
+                    k + 1
+                );
+                // SAFETY: kill(2) has no memory preconditions.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                child = spawn_processor(&config, &log);
+                samples.push((Instant::now(), effects(&seen)));
+                samples.retain(|(t, _)| t.elapsed() < Duration::from_secs(1));
+            }
+            if killed.elapsed() > Duration::from_secs(300) {
                 break killed.elapsed();
             }
         };
