@@ -716,10 +716,17 @@ fn verify(bootstrap: &str, topic: &str, prefix: &str, what: &str, accepted: &[us
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // BENCH_SERVER_THREADS: tokio worker threads of the serving children (default: one per
+    // core), to see what cross-thread wakeups cost.
+    if let Some(n) = std::env::var("BENCH_SERVER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|_| args.get(1).is_some_and(|a| a.starts_with("serve-")))
+    {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.enable_all().build().expect("runtime");
     match args.get(1).map(String::as_str) {
         Some("serve-hmac") => runtime.block_on(serve_hmac(args[2].parse().expect("addr"))),
         Some("serve-ingress") => runtime.block_on(serve_ingress(&args[2])),
