@@ -54,8 +54,8 @@ fn event(key: &str, id: &str) -> Rec {
     }
 }
 
-/// Runs `spillway dlq <args>` and returns its stdout lines as JSON.
-fn dlq(config: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
+/// Runs `spillway dlq <args>` (the config inserted after the subcommand); returns stdout.
+fn run_dlq(config: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
         .arg("dlq")
         .arg(args[0])
@@ -69,27 +69,20 @@ fn dlq(config: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
         "dlq {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `spillway dlq <args>`'s stdout lines, each a JSON value.
+fn dlq(config: &std::path::Path, args: &[&str]) -> Vec<serde_json::Value> {
+    run_dlq(config, args)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect()
 }
 
+/// `spillway dlq <args>`'s stdout as one JSON document.
 fn dlq_one(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .arg("dlq")
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .output()
-        .expect("run spillway dlq");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
+    serde_json::from_str(&run_dlq(config, args)).expect("JSON")
 }
 
 async fn wait_dlq(bootstrap: &str, dlq: &str, count: usize) -> Vec<rdkafka::message::OwnedMessage> {

@@ -1090,10 +1090,16 @@ async fn a_per_ip_limit_refuses_before_any_signature_work() {
     ing.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record() {
-    use rdkafka::mocking::MockCluster;
-    let mock = MockCluster::new(1).expect("mock cluster");
+/// A one-broker MockCluster (for outages and injected errors) with the webhook topic in
+/// `partitions` partitions, and a real registry.
+fn mock_setup(
+    partitions: i32,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Registry,
+    Setup,
+) {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     let registry = Registry::start();
     let s = Setup {
         bootstrap: mock.bootstrap_servers(),
@@ -1101,8 +1107,14 @@ async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record
         topic: unique("mock-webhooks"),
         other_topic: unique("mock-gh"),
     };
-    mock.create_topic(&s.topic, 2, 1).unwrap();
+    mock.create_topic(&s.topic, partitions, 1).unwrap();
     mock.create_topic(&s.other_topic, 1, 1).unwrap();
+    (mock, registry, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record() {
+    let (mock, _registry, s) = mock_setup(2);
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -1198,18 +1210,8 @@ async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_produce_errors_are_retried_inside_the_delivery_timeout_without_duplicates() {
-    use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let registry = Registry::start();
-    let s = Setup {
-        bootstrap: mock.bootstrap_servers(),
-        registry: registry.url(),
-        topic: unique("mock-webhooks"),
-        other_topic: unique("mock-gh"),
-    };
-    mock.create_topic(&s.topic, 1, 1).unwrap();
-    mock.create_topic(&s.other_topic, 1, 1).unwrap();
+    let (mock, _registry, s) = mock_setup(1);
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     // The next produce requests fail with retriable errors.
     mock.request_errors(

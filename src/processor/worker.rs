@@ -234,6 +234,22 @@ impl Worker {
         }
     }
 
+    /// Writes `entry` to the journal partition of `record`'s partition, retrying until Kafka
+    /// acknowledges it (or shutdown abandons the record).
+    async fn write_entry(
+        &self,
+        journal: &Journal,
+        record: &OwnedMessage,
+        key: &str,
+        entry: &Entry,
+    ) -> Result<(), Outcome> {
+        let partition = record.partition();
+        self.journal_retry("journal_write", || {
+            journal.write(partition, key, entry.clone())
+        })
+        .await
+    }
+
     async fn run_steps(
         &self,
         record: &Arc<OwnedMessage>,
@@ -262,14 +278,7 @@ impl Worker {
                         ctx.intent_recorded = true;
                     } else {
                         entry.intents.push(step.name().to_string());
-                        let (key, partition, snapshot) =
-                            (ctx.dedup_key.clone(), record.partition(), entry.clone());
-                        if let Err(o) = self
-                            .journal_retry("journal_write", || {
-                                j.write(partition, &key, snapshot.clone())
-                            })
-                            .await
-                        {
+                        if let Err(o) = self.write_entry(j, record, &ctx.dedup_key, entry).await {
                             return o;
                         }
                     }
@@ -380,14 +389,7 @@ impl Worker {
                 let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
                 entry.steps.insert(step.name().to_string(), output);
                 entry.done = done;
-                let (key, partition, snapshot) =
-                    (ctx.dedup_key.clone(), record.partition(), entry.clone());
-                if let Err(o) = self
-                    .journal_retry("journal_write", || {
-                        j.write(partition, &key, snapshot.clone())
-                    })
-                    .await
-                {
+                if let Err(o) = self.write_entry(j, record, &ctx.dedup_key, entry).await {
                     return o;
                 }
                 fault::point(
