@@ -22,6 +22,16 @@ cleanup() {
   scripts/broker.sh stop || true
 }
 trap cleanup EXIT
+# wait_ready NAME PID PORT: until http://127.0.0.1:PORT/readyz answers 2xx (30 s), or the
+# process exits (then its log tail is shown).
+wait_ready() {
+  for _ in $(seq 1 300); do
+    curl -fs "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "$1 exited:"; tail -30 "$RUN/$1.log"; exit 1; }
+    sleep 0.1
+  done
+  echo "$1 was not ready within 30 s"; tail -30 "$RUN/$1.log"; exit 1
+}
 
 echo "== building (release)"
 cargo build --release --quiet --bin spillway -p spillway --bin demo -p spillway-load-tests
@@ -42,11 +52,7 @@ echo "== processor: config/example.toml with SPILLWAY_KAFKA__BROKERS=127.0.0.1:$
 SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \
   target/release/spillway processor --config config/example.toml \
   >"$RUN/processor.log" 2>&1 & proc=$!; pids+=($proc)
-for _ in $(seq 1 300); do
-  curl -fs http://127.0.0.1:9464/readyz >/dev/null 2>&1 && break
-  kill -0 "$proc" 2>/dev/null || { echo "processor exited:"; tail -30 "$RUN/processor.log"; exit 1; }
-  sleep 0.1
-done
+wait_ready processor "$proc" 9464
 
 # A demo secret; a real one comes from the sender's dashboard.
 export BLOG_WEBHOOK_SECRET="whsec_c3BpbGx3YXktbG9jYWwtZGVtby1zZWNyZXQtMzJieXQ="
@@ -54,11 +60,7 @@ echo "== ingress: config/ingress-local.toml, plain HTTP on 127.0.0.1:8088"
 SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT" \
   target/release/spillway ingress --config config/ingress-local.toml \
   >"$RUN/ingress.log" 2>&1 & ingress=$!; pids+=($ingress)
-for _ in $(seq 1 300); do
-  curl -fs http://127.0.0.1:9465/readyz >/dev/null 2>&1 && break
-  kill -0 "$ingress" 2>/dev/null || { echo "ingress exited:"; tail -30 "$RUN/ingress.log"; exit 1; }
-  sleep 0.1
-done
+wait_ready ingress "$ingress" 9465
 
 echo "== a tampered webhook is refused:"
 curl -s -X POST http://127.0.0.1:8088/webhooks/blog -H 'content-type: application/json' \

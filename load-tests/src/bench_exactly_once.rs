@@ -23,10 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use spillway_load_tests::{create_topic, start_broker};
+use spillway_load_tests::{create_topic, produce_events, start_broker, Events};
 
 const KEYS: u64 = 1_000;
 const PARTITIONS: i32 = 12;
@@ -78,63 +75,6 @@ async fn receiver() -> (SocketAddr, Arc<Mutex<Seen>>) {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     (addr, seen)
-}
-
-async fn produce(bootstrap: &str, topic: &str, events: u64) {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    let mut pending = Vec::with_capacity(4096);
-    for i in 0..events {
-        let key = format!("k{}", i % KEYS);
-        let value = format!(
-            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
-            i / KEYS
-        );
-        let id = format!("evt-{i}");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "ce_source",
-                value: Some("/bench"),
-            })
-            .insert(Header {
-                key: "ce_type",
-                value: Some("com.example.comment"),
-            })
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            });
-        let f = p
-            .send_result(
-                FutureRecord::to(topic)
-                    .key(&key)
-                    .payload(&value)
-                    .headers(headers),
-            )
-            .map_err(|(e, _)| e)
-            .expect("enqueue");
-        pending.push(f);
-        if pending.len() == 4096 {
-            for f in pending.drain(..) {
-                f.await.expect("future").expect("delivered");
-            }
-        }
-    }
-    for f in pending {
-        f.await.expect("future").expect("delivered");
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
 }
 
 fn spawn_processor(config: &std::path::Path, log: &std::path::Path) -> Child {
@@ -197,7 +137,19 @@ async fn run(run: usize, events: u64, bootstrap: &str, kills: usize) {
     create_topic(bootstrap, &journal, PARTITIONS).await;
     create_topic(bootstrap, &dlq, 1).await;
     let started = Instant::now();
-    produce(bootstrap, &topic, events).await;
+    produce_events(
+        bootstrap,
+        &topic,
+        &Events {
+            count: events,
+            keys: KEYS,
+            key_prefix: "k",
+            id_prefix: "evt-",
+            source: "/bench",
+            text_prefix: "comment ",
+        },
+    )
+    .await;
     println!(
         "run {run}: produced {events} events over {KEYS} keys in {:.1} s",
         started.elapsed().as_secs_f64()

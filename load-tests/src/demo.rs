@@ -14,10 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
 
 #[derive(Parser)]
 struct Cli {
@@ -125,54 +121,19 @@ async fn sink(addr: &str) {
 }
 
 async fn produce(brokers: &str, topic: &str, count: u64, keys: u64) {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
-    let mut pending = Vec::new();
-    for i in 0..count {
-        let key = format!("customer-{}", i % keys);
-        let value = format!(
-            r#"{{"key":"{key}","seq":{},"text":"demo comment {i}"}}"#,
-            i / keys
-        );
-        let id = format!("demo:{i}");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "ce_source",
-                value: Some("/demo"),
-            })
-            .insert(Header {
-                key: "ce_type",
-                value: Some("com.example.comment"),
-            })
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            });
-        let f = p
-            .send_result(
-                FutureRecord::to(topic)
-                    .key(&key)
-                    .payload(&value)
-                    .headers(headers),
-            )
-            .map_err(|(e, _)| e)
-            .expect("enqueue");
-        pending.push(f);
-    }
-    for f in pending {
-        f.await.expect("future").expect("delivered");
-    }
-    p.flush(Timeout::After(Duration::from_secs(30)))
-        .expect("flush");
+    spillway_load_tests::produce_events(
+        brokers,
+        topic,
+        &spillway_load_tests::Events {
+            count,
+            keys,
+            key_prefix: "customer-",
+            id_prefix: "demo:",
+            source: "/demo",
+            text_prefix: "demo comment ",
+        },
+    )
+    .await;
     println!("produced {count} events to {topic}");
 }
 
