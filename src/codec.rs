@@ -19,7 +19,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 use serde::Serialize;
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
 use crate::config::{CodecConfig, CodecFormat};
 
@@ -240,23 +240,106 @@ impl EnvelopeEncoder {
             ("received_at", received),
             ("data", AvroValue::String(e.data.to_string())),
         ];
-        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
-            topic.to_string(),
-            false,
-            SuppliedSchema::new(
-                Some("io.spillway.Event".into()),
-                SchemaType::Avro,
-                ENVELOPE_SCHEMA.to_string(),
-            ),
-        );
-        self.encoder.encode(fields, strategy).await.map_err(|e| {
-            let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
-            if !e.retriable && text.contains("status 4") {
-                CodecError::EncodeRejected(e.error)
-            } else {
-                CodecError::RegistryUnavailable(e.error)
-            }
+        encode_record(
+            &self.encoder,
+            topic,
+            "io.spillway.Event",
+            ENVELOPE_SCHEMA,
+            fields,
+        )
+        .await
+    }
+}
+
+/// Encodes `fields` as Confluent-framed Avro of `schema`, registered under `<topic>-value`.
+async fn encode_record(
+    encoder: &AvroEncoder,
+    topic: &str,
+    name: &str,
+    schema: &str,
+    fields: Vec<(&'static str, AvroValue)>,
+) -> Result<Vec<u8>, CodecError> {
+    let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+        topic.to_string(),
+        false,
+        SuppliedSchema::new(Some(name.into()), SchemaType::Avro, schema.to_string()),
+    );
+    encoder.encode(fields, strategy).await.map_err(|e| {
+        let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
+        if !e.retriable && text.contains("status 4") {
+            CodecError::EncodeRejected(e.error)
+        } else {
+            CodecError::RegistryUnavailable(e.error)
+        }
+    })
+}
+
+/// The Avro result record, `schemas/result.avsc`.
+pub const RESULT_SCHEMA: &str = include_str!("../schemas/result.avsc");
+
+/// One event's result as the Kafka result-topic sink writes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRecord<'a> {
+    /// `<source>|<id>`; also the record key.
+    pub dedup_key: &'a str,
+    /// The event.
+    #[serde(flatten)]
+    pub event: &'a Event,
+    /// Where the event was read from.
+    pub input_topic: &'a str,
+    /// Its partition.
+    pub input_partition: i32,
+    /// Its offset.
+    pub input_offset: i64,
+    /// When the sink ran, in unix milliseconds.
+    pub processed_at: i64,
+    /// Earlier steps' outputs, by step name.
+    pub outputs: &'a Map<String, Json>,
+}
+
+/// Encodes [`ResultRecord`]s as Confluent-framed Avro of `schemas/result.avsc` (subject
+/// `<topic>-value`), with the same schema-id caching as [`EnvelopeEncoder`].
+pub struct ResultEncoder {
+    encoder: AvroEncoder,
+}
+
+impl ResultEncoder {
+    /// An encoder against the registry at `url`.
+    pub fn new(url: &str, timeout: Duration) -> Result<ResultEncoder, CodecError> {
+        let settings = SrSettings::new_builder(url.to_string())
+            .set_timeout(timeout)
+            .build()
+            .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
+        Ok(ResultEncoder {
+            encoder: AvroEncoder::new(settings),
         })
+    }
+
+    /// Encodes one result for `topic`.
+    pub async fn encode(&self, topic: &str, r: &ResultRecord<'_>) -> Result<Vec<u8>, CodecError> {
+        let fields = vec![
+            ("dedup_key", AvroValue::String(r.dedup_key.to_string())),
+            ("id", AvroValue::String(r.event.id.clone())),
+            ("source", AvroValue::String(r.event.source.clone())),
+            ("type", AvroValue::String(r.event.event_type.clone())),
+            ("input_topic", AvroValue::String(r.input_topic.to_string())),
+            ("input_partition", AvroValue::Int(r.input_partition)),
+            ("input_offset", AvroValue::Long(r.input_offset)),
+            ("processed_at", AvroValue::TimestampMillis(r.processed_at)),
+            (
+                "outputs",
+                AvroValue::String(Json::Object(r.outputs.clone()).to_string()),
+            ),
+            ("data", AvroValue::String(r.event.data.to_string())),
+        ];
+        encode_record(
+            &self.encoder,
+            topic,
+            "io.spillway.Result",
+            RESULT_SCHEMA,
+            fields,
+        )
+        .await
     }
 }
 

@@ -35,7 +35,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             message: message.into(),
@@ -236,6 +236,52 @@ pub enum StepConfig {
     Llm(LlmStepConfig),
     /// A Slack message: `chat.postMessage` with a bot token, or an incoming webhook.
     Slack(SlackConfig),
+    /// A result record on a Kafka topic, written in a transaction with the journal entry.
+    Kafka(KafkaSinkConfig),
+}
+
+/// The Kafka result-topic sink. Transactional (the default), it needs `[journal]`: the result
+/// record and the event's journal entry are written in one Kafka transaction, so a consumer
+/// reading the topic with `isolation.level=read_committed` sees exactly one result per dedup
+/// key. `transactional = false` is for brokers without transactions: the record is produced
+/// idempotently and acknowledged before the step finishes, so a crash can repeat it once
+/// (same key, same `ce_id`) for consumers to drop, like the webhook sink's repeat.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `kafka`.
+    #[serde(default = "default_kafka_sink_name")]
+    pub name: String,
+    /// The result topic. Records are keyed by the dedup key.
+    pub topic: String,
+    /// `avro` (Confluent-framed `schemas/result.avsc`; needs `codec.schema_registry_url`) or
+    /// `json` (the same fields as a JSON object).
+    #[serde(default = "default_result_format")]
+    pub format: ResultFormat,
+    /// Write the result and the journal entry in one transaction (needs a broker with Kafka
+    /// transactions: Apache Kafka, Confluent, Redpanda; not tansu 0.6, which lacks EndTxn).
+    #[serde(default = "default_true")]
+    pub transactional: bool,
+}
+
+/// How the result-topic sink encodes its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultFormat {
+    /// Confluent-framed Avro of `schemas/result.avsc`.
+    Avro,
+    /// A JSON object with the fields of `schemas/result.avsc`.
+    Json,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_kafka_sink_name() -> String {
+    "kafka".to_string()
+}
+fn default_result_format() -> ResultFormat {
+    ResultFormat::Avro
 }
 
 /// The Slack sink. Set `webhook_url`, or `token` and `channel`.
@@ -592,6 +638,8 @@ pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.partition.eof",
     "acks",
     "message.timeout.ms",
+    "transactional.id",
+    "isolation.level",
 ];
 
 fn default_session_timeout_ms() -> u64 {
@@ -891,6 +939,7 @@ impl Config {
                     }
                 }
                 StepConfig::Llm(l) => self.validate_llm_step(i, l)?,
+                StepConfig::Kafka(c) => self.validate_kafka_sink(i, c)?,
                 StepConfig::Slack(c) => {
                     let bot = c.token.is_some() && c.channel.is_some();
                     if bot == c.webhook_url.is_some() || (c.token.is_some() != c.channel.is_some())
@@ -940,6 +989,34 @@ impl Config {
             return Err(ConfigError::invalid(
                 "journal.max_entries",
                 "max_entries and restore_timeout_ms must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_kafka_sink(&self, i: usize, c: &KafkaSinkConfig) -> Result<(), ConfigError> {
+        if c.transactional && self.journal.is_none() {
+            return Err(ConfigError::invalid(
+                format!("steps[{i}]"),
+                "the kafka sink writes its result and the journal entry in one transaction; \
+                 configure [journal] (or set transactional = false for at-least-once)",
+            ));
+        }
+        let journal_topic = self.journal.as_ref().map(|j| j.topic.as_str());
+        if c.topic.trim().is_empty()
+            || self.kafka.topics.contains(&c.topic)
+            || c.topic == self.dlq.topic
+            || Some(c.topic.as_str()) == journal_topic
+        {
+            return Err(ConfigError::invalid(
+                format!("steps[{i}].topic"),
+                "must be set and differ from the input, DLQ and journal topics",
+            ));
+        }
+        if c.format == ResultFormat::Avro && self.codec.schema_registry_url.is_none() {
+            return Err(ConfigError::invalid(
+                format!("steps[{i}].format"),
+                "\"avro\" needs codec.schema_registry_url (or set format = \"json\")",
             ));
         }
         Ok(())

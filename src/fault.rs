@@ -4,7 +4,9 @@
 //! - `before_step`: before the step's first attempt (e.g. before the LLM call);
 //! - `after_step`: the step succeeded, its journal entry is not written yet;
 //! - `after_journal`: the entry is durable, the next step has not started;
-//! - `after_done`: the event's final entry (`done`) is durable, its offset is not stored.
+//! - `after_done`: the event's final entry (`done`) is durable, its offset is not stored;
+//! - `before_commit`: a transaction's records (a Kafka sink's result and its journal entry)
+//!   are written, the transaction is not committed.
 //!
 //! Testing only; never set it in production. Unset, a check is one relaxed atomic load.
 

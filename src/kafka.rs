@@ -74,6 +74,18 @@ pub fn producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
     Ok(c)
 }
 
+/// A transactional producer (the result-topic sink and its journal entries); the caller sets
+/// `transactional.id`. `transaction.timeout.ms` is at least the delivery timeout, as
+/// librdkafka requires.
+pub fn transactional_producer_config(k: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut c = producer_config(k)?;
+    c.set(
+        "transaction.timeout.ms",
+        k.message_timeout_ms.max(60_000).to_string(),
+    );
+    Ok(c)
+}
+
 /// The ingress producer: idempotent, `acks=all`, every delivery report within
 /// `message_timeout_ms`, batching for at most `linger_ms` (it adds to each response).
 pub fn ingress_producer_config(k: &ProducerConfig) -> Result<ClientConfig, ConfigError> {

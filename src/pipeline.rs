@@ -24,6 +24,11 @@ pub fn build(
             match s {
                 StepConfig::Webhook(w) => Ok(Arc::new(WebhookSink::new(w)?)),
                 StepConfig::Slack(c) => Ok(Arc::new(crate::sink::slack::SlackSink::new(c)?)),
+                StepConfig::Kafka(c) => Ok(Arc::new(crate::sink::kafka::KafkaSink::new(
+                    c,
+                    &config.codec,
+                    &config.kafka,
+                )?)),
                 StepConfig::Llm(l) => Ok(Arc::new(LlmStep::new(
                     l,
                     &config.llm,

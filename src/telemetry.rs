@@ -93,6 +93,10 @@ pub struct Metrics {
     pub journal_restores: Histogram,
     /// Events that waited for another copy of themselves to finish.
     pub journal_waits: IntCounter,
+    /// Kafka transactions of sink records with their journal entries, by outcome.
+    pub journal_transactions: IntCounterVec,
+    /// Records per transaction (group commit: every request waiting in the lane).
+    pub journal_transaction_records: Histogram,
     /// LLM collectors.
     pub llm: LlmMetrics,
 }
@@ -289,6 +293,19 @@ impl Metrics {
             journal_waits: reg!(IntCounter::new(
                 "spillway_journal_waits_total",
                 "Events that waited for another copy of themselves to finish."
+            )
+            .expect("valid metric")),
+            journal_transactions: reg!(counter_vec(
+                "spillway_journal_transactions_total",
+                "Kafka transactions of sink records with their journal entries, by outcome (committed, aborted).",
+                &["outcome"]
+            )),
+            journal_transaction_records: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_journal_transaction_records",
+                    "Records per transaction: every request waiting in a partition's lane is committed together."
+                )
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 11).expect("valid buckets"))
             )
             .expect("valid metric")),
             llm: LlmMetrics {

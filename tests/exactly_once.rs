@@ -176,26 +176,6 @@ requests_per_minute = 60000
     )
 }
 
-async fn events_done(p: &SpillwayProc) -> f64 {
-    p.try_scrape()
-        .await
-        .map(|m| metric_sum(&m, "spillway_events_total"))
-        .unwrap_or(0.0)
-}
-
-/// Waits until `p` has finished `count` records (succeeded or skipped as duplicates).
-async fn wait_finished(p: &SpillwayProc, count: u64, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while events_done(p).await < count as f64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: timed out; log:\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_at_every_step_boundary_loses_nothing_and_repeats_no_side_effect() {
     const EVENTS: u64 = 30;
@@ -246,7 +226,7 @@ async fn a_sigkill_at_every_step_boundary_loses_nothing_and_repeats_no_side_effe
 
         // Restart without the fault: nothing was committed, so every record comes again.
         let p = SpillwayProc::spawn(&config);
-        wait_finished(&p, EVENTS, &fault).await;
+        p.wait_finished(EVENTS, &fault).await;
         let mut p = p;
         p.terminate();
 
@@ -303,7 +283,7 @@ async fn the_same_event_produced_three_times_upstream_costs_one_llm_call_and_one
     ];
     produce_all(&broker.bootstrap(), &n.topic, recs).await;
     let mut p = SpillwayProc::spawn(&toml(&broker, &n, &sim, sink));
-    wait_finished(&p, 7, "all copies handled").await;
+    p.wait_finished(7, "all copies handled").await;
     let metrics = p.try_scrape().await.unwrap_or_default();
     p.terminate();
     let effects = received.effects();
@@ -328,7 +308,7 @@ async fn dedup_state_survives_a_restart_and_a_partition_moving_to_another_instan
     .await;
     // Instance A processes everything and stops cleanly (its offsets are committed).
     let mut a = SpillwayProc::spawn(&config);
-    wait_finished(&a, 12, "instance A").await;
+    a.wait_finished(12, "instance A").await;
     a.terminate();
     assert_eq!(received.raw(), 12);
 
@@ -341,7 +321,7 @@ async fn dedup_state_survives_a_restart_and_a_partition_moving_to_another_instan
         (0..12).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
     )
     .await;
-    wait_finished(&b, 12, "instance B skips the duplicates").await;
+    b.wait_finished(12, "instance B skips the duplicates").await;
     let metrics = b.try_scrape().await.unwrap_or_default();
     b.terminate();
     assert_eq!(

@@ -765,6 +765,7 @@ fn context(text: &str) -> EventContext {
         outputs: serde_json::Map::new(),
         attempt: 1,
         spend: Spend::default(),
+        staged: Vec::new(),
     }
 }
 

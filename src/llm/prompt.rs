@@ -178,6 +178,7 @@ mod tests {
             outputs: serde_json::Map::new(),
             attempt: 1,
             spend: Spend::default(),
+            staged: Vec::new(),
         }
     }
 

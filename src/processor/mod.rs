@@ -124,6 +124,11 @@ impl Processor {
         if let Some(partitions) = config.kafka.create_topics_partitions {
             let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
             topics.push(&config.dlq.topic);
+            for step in &config.steps {
+                if let crate::config::StepConfig::Kafka(k) = step {
+                    topics.push(&k.topic);
+                }
+            }
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
             if let Some(j) = &config.journal {
                 crate::kafka::ensure_compacted_topic(&config.kafka, &j.topic, partitions).await?;
@@ -131,7 +136,15 @@ impl Processor {
         }
         let journal = match &config.journal {
             Some(j) => Some(Arc::new(
-                crate::journal::Journal::new(j, &config.kafka, metrics.clone()).await?,
+                crate::journal::Journal::new(
+                    j,
+                    &config.kafka,
+                    config.steps.iter().any(
+                        |s| matches!(s, crate::config::StepConfig::Kafka(k) if k.transactional),
+                    ),
+                    metrics.clone(),
+                )
+                .await?,
             )),
             None => None,
         };

@@ -237,7 +237,9 @@ impl Scheduler {
         // Every assignment starts unpaused, matching the fresh state below, unless the gate
         // is closed.
         if let Some(j) = &self.worker.journal {
-            j.assigned(parts.iter().map(|(_, p)| *p));
+            let input: Vec<(String, i32)> =
+                parts.iter().map(|(t, p)| (t.to_string(), *p)).collect();
+            j.assigned(&input);
         }
         let result = if self.gate_closed {
             self.consumer.pause(&tpl_of(&parts))
@@ -643,6 +645,15 @@ impl Scheduler {
                     self.partitions.remove(&**topic);
                 }
             }
+        }
+        if let Some(j) = &self.worker.journal {
+            // Aborted tasks cannot commit a transaction any more; close the lanes so the
+            // next owner's producer is the only one with these transactional ids.
+            let input: Vec<(String, i32)> = revoked
+                .iter()
+                .map(|((t, p), _)| (t.to_string(), *p))
+                .collect();
+            j.revoked(&input);
         }
         self.metrics
             .assigned_partitions

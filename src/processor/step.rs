@@ -119,6 +119,9 @@ pub struct EventContext {
     pub intent_recorded: bool,
     /// What the event has cost so far across steps and attempts (LLM tokens and USD).
     pub spend: Spend,
+    /// Kafka records a step hands back instead of producing them itself (the result-topic
+    /// sink): the worker writes them in one transaction with the step's journal entry.
+    pub staged: Vec<crate::journal::txn::OutRecord>,
 }
 
 /// Tokens and money an event has spent, for the per-event histograms.

@@ -144,6 +144,7 @@ impl Worker {
             attempt: 0,
             intent_recorded: false,
             spend: Spend::default(),
+            staged: Vec::new(),
         };
         let outcome = match self.journal.clone() {
             None => self.run_steps(&record, &mut ctx, None).await,
@@ -166,9 +167,9 @@ impl Worker {
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
     ) -> Outcome {
-        let partition = record.partition();
+        let (topic, partition) = (record.topic(), record.partition());
         if let Err(o) = self
-            .journal_retry("journal_restore", || journal.restore(partition))
+            .journal_retry("journal_restore", || journal.restore(topic, partition))
             .await
         {
             return o;
@@ -384,12 +385,34 @@ impl Worker {
                 }
             }
             fault::point("after_step", step.name());
+            if journal.is_none() && !ctx.staged.is_empty() {
+                // Config validation requires a journal for such steps; never drop records.
+                let failure = attempts.failure(
+                    "sink_needs_journal",
+                    format!("step.{}", step.name()),
+                    "spillway::processor::StepError",
+                    "this step writes Kafka records in a transaction and needs [journal]".into(),
+                    attempt,
+                );
+                return self.dead_letter(record, failure).await;
+            }
             if let Some((j, entry)) = journal.as_mut() {
                 let done = index + 1 == count;
                 let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
                 entry.steps.insert(step.name().to_string(), output);
                 entry.done = done;
-                if let Err(o) = self.write_entry(j, record, &ctx.dedup_key, entry).await {
+                let staged = std::mem::take(&mut ctx.staged);
+                let written = if staged.is_empty() {
+                    self.write_entry(j, record, &ctx.dedup_key, entry).await
+                } else {
+                    // The step's records and its entry commit in one transaction.
+                    let input = (record.topic(), record.partition());
+                    self.journal_retry("journal_transaction", || {
+                        j.write_atomic(input, &ctx.dedup_key, entry.clone(), step.name(), &staged)
+                    })
+                    .await
+                };
+                if let Err(o) = written {
                     return o;
                 }
                 fault::point(

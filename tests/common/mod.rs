@@ -793,6 +793,28 @@ impl SpillwayProc {
             .unwrap_or(0)
     }
 
+    /// Records finished (`spillway_events_total`: succeeded, dead-lettered or skipped), or 0
+    /// while /metrics is not up.
+    pub async fn events_finished(&self) -> f64 {
+        self.try_scrape()
+            .await
+            .map(|m| metric_sum(&m, "spillway_events_total"))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `count` records finished; after 90 s panics with the log.
+    pub async fn wait_finished(&self, count: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.events_finished().await < count as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: timed out; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Scrapes /metrics, or None while the endpoint is not up.
     pub async fn try_scrape(&self) -> Option<String> {
         reqwest::get(format!("http://{}/metrics", self.metrics))
@@ -973,4 +995,55 @@ pub fn text_rec(key: &str, text: &str) -> Rec {
         value: serde_json::json!({ "text": text }).to_string().into_bytes(),
         headers: vec![],
     }
+}
+
+/// Reads every partition of `topic` from the beginning to its end (`PartitionEOF` on each),
+/// at `isolation` (`read_committed` or `read_uncommitted`). With `read_committed` the end is
+/// the last stable offset: records of open or aborted transactions are never returned.
+pub fn read_to_eof(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
+    blocking(|| {
+        let c: spillway::kafka::Reader = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique("eof-reader"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", isolation)
+            .create_with_context(spillway::kafka::ReaderContext)
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        c.assign(&tpl).expect("assign");
+        let mut at_end = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (at_end.len() as i32) < partitions {
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: no end of partition within 60 s ({} of {partitions} partitions)",
+                at_end.len()
+            );
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    out.push(m.detach());
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
+    })
 }

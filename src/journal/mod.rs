@@ -16,6 +16,11 @@
 //!   its own deadline.
 //! - **In flight.** Two copies of one event running at once (duplicates with different Kafka
 //!   keys) would both miss the journal; the second waits for the first to finish instead.
+//! - **Transactions** ([`txn`]). A step whose effect is a Kafka record (the result-topic
+//!   sink) hands its records to the worker, which writes them and the step's entry in one
+//!   transaction. Restores read `read_committed`, so an aborted result never counts as done.
+
+pub mod txn;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,9 @@ pub enum JournalError {
         /// `journal.restore_timeout_ms`.
         timeout_ms: u64,
     },
+    /// A transaction (a Kafka sink's records with the journal entry) did not commit.
+    #[error("journal transaction: {0}")]
+    Transaction(String),
     /// The journal topic is missing or has no partitions.
     #[error("journal topic {0} does not exist or has no partitions; create it compacted (cleanup.policy=compact)")]
     MissingTopic(String),
@@ -106,6 +114,8 @@ pub struct Journal {
     /// One restore per journal partition per assignment; reset on assign.
     restored: Mutex<HashMap<i32, Arc<OnceCell<()>>>>,
     inflight: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Transactional lanes, when a step writes Kafka records with its entry.
+    txns: Option<txn::Transactions>,
     metrics: Arc<Metrics>,
 }
 
@@ -130,10 +140,13 @@ impl Drop for Claim<'_> {
 }
 
 impl Journal {
-    /// Connects to the journal topic and reads its partition count.
+    /// Connects to the journal topic and reads its partition count. With `transactional`,
+    /// entries that carry a sink's records are written in Kafka transactions
+    /// ([`Journal::write_atomic`]).
     pub async fn new(
         config: &JournalConfig,
         kafka: &KafkaConfig,
+        transactional: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Journal, JournalError> {
         let producer: FutureProducer = crate::kafka::producer_config(kafka)
@@ -146,6 +159,8 @@ impl Journal {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "50")
+            // Entries of aborted transactions (a result-topic sink's) must never count.
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
         let topic = config.topic.clone();
         let p = producer.clone();
@@ -176,6 +191,11 @@ impl Journal {
                 .build(),
             restored: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            txns: if transactional {
+                Some(txn::Transactions::new(kafka, metrics.clone())?)
+            } else {
+                None
+            },
             metrics,
         })
     }
@@ -212,18 +232,45 @@ impl Journal {
     }
 
     /// Input partitions were (re)assigned: their journal partitions are read again before
-    /// their next record, because another instance may have written to them meanwhile.
-    pub fn assigned(&self, input_partitions: impl IntoIterator<Item = i32>) {
-        let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
-        for p in input_partitions {
-            restored.remove(&self.journal_partition(p));
+    /// their next record, because another instance may have written to them meanwhile, and
+    /// their transactional lanes start over (fencing the previous owner).
+    pub fn assigned(&self, input_partitions: &[(String, i32)]) {
+        {
+            let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, p) in input_partitions {
+                restored.remove(&self.journal_partition(*p));
+            }
+        }
+        self.revoked(input_partitions);
+    }
+
+    /// Input partitions were revoked: their transactional producers are closed.
+    pub fn revoked(&self, input_partitions: &[(String, i32)]) {
+        if let Some(t) = &self.txns {
+            t.reset(input_partitions.iter().map(|(t, p)| (t.as_str(), *p)));
         }
     }
 
     /// Resolves once the journal partition of `input_partition` has been read to its high
-    /// watermark in this assignment. Concurrent callers share one restore.
-    pub async fn restore(&self, input_partition: i32) -> Result<(), JournalError> {
+    /// watermark in this assignment. Concurrent callers share one restore. With
+    /// transactions, the partition's lane first fences its previous owner, which aborts any
+    /// transaction a crashed owner left open (a `read_committed` read stops at it).
+    pub async fn restore(&self, topic: &str, input_partition: i32) -> Result<(), JournalError> {
         let jp = self.journal_partition(input_partition);
+        if let Some(t) = &self.txns {
+            let fenced_now = t
+                .prepare(topic, input_partition)
+                .await
+                .map_err(JournalError::Transaction)?;
+            if fenced_now {
+                // The previous owner may have committed until the fence, after another input
+                // partition sharing this journal partition was restored: read it again.
+                self.restored
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&jp);
+            }
+        }
         let cell = self
             .restored
             .lock()
@@ -348,6 +395,42 @@ impl Journal {
         self.metrics
             .journal_write_duration
             .observe(started.elapsed().as_secs_f64());
+        result?;
+        self.cache.insert(key.to_string(), Arc::new(entry));
+        Ok(())
+    }
+
+    /// Writes `entry` together with a sink's `records` in one Kafka transaction of the lane of
+    /// the input partition: both are visible to `read_committed` readers, or neither is.
+    pub async fn write_atomic(
+        &self,
+        input: (&str, i32),
+        key: &str,
+        entry: Entry,
+        step: &str,
+        records: &[txn::OutRecord],
+    ) -> Result<(), JournalError> {
+        let Some(txns) = &self.txns else {
+            return Err(JournalError::Transaction(
+                "the journal was built without transactions".into(),
+            ));
+        };
+        let mut all = records.to_vec();
+        all.push(txn::OutRecord {
+            topic: self.config.topic.clone(),
+            partition: Some(self.journal_partition(input.1)),
+            key: key.to_string(),
+            payload: serde_json::to_vec(&entry).unwrap_or_default(),
+            headers: Vec::new(),
+        });
+        let result = txns
+            .write(input.0, input.1, step, all)
+            .await
+            .map_err(JournalError::Transaction);
+        self.metrics
+            .journal_writes
+            .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+            .inc();
         result?;
         self.cache.insert(key.to_string(), Arc::new(entry));
         Ok(())

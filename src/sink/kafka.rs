@@ -1,0 +1,161 @@
+//! The Kafka result-topic sink: one result record per event (`schemas/result.avsc`, keyed by
+//! the dedup key).
+//!
+//! - **Transactional** (default). The step only renders the record and hands it to the worker
+//!   (`ctx.staged`); the worker commits it in one Kafka transaction with the entry that marks
+//!   the step finished ([`crate::journal::Journal::write_atomic`]). A crash before the commit
+//!   leaves nothing visible to `read_committed` readers and the event runs the step again; a
+//!   crash after it leaves a journal entry that makes the redelivery skip the step. Either
+//!   way a `read_committed` consumer of the result topic sees one result per dedup key.
+//! - **`transactional = false`**, for brokers without transactions. The step produces the
+//!   record itself (idempotent, `acks=all`) and finishes once Kafka acknowledged it. A crash
+//!   between the ack and the journal entry repeats the record once, with the same key and
+//!   `ce_id`; a compacted result topic or a consumer keyed on `ce_id` drops it.
+
+use std::time::Duration;
+
+use crate::codec::{CodecError, ResultEncoder, ResultRecord};
+use crate::config::{CodecConfig, ConfigError, KafkaSinkConfig, ResultFormat};
+use crate::journal::txn::OutRecord;
+use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+
+/// Renders each event's result for the result topic.
+pub struct KafkaSink {
+    name: String,
+    topic: String,
+    encoder: Option<ResultEncoder>,
+    /// The producer of the non-transactional mode.
+    direct: Option<FutureProducer>,
+}
+
+impl KafkaSink {
+    /// Builds the sink; Avro needs the codec's schema registry.
+    pub fn new(
+        config: &KafkaSinkConfig,
+        codec: &CodecConfig,
+        kafka: &crate::config::KafkaConfig,
+    ) -> Result<Self, ConfigError> {
+        let encoder = match config.format {
+            ResultFormat::Json => None,
+            ResultFormat::Avro => {
+                let url = codec.schema_registry_url.as_deref().ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("steps.{}.format", config.name),
+                        "\"avro\" needs codec.schema_registry_url",
+                    )
+                })?;
+                Some(
+                    ResultEncoder::new(
+                        url,
+                        Duration::from_millis(codec.schema_registry_timeout_ms),
+                    )
+                    .map_err(|e| {
+                        ConfigError::invalid("codec.schema_registry_url", e.to_string())
+                    })?,
+                )
+            }
+        };
+        let direct = if config.transactional {
+            None
+        } else {
+            Some(
+                crate::kafka::producer_config(kafka)?
+                    .create()
+                    .map_err(|e| {
+                        ConfigError::invalid(format!("steps.{}", config.name), e.to_string())
+                    })?,
+            )
+        };
+        Ok(KafkaSink {
+            name: config.name.clone(),
+            topic: config.topic.clone(),
+            encoder,
+            direct,
+        })
+    }
+
+    async fn stage(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+        let result = ResultRecord {
+            dedup_key: &ctx.dedup_key,
+            event: &ctx.event,
+            input_topic: ctx.record.topic(),
+            input_partition: ctx.record.partition(),
+            input_offset: ctx.record.offset(),
+            processed_at: crate::telemetry::now_ms() as i64,
+            outputs: &ctx.outputs,
+        };
+        let (payload, content_type) = match &self.encoder {
+            None => (
+                serde_json::to_vec(&result).map_err(|e| {
+                    StepError::deterministic("result_encode", format!("cannot serialize: {e}"))
+                })?,
+                "application/json",
+            ),
+            Some(encoder) => (
+                encoder
+                    .encode(&self.topic, &result)
+                    .await
+                    .map_err(|e| match e {
+                        CodecError::RegistryUnavailable(_) => {
+                            StepError::transient("registry_unavailable", e.to_string())
+                        }
+                        other => StepError::deterministic("result_encode", other.to_string()),
+                    })?,
+                "application/avro",
+            ),
+        };
+        let headers = vec![
+            ("ce_id".to_string(), ctx.dedup_key.clone().into_bytes()),
+            (
+                "ce_source".to_string(),
+                ctx.event.source.clone().into_bytes(),
+            ),
+            (
+                "ce_type".to_string(),
+                ctx.event.event_type.clone().into_bytes(),
+            ),
+            ("ce_specversion".to_string(), b"1.0".to_vec()),
+            ("content-type".to_string(), content_type.as_bytes().to_vec()),
+        ];
+        let record = OutRecord {
+            topic: self.topic.clone(),
+            partition: None,
+            key: ctx.dedup_key.clone(),
+            payload,
+            headers,
+        };
+        ctx.staged.clear();
+        match &self.direct {
+            None => ctx.staged.push(record),
+            Some(producer) => Self::produce(producer, &record).await?,
+        }
+        ctx.outputs.insert(
+            self.name.clone(),
+            serde_json::json!({ "topic": self.topic }),
+        );
+        Ok(())
+    }
+}
+
+impl KafkaSink {
+    /// Produces `r` and waits for Kafka's acknowledgement (non-transactional mode).
+    async fn produce(producer: &FutureProducer, r: &OutRecord) -> Result<(), StepError> {
+        producer
+            .send(r.to_future_record(), Duration::from_secs(0))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| StepError::transient("kafka_produce", e.to_string()))
+    }
+}
+
+impl Step for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.stage(ctx))
+    }
+}

@@ -1,0 +1,391 @@
+//! The Kafka result-topic sink.
+//!
+//! - On tansu (the real broker here), `transactional = false`: Confluent-framed Avro of
+//!   `schemas/result.avsc`, one result per event, and under SIGKILL at every step boundary no
+//!   event without a result, at most one repeat per event in flight, no second LLM call.
+//! - Transactional mode runs against rdkafka's MockCluster, because tansu 0.6 does not serve
+//!   EndTxn: results and journal entries commit in transactions, a fenced commit is retried
+//!   with a new producer, and duplicates are skipped. The mock does not write transaction
+//!   markers, so it cannot show that aborted records stay invisible; real Kafka does that.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::*;
+use rdkafka::Message;
+
+const PARTITIONS: i32 = 3;
+const IN_FLIGHT: u64 = 4;
+
+fn comment(key: &str, id: &str) -> Rec {
+    Rec {
+        key: Some(key.to_string()),
+        value: format!(r#"{{"text":"comment {id}"}}"#).into_bytes(),
+        headers: vec![
+            ("ce_id".into(), id.into()),
+            ("ce_source".into(), "/test".into()),
+            ("ce_type".into(), "com.example.comment".into()),
+            ("ce_specversion".into(), "1.0".into()),
+        ],
+    }
+}
+
+struct Names {
+    topic: String,
+    results: String,
+    group: String,
+    journal: String,
+    dlq: String,
+}
+
+fn new_names(prefix: &str) -> Names {
+    Names {
+        topic: unique(prefix),
+        results: unique(&format!("{prefix}-results")),
+        group: unique("g"),
+        journal: unique(&format!("{prefix}-journal")),
+        dlq: unique(&format!("{prefix}-dlq")),
+    }
+}
+
+async fn names(broker: &Broker, prefix: &str) -> Names {
+    let n = new_names(prefix);
+    create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.results, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.journal, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
+    n
+}
+
+/// An LLM classification, then the result topic (`format`: avro or json).
+fn toml(
+    bootstrap: &str,
+    n: &Names,
+    sim: &Sim,
+    format: &str,
+    registry: Option<&str>,
+    transactional: bool,
+) -> String {
+    let codec = registry
+        .map(|url| format!("[codec]\nschema_registry_url = \"{url}\"\n"))
+        .unwrap_or_default();
+    config_toml(
+        bootstrap,
+        &n.group,
+        &n.topic,
+        &n.dlq,
+        &format!(
+            r#"
+[processor]
+max_in_flight = {IN_FLIGHT}
+commit_interval_ms = 60000
+
+{codec}
+[journal]
+topic = "{journal}"
+
+[[steps]]
+type = "llm"
+name = "classify"
+provider = "sim"
+model = "mock-small"
+system = "You classify blog comments. Answer with JSON only."
+user = "Comment: {{{{ data.text }}}}"
+max_tokens = 64
+output = {{ format = "json" }}
+
+[[steps]]
+type = "kafka"
+name = "publish"
+topic = "{results}"
+format = "{format}"
+transactional = {transactional}
+
+[llm.providers.sim]
+api = "openai"
+base_url = "{base}"
+api_key = "test-key"
+requests_per_minute = 60000
+"#,
+            journal = n.journal,
+            results = n.results,
+            base = sim.base,
+        ),
+    )
+}
+
+/// Result records by dedup key (the record key), with how many times each appears.
+fn by_key(records: &[rdkafka::message::OwnedMessage]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in records {
+        let key = String::from_utf8(r.key().expect("keyed").to_vec()).unwrap();
+        *m.entry(key).or_insert(0) += 1;
+    }
+    m
+}
+
+fn header<'a>(m: &'a rdkafka::message::OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_confluent_avro_of_the_result_schema_one_per_event_even_for_duplicates() {
+    let broker = Broker::start();
+    let registry = Registry::start();
+    let n = names(&broker, "avro").await;
+    let sim = Sim::start(|c| c.latency_ms = 10).await;
+    // evt-0..9 once, evt-3 twice more (an upstream producer retry).
+    let mut recs: Vec<Rec> = (0..10)
+        .map(|i| comment(&format!("k{i}"), &format!("evt-{i}")))
+        .collect();
+    recs.push(comment("k3", "evt-3"));
+    recs.push(comment("k3", "evt-3"));
+    produce_all(&broker.bootstrap(), &n.topic, recs).await;
+    let config = toml(
+        &broker.bootstrap(),
+        &n,
+        &sim,
+        "avro",
+        Some(&registry.url()),
+        false,
+    );
+    let mut p = SpillwayProc::spawn(&config);
+    p.wait_finished(12, "all records handled").await;
+    let metrics = p.try_scrape().await.unwrap_or_default();
+    p.terminate();
+
+    let results = read_to_eof(
+        &broker.bootstrap(),
+        &n.results,
+        PARTITIONS,
+        "read_committed",
+    );
+    let keys = by_key(&results);
+    assert_eq!(results.len(), 10, "one result per event: {keys:?}");
+    assert!(keys.values().all(|c| *c == 1));
+    assert_eq!(sim.stats().await.received, 10, "one LLM call per event");
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), 2.0);
+
+    // Confluent wire format: magic 0, the id the registry gave `<topic>-value`, then Avro
+    // that the registry's schema (schemas/result.avsc) reads.
+    let latest: serde_json::Value = reqwest::get(format!(
+        "{}/subjects/{}-value/versions/latest",
+        registry.url(),
+        n.results
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = latest["id"].as_u64().expect("schema id") as u32;
+    let schema = apache_avro::Schema::parse_str(latest["schema"].as_str().expect("schema text"))
+        .expect("the registry's schema parses");
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .expect("a reader of the registry's schema");
+    for r in &results {
+        let value = r.payload().expect("value");
+        assert_eq!(value[0], 0, "magic byte");
+        assert_eq!(spillway::codec::schema_id(value).unwrap(), id);
+        let datum = reader
+            .read_value(&mut &value[5..])
+            .expect("Avro of the registry's schema");
+        let apache_avro::types::Value::Record(fields) = datum else {
+            panic!("a record");
+        };
+        let f: HashMap<String, apache_avro::types::Value> = fields.into_iter().collect();
+        let key = std::str::from_utf8(r.key().unwrap()).unwrap();
+        assert_eq!(
+            f["dedup_key"],
+            apache_avro::types::Value::String(key.into())
+        );
+        let apache_avro::types::Value::String(outputs) = &f["outputs"] else {
+            panic!("outputs is a string");
+        };
+        let outputs: serde_json::Value = serde_json::from_str(outputs).unwrap();
+        assert!(
+            outputs["classify"]["json"].is_object(),
+            "the LLM's answer: {outputs}"
+        );
+        assert_eq!(
+            f["input_topic"],
+            apache_avro::types::Value::String(n.topic.clone())
+        );
+        assert_eq!(header(r, "ce_id"), Some(key));
+        assert_eq!(header(r, "content-type"), Some("application/avro"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeats_only_in_flight() {
+    const EVENTS: u64 = 24;
+    const CRASH_AT: u64 = 6;
+    let broker = Broker::start();
+    // Before the sink; after it produced (acknowledged, no journal entry yet); after the
+    // event's `done` entry, before its offset is stored.
+    let points = [
+        ("before_step", "publish"),
+        ("after_step", "publish"),
+        ("after_done", "publish"),
+    ];
+    for (point, step) in points {
+        let n = names(&broker, "sinkcrash").await;
+        produce_all(
+            &broker.bootstrap(),
+            &n.topic,
+            (0..EVENTS).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
+        )
+        .await;
+        let sim = Sim::start(|c| c.latency_ms = 20).await;
+        let config = toml(&broker.bootstrap(), &n, &sim, "json", None, false);
+        let fault = format!("{point}:{step}:{CRASH_AT}");
+        let mut p = SpillwayProc::spawn_with_env(&config, &[("SPILLWAY_FAULT", &fault)]);
+        let status = blocking(|| p.wait_exit(Duration::from_secs(90)));
+        assert_eq!(status.signal(), Some(9), "{fault}; log:\n{}", p.log_text());
+        assert!(p
+            .log_text()
+            .contains(&format!("fault point {point}:{step} reached")));
+
+        // Restart without the fault; nothing was committed, so everything comes again.
+        let mut p = SpillwayProc::spawn(&config);
+        p.wait_finished(EVENTS, &fault).await;
+        p.terminate();
+
+        let results = read_to_eof(
+            &broker.bootstrap(),
+            &n.results,
+            PARTITIONS,
+            "read_committed",
+        );
+        let keys = by_key(&results);
+        let calls = sim.stats().await.received;
+        let repeats = results.len() as u64 - keys.len() as u64;
+        println!(
+            "{fault}: {} results for {EVENTS} events ({repeats} repeats, same key and ce_id), {calls} LLM calls",
+            results.len()
+        );
+        for i in 0..EVENTS {
+            assert!(
+                keys.contains_key(&format!("/test|evt-{i}")),
+                "{fault}: evt-{i} has no result: {keys:?}"
+            );
+        }
+        assert_eq!(
+            keys.len() as u64,
+            EVENTS,
+            "{fault}: no result for an unknown key"
+        );
+        // Only an event between its ack and its journal entry at the crash can repeat: at
+        // most one per event in flight, whichever event's boundary the crash hit.
+        assert!(
+            repeats <= IN_FLIGHT,
+            "{fault}: {repeats} repeats, more than in flight"
+        );
+        assert!(
+            calls <= EVENTS + IN_FLIGHT,
+            "{fault}: {calls} LLM calls for {EVENTS} events with {IN_FLIGHT} in flight"
+        );
+    }
+}
+
+/// Transactional mode on rdkafka's MockCluster (tansu 0.6 has no EndTxn): every result and
+/// its journal entry go through transactions; a commit refused with PRODUCER_FENCED is
+/// aborted, the producer rebuilt, and the events retried; duplicates are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_results_commit_with_their_journal_entries_and_survive_a_fenced_commit() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let n = new_names("txn");
+    for (t, parts) in [
+        (&n.topic, PARTITIONS),
+        (&n.results, PARTITIONS),
+        (&n.journal, PARTITIONS),
+        (&n.dlq, 1),
+    ] {
+        mock.create_topic(t, parts, 1).unwrap();
+    }
+    let mut recs: Vec<Rec> = (0..10)
+        .map(|i| comment(&format!("k{i}"), &format!("evt-{i}")))
+        .collect();
+    recs.push(comment("k3", "evt-3"));
+    produce_all(&bootstrap, &n.topic, recs).await;
+    // The first commit is refused as fenced: a fatal producer error.
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let sim = Sim::start(|c| c.latency_ms = 10).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (addr, task) = start_configured(
+        &toml(&bootstrap, &n, &sim, "json", None, true),
+        stop.clone(),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let metrics = loop {
+        let m = scrape(addr).await;
+        if metric_sum(&m, "spillway_events_total") >= 11.0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events did not finish: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let committed = metric_sum(
+        &metrics,
+        "spillway_journal_transactions_total{outcome=\"committed\"",
+    );
+    let aborted = metric_sum(
+        &metrics,
+        "spillway_journal_transactions_total{outcome=\"aborted\"",
+    );
+    println!("transactions: {committed} committed, {aborted} aborted");
+    assert!(committed >= 1.0 && aborted >= 1.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), 1.0);
+    assert_eq!(sim.stats().await.received, 10, "one LLM call per event");
+
+    let results = read_to_eof(&bootstrap, &n.results, PARTITIONS, "read_committed");
+    let keys = by_key(&results);
+    assert_eq!(keys.len(), 10, "every event has its result: {keys:?}");
+    // Each event's last journal entry, written in the same transactions, says done.
+    let entries = read_to_eof(&bootstrap, &n.journal, PARTITIONS, "read_committed");
+    let mut last: HashMap<String, serde_json::Value> = HashMap::new();
+    for e in &entries {
+        let key = String::from_utf8(e.key().unwrap().to_vec()).unwrap();
+        last.insert(key, serde_json::from_slice(e.payload().unwrap()).unwrap());
+    }
+    for i in 0..10 {
+        let entry = &last[&format!("/test|evt-{i}")];
+        assert_eq!(entry["done"], true, "{entry}");
+        assert_eq!(entry["steps"]["publish"]["topic"], n.results.as_str());
+    }
+}
+
+#[test]
+fn the_kafka_sink_without_a_journal_is_a_config_error() {
+    let toml = config_toml(
+        "127.0.0.1:9092",
+        "g",
+        "in",
+        "dlq",
+        "[[steps]]\ntype = \"kafka\"\ntopic = \"results\"\nformat = \"json\"\n",
+    );
+    let err = spillway::config::Config::from_toml(&toml)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[journal]"), "{err}");
+}
