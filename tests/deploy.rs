@@ -1,0 +1,143 @@
+//! Static checks of the deployment assets (there is no Docker engine or Kubernetes cluster
+//! here; `docker-compose config` and `kubectl kustomize` were run by hand, see the README):
+//! the configs they ship are valid Spillway configs, and every metric the Grafana dashboard
+//! and the Prometheus alerts query is one that Spillway exports.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+fn read(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// `spillway_*` names in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("spillway_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every metric the processor and the ingress define (their names are literals in
+/// `src/telemetry.rs`, the only module that constructs metrics).
+fn exported() -> HashSet<String> {
+    read("src/telemetry.rs")
+        .split('"')
+        .filter(|s| {
+            s.starts_with("spillway_") && metric_names(s).first().map(String::as_str) == Some(*s)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn family(name: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name)
+}
+
+#[test]
+fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
+    let exported = exported();
+    assert!(
+        exported.len() > 30,
+        "found the metric definitions: {exported:?}"
+    );
+    for path in [
+        "deploy/grafana/dashboards/spillway.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let names = metric_names(&read(path));
+        assert!(!names.is_empty(), "{path} queries metrics");
+        for n in names {
+            assert!(
+                exported.contains(&n) || exported.contains(family(&n)),
+                "{path} queries {n}, which Spillway does not export"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_covers_the_six_signals_with_unique_panel_ids() {
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/spillway.json")).expect("JSON");
+    assert_eq!(dash["uid"], "spillway");
+    let panels = dash["panels"].as_array().expect("panels");
+    let ids: HashSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    let text = read("deploy/grafana/dashboards/spillway.json");
+    for signal in [
+        "spillway_consumer_lag",
+        "spillway_llm_request_duration_seconds",
+        "spillway_events_total",
+        "spillway_dlq_records_total",
+        "spillway_event_llm_cost_usd",
+        "spillway_end_to_end_seconds",
+    ] {
+        assert!(text.contains(signal), "the dashboard charts {signal}");
+    }
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(p["datasource"]["uid"], "prometheus", "{}", p["title"]);
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            p["title"]
+        );
+    }
+}
+
+#[test]
+fn the_shipped_configs_are_valid_spillway_configs() {
+    for path in [
+        "deploy/compose/processor.toml",
+        "deploy/k8s/config/processor.toml",
+    ] {
+        spillway::config::Config::from_toml(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    for path in [
+        "deploy/compose/ingress.toml",
+        "deploy/k8s/config/ingress.toml",
+    ] {
+        spillway::config::ingress::IngressConfig::from_toml(&read(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}
+
+#[test]
+fn compose_prometheus_and_kubernetes_agree_on_files_and_ports() {
+    let compose = read("docker-compose.yml");
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("COPY deploy/compose /etc/spillway"));
+    for service in ["processor.toml", "ingress.toml"] {
+        assert!(compose.contains(&format!("/etc/spillway/{service}")));
+    }
+    let prometheus = read("deploy/prometheus/prometheus.yml");
+    assert!(read("deploy/compose/processor.toml").contains("metrics_addr = \"0.0.0.0:9464\""));
+    assert!(read("deploy/compose/ingress.toml").contains("metrics_addr = \"0.0.0.0:9465\""));
+    assert!(prometheus.contains("processor:9464") && prometheus.contains("ingress:9465"));
+    assert!(compose.contains("./deploy/prometheus:/etc/prometheus"));
+    let kustomization = read("deploy/k8s/kustomization.yaml");
+    for line in kustomization.lines().map(str::trim) {
+        if let Some(file) = line.strip_prefix("- ").and_then(|l| l.split('=').nth(1)) {
+            assert!(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("deploy/k8s")
+                    .join(file)
+                    .exists(),
+                "kustomization names {file}"
+            );
+        }
+    }
+    let processor = read("deploy/k8s/processor.yaml");
+    assert!(processor.contains("path: /healthz") && processor.contains("path: /readyz"));
+}
