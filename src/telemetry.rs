@@ -97,6 +97,8 @@ pub struct Metrics {
     pub journal_transactions: IntCounterVec,
     /// Records per transaction (group commit: every request waiting in the lane).
     pub journal_transaction_records: Histogram,
+    /// Time from `begin_transaction` to the end of the commit or abort.
+    pub journal_transaction_duration: Histogram,
     /// LLM collectors.
     pub llm: LlmMetrics,
 }
@@ -297,7 +299,7 @@ impl Metrics {
             .expect("valid metric")),
             journal_transactions: reg!(counter_vec(
                 "spillway_journal_transactions_total",
-                "Kafka transactions of sink records with their journal entries, by outcome (committed, aborted).",
+                "Kafka transactions of sink records with their journal entries, by outcome (committed; aborted: nothing visible; unknown: the lane was closed and the journal is read again).",
                 &["outcome"]
             )),
             journal_transaction_records: reg!(Histogram::with_opts(
@@ -306,6 +308,14 @@ impl Metrics {
                     "Records per transaction: every request waiting in a partition's lane is committed together."
                 )
                 .buckets(prometheus::exponential_buckets(1.0, 2.0, 11).expect("valid buckets"))
+            )
+            .expect("valid metric")),
+            journal_transaction_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "spillway_journal_transaction_duration_seconds",
+                    "Time from begin_transaction to the end of the commit or abort."
+                )
+                .buckets(latency_buckets.clone())
             )
             .expect("valid metric")),
             llm: LlmMetrics {

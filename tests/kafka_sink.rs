@@ -297,8 +297,11 @@ async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeat
 }
 
 /// Transactional mode on rdkafka's MockCluster (tansu 0.6 has no EndTxn): every result and
-/// its journal entry go through transactions; a commit refused with PRODUCER_FENCED is
-/// aborted, the producer rebuilt, and the events retried; duplicates are skipped.
+/// its journal entry go through transactions. A commit refused with PRODUCER_FENCED has an
+/// unknown outcome: the lane closes, a new lane fences and re-reads the journal partition,
+/// and writes only what the journal does not show as committed. (The mock keeps the refused
+/// transaction's records visible, so the re-read finds its entries and nothing is written
+/// twice; on Kafka the re-read would find them only if the commit had gone through.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_results_commit_with_their_journal_entries_and_survive_a_fenced_commit() {
     use rdkafka::mocking::MockCluster;
@@ -349,18 +352,19 @@ async fn transactional_results_commit_with_their_journal_entries_and_survive_a_f
         &metrics,
         "spillway_journal_transactions_total{outcome=\"committed\"",
     );
-    let aborted = metric_sum(
+    let unknown = metric_sum(
         &metrics,
-        "spillway_journal_transactions_total{outcome=\"aborted\"",
+        "spillway_journal_transactions_total{outcome=\"unknown\"",
     );
-    println!("transactions: {committed} committed, {aborted} aborted");
-    assert!(committed >= 1.0 && aborted >= 1.0, "{metrics}");
+    println!("transactions: {committed} committed, {unknown} with an unknown outcome");
+    assert!(committed >= 1.0 && unknown == 1.0, "{metrics}");
     assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), 1.0);
     assert_eq!(sim.stats().await.received, 10, "one LLM call per event");
 
     let results = read_to_eof(&bootstrap, &n.results, PARTITIONS, "read_committed");
     let keys = by_key(&results);
     assert_eq!(keys.len(), 10, "every event has its result: {keys:?}");
+    assert_eq!(results.len(), 10, "no result written twice: {keys:?}");
     // Each event's last journal entry, written in the same transactions, says done.
     let entries = read_to_eof(&bootstrap, &n.journal, PARTITIONS, "read_committed");
     let mut last: HashMap<String, serde_json::Value> = HashMap::new();

@@ -107,8 +107,11 @@ impl moka::Expiry<String, Arc<Entry>> for ByDeadline {
 pub struct Journal {
     config: JournalConfig,
     producer: FutureProducer,
-    /// Client properties for the restore consumers.
+    /// Client properties for the restore consumers (`read_committed`).
     restore_client: rdkafka::ClientConfig,
+    /// The same at `read_uncommitted`, for the log end (a `read_committed` ListOffsets
+    /// answers the last stable offset, which stops before an open transaction).
+    end_client: rdkafka::ClientConfig,
     partitions: i32,
     cache: Cache<String, Arc<Entry>>,
     /// One restore per journal partition per assignment; reset on assign.
@@ -162,6 +165,8 @@ impl Journal {
             // Entries of aborted transactions (a result-topic sink's) must never count.
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
+        let mut end_client = restore_client.clone();
+        end_client.set("isolation.level", "read_uncommitted");
         let topic = config.topic.clone();
         let p = producer.clone();
         let partitions = tokio::task::spawn_blocking(move || {
@@ -184,6 +189,7 @@ impl Journal {
             config: config.clone(),
             producer,
             restore_client,
+            end_client,
             partitions,
             cache: Cache::builder()
                 .max_capacity(config.max_entries)
@@ -280,13 +286,14 @@ impl Journal {
             .clone();
         cell.get_or_try_init(|| async {
             let started = Instant::now();
-            let client = self.restore_client.clone();
+            let (client, end) = (self.restore_client.clone(), self.end_client.clone());
             let topic = self.config.topic.clone();
             let timeout = Duration::from_millis(self.config.restore_timeout_ms);
-            let records =
-                tokio::task::spawn_blocking(move || read_partition(&client, &topic, jp, timeout))
-                    .await
-                    .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+            let records = tokio::task::spawn_blocking(move || {
+                read_partition(&client, &end, &topic, jp, timeout)
+            })
+            .await
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
             let (mut loaded, now) = (0u64, now_ms());
             for m in &records {
                 let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
@@ -415,6 +422,13 @@ impl Journal {
                 "the journal was built without transactions".into(),
             ));
         };
+        // After a lane closed (fenced, or a commit with an unknown outcome), the new lane's
+        // fence settles the old transaction and the restore reads the partition again: a
+        // step it shows as committed is not written twice.
+        self.restore(input.0, input.1).await?;
+        if self.get(key).is_some_and(|e| e.steps.contains_key(step)) {
+            return Ok(());
+        }
         let mut all = records.to_vec();
         all.push(txn::OutRecord {
             topic: self.config.topic.clone(),
@@ -444,21 +458,28 @@ impl Journal {
     }
 }
 
-/// Reads `partition` of `topic` from the beginning to its end. The end is reached when the
-/// position has passed the high watermark taken at the start *and* a fetch has come back
-/// empty: some Kafka-compatible brokers (tansu 0.6) answer ListOffsets with the base offset
-/// of the last batch, so the watermark alone would miss the tail. `PartitionEOF` is not
-/// relied on either: librdkafka may report it as a client-level error instead of on poll.
+/// Reads `partition` of `topic` (at `read_committed`) from the beginning to its end. The end
+/// is the log end taken at the start through `end` (`read_uncommitted`: past every
+/// transaction already open then, so a result committed by a fenced owner is not missed),
+/// and it is reached when the consumer's position has passed it *and* a fetch has come back
+/// empty. The position, not the last record, because transaction markers and aborted
+/// records take offsets but are never delivered; the empty fetch because some
+/// Kafka-compatible brokers (tansu 0.6) answer ListOffsets with the base offset of the last
+/// batch. `PartitionEOF` is not relied on: librdkafka may report it as a client-level error.
 fn read_partition(
     client: &rdkafka::ClientConfig,
+    end: &rdkafka::ClientConfig,
     topic: &str,
     partition: i32,
     timeout: Duration,
 ) -> Result<Vec<OwnedMessage>, JournalError> {
     const IDLE: Duration = Duration::from_millis(300);
-    let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
     let deadline = Instant::now() + timeout;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    let (low, high) = {
+        let ends: crate::kafka::Reader = end.create_with_context(crate::kafka::ReaderContext)?;
+        ends.fetch_watermarks(topic, partition, timeout)?
+    };
+    let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
@@ -478,6 +499,13 @@ fn read_partition(
                 out.push(m.detach());
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                if let Some(Offset::Offset(at)) = consumer
+                    .position()
+                    .ok()
+                    .and_then(|tpl| tpl.find_partition(topic, partition).map(|e| e.offset()))
+                {
+                    next = next.max(at);
+                }
                 if next >= high && last_record.elapsed() >= IDLE {
                     return Ok(out);
                 }

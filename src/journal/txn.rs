@@ -9,9 +9,14 @@
 //! - **Group commit.** A lane's task takes every request waiting in its queue (up to
 //!   [`MAX_BATCH`]) into one transaction, so throughput does not pay one commit per event.
 //!   All requests of a transaction get its outcome.
-//! - **Failures** are transient for the events: the transaction is aborted (or the producer
-//!   rebuilt, which aborts it too), the events retry, and nothing of the batch is visible to a
-//!   `read_committed` reader.
+//! - **Failures.** A transaction that aborted cleanly leaves nothing visible; its events retry
+//!   on the same lane. Any other failure (fenced, a fatal producer error, a commit whose
+//!   outcome is unknown after retries) *closes* the lane: it fails everything queued in it and
+//!   never runs `init_transactions` again. The events' next write opens a new lane, whose
+//!   `init_transactions` settles the old transaction (the coordinator completes or aborts it
+//!   before answering), and the journal partition is read again before anything is written
+//!   ([`crate::journal::Journal::write_atomic`] skips a step the re-read shows as committed).
+//!   So every commit follows a read of the journal made after that producer's fence.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +35,8 @@ use crate::telemetry::Metrics;
 pub const MAX_BATCH: usize = 512;
 /// Time allowed for `init_transactions`, `commit_transaction` and `abort_transaction`.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `commit_transaction` calls for one transaction before its outcome counts as unknown.
+const COMMIT_ATTEMPTS: usize = 3;
 
 /// One record to write inside a transaction.
 #[derive(Debug, Clone)]
@@ -79,13 +86,17 @@ struct Lane {
     tx: mpsc::Sender<Request>,
     /// The producer has run `init_transactions` (the previous owner is fenced).
     ready: Arc<AtomicBool>,
+    /// Set by [`Transactions::reset`] or by the lane itself after a failure it cannot undo.
+    closed: Arc<AtomicBool>,
 }
+
+type Lanes = Arc<Mutex<HashMap<(String, i32), Lane>>>;
 
 /// The transactional lanes of the assigned input partitions.
 pub struct Transactions {
     config: rdkafka::ClientConfig,
     id_prefix: String,
-    lanes: Mutex<HashMap<(String, i32), Lane>>,
+    lanes: Lanes,
     metrics: Arc<Metrics>,
 }
 
@@ -97,7 +108,7 @@ impl Transactions {
         Ok(Transactions {
             config,
             id_prefix: format!("{}.spillway", kafka.group_id),
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Arc::new(Mutex::new(HashMap::new())),
             metrics,
         })
     }
@@ -108,16 +119,23 @@ impl Transactions {
             .entry((topic.to_string(), partition))
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(MAX_BATCH);
-                let ready = Arc::new(AtomicBool::new(false));
-                let lane = LaneTask {
+                let lane = Lane {
+                    tx,
+                    ready: Arc::new(AtomicBool::new(false)),
+                    closed: Arc::new(AtomicBool::new(false)),
+                };
+                let task = LaneTask {
                     id: format!("{}.{topic}.{partition}", self.id_prefix),
+                    key: (topic.to_string(), partition),
                     config: self.config.clone(),
                     producer: None,
-                    ready: ready.clone(),
+                    ready: lane.ready.clone(),
+                    closed: lane.closed.clone(),
+                    lanes: self.lanes.clone(),
                     metrics: self.metrics.clone(),
                 };
-                tokio::spawn(lane.run(rx));
-                Lane { tx, ready }
+                tokio::spawn(task.run(rx));
+                lane
             })
             .clone()
     }
@@ -127,7 +145,9 @@ impl Transactions {
     pub fn reset<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, p) in partitions {
-            lanes.remove(&(topic.to_string(), p));
+            if let Some(lane) = lanes.remove(&(topic.to_string(), p)) {
+                lane.closed.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -174,10 +194,22 @@ impl Transactions {
 
 struct LaneTask {
     id: String,
+    key: (String, i32),
     config: rdkafka::ClientConfig,
     producer: Option<FutureProducer>,
     ready: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+    lanes: Lanes,
     metrics: Arc<Metrics>,
+}
+
+/// How a transaction ended.
+enum Ended {
+    Committed,
+    /// Aborted cleanly: nothing of it is visible; the lane can go on.
+    Aborted(String),
+    /// Fenced, fatal, or a commit whose outcome is unknown: the lane must close.
+    Broken(String),
 }
 
 impl LaneTask {
@@ -190,13 +222,51 @@ impl LaneTask {
                     Err(_) => break,
                 }
             }
-            let result = self.transaction(&batch).await;
-            for r in batch {
-                let _ = r.reply.send(result.clone());
+            // A requester that is gone (its task was aborted on revoke) wants nothing written.
+            batch.retain(|r| !r.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                fail(batch, "transaction lane closed");
+                break;
+            }
+            match self.transaction(&batch).await {
+                Ended::Committed => {
+                    for r in batch {
+                        let _ = r.reply.send(Ok(()));
+                    }
+                }
+                Ended::Aborted(e) => fail(batch, &e),
+                Ended::Broken(e) => {
+                    fail(batch, &e);
+                    self.close();
+                    break;
+                }
             }
         }
-        // Every sender is gone (the partition was reassigned or the processor stopped).
-        // No transaction is open between batches; dropping the producer closes it.
+        // Closed (reset, or broken) or every sender gone: fail what is still queued, and
+        // close the producer off the runtime's threads (it joins librdkafka threads).
+        rx.close();
+        while let Ok(r) = rx.try_recv() {
+            let _ = r.reply.send(Err("transaction lane closed".into()));
+        }
+        if let Some(p) = self.producer.take() {
+            tokio::task::spawn_blocking(move || drop(p));
+        }
+    }
+
+    /// Marks the lane closed and removes it from the map if it is still the current one, so
+    /// the next write opens a new lane (a new fence, then a fresh read of the journal).
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if lanes
+            .get(&self.key)
+            .is_some_and(|l| Arc::ptr_eq(&l.closed, &self.closed))
+        {
+            lanes.remove(&self.key);
+        }
     }
 
     /// Creates the producer and runs `init_transactions` if it has not been done.
@@ -209,7 +279,10 @@ impl LaneTask {
         let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
         let p = producer.clone();
         let started = Instant::now();
-        blocking(move || p.init_transactions(TXN_TIMEOUT)).await?;
+        if let Err(e) = blocking(move || p.init_transactions(TXN_TIMEOUT)).await {
+            tokio::task::spawn_blocking(move || drop(producer));
+            return Err(format!("init_transactions: {e}"));
+        }
         tracing::info!(
             transactional_id = %self.id,
             ms = started.elapsed().as_millis() as u64,
@@ -220,34 +293,36 @@ impl LaneTask {
         Ok(producer)
     }
 
-    async fn transaction(&mut self, batch: &[Request]) -> Result<(), String> {
-        let producer = self.producer().await.inspect_err(|e| {
-            tracing::warn!(transactional_id = %self.id, error = %e, "init_transactions failed");
-        })?;
+    async fn transaction(&mut self, batch: &[Request]) -> Ended {
+        let producer = match self.producer().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(transactional_id = %self.id, error = %e, "transactional producer failed to start");
+                return Ended::Broken(e);
+            }
+        };
         let count: usize = batch.iter().map(|r| r.records.len()).sum();
         if count == 0 {
-            return Ok(());
+            return Ended::Committed;
         }
         let started = Instant::now();
-        let result = self.commit(&producer, batch).await;
-        let outcome = match &result {
-            Ok(()) => "committed",
-            Err(e) => {
+        let ended = self.commit(&producer, batch).await;
+        let outcome = match &ended {
+            Ended::Committed => "committed",
+            Ended::Aborted(e) => {
+                tracing::warn!(transactional_id = %self.id, error = %e, "transaction aborted; its events retry");
+                "aborted"
+            }
+            Ended::Broken(e) => {
                 if e.contains("not supported by broker") {
                     tracing::error!(transactional_id = %self.id, error = %e,
                         "the broker does not support Kafka transactions; events wait and retry. \
                          Use a broker with transactions, or set transactional = false on the kafka sink");
                 } else {
-                    tracing::warn!(transactional_id = %self.id, error = %e, "transaction failed; aborting");
+                    tracing::warn!(transactional_id = %self.id, error = %e,
+                        "transaction failed with an unknown outcome; closing the lane (the next one re-reads the journal)");
                 }
-                let p = producer.clone();
-                if let Err(abort) = blocking(move || p.abort_transaction(TXN_TIMEOUT)).await {
-                    // A new producer with the same id aborts the transaction when it starts.
-                    tracing::warn!(transactional_id = %self.id, error = %abort, "abort failed; rebuilding the producer");
-                    self.producer = None;
-                    self.ready.store(false, Ordering::Release);
-                }
-                "aborted"
+                "unknown"
             }
         };
         self.metrics
@@ -258,42 +333,79 @@ impl LaneTask {
             .journal_transaction_records
             .observe(count as f64);
         self.metrics
-            .journal_write_duration
+            .journal_transaction_duration
             .observe(started.elapsed().as_secs_f64());
-        result
+        ended
     }
 
-    async fn commit(&self, producer: &FutureProducer, batch: &[Request]) -> Result<(), String> {
+    async fn commit(&self, producer: &FutureProducer, batch: &[Request]) -> Ended {
         let p = producer.clone();
-        blocking(move || p.begin_transaction()).await?;
+        if let Err(e) = blocking(move || p.begin_transaction()).await {
+            return Ended::Broken(format!("begin_transaction: {e}"));
+        }
+        let mut failed = None;
         let mut deliveries = Vec::with_capacity(batch.len());
         for r in batch.iter().flat_map(|r| r.records.iter()) {
-            let record = r.to_future_record();
-            match producer.send_result(record) {
+            match producer.send_result(r.to_future_record()) {
                 Ok(delivery) => deliveries.push(delivery),
-                Err((e, _)) => return Err(format!("enqueue: {e}")),
+                Err((e, _)) => {
+                    failed = Some(format!("enqueue: {e}"));
+                    break;
+                }
             }
         }
         for d in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(format!("delivery: {e}")),
-                Err(_) => return Err("delivery report lost".to_string()),
+                Ok(Err((e, _))) => failed = failed.or(Some(format!("delivery: {e}"))),
+                Err(_) => failed = failed.or(Some("delivery report lost".to_string())),
             }
+        }
+        if let Some(e) = failed {
+            // Nothing was committed yet, so a clean abort leaves nothing visible.
+            return self.abort(producer, e).await;
         }
         if let Some(first) = batch.first() {
             crate::fault::point("before_commit", &first.step);
         }
+        // A timed-out or retriable commit may be called again (librdkafka's contract); it is
+        // never followed by an abort, whose failure would leave the outcome unknown.
+        let mut last = String::new();
+        for _ in 0..COMMIT_ATTEMPTS {
+            let p = producer.clone();
+            match blocking(move || p.commit_transaction(TXN_TIMEOUT)).await {
+                Ok(()) => return Ended::Committed,
+                Err(KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                    return self.abort(producer, format!("commit: {e}")).await;
+                }
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.is_fatal() => {
+                    last = format!("commit: {e}");
+                }
+                Err(e) => return Ended::Broken(format!("commit: {e}")),
+            }
+        }
+        Ended::Broken(last)
+    }
+
+    async fn abort(&self, producer: &FutureProducer, why: String) -> Ended {
         let p = producer.clone();
-        blocking(move || p.commit_transaction(TXN_TIMEOUT)).await
+        match blocking(move || p.abort_transaction(TXN_TIMEOUT)).await {
+            Ok(()) => Ended::Aborted(why),
+            Err(e) => Ended::Broken(format!("{why}; abort failed: {e}")),
+        }
+    }
+}
+
+fn fail(batch: Vec<Request>, why: &str) {
+    for r in batch {
+        let _ = r.reply.send(Err(why.to_string()));
     }
 }
 
 async fn blocking(
     f: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), KafkaError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .unwrap_or(Err(KafkaError::Canceled))
 }

@@ -647,8 +647,8 @@ impl Scheduler {
             }
         }
         if let Some(j) = &self.worker.journal {
-            // Aborted tasks cannot commit a transaction any more; close the lanes so the
-            // next owner's producer is the only one with these transactional ids.
+            // Close the lanes: a closed lane fails what is queued in it and never runs
+            // init_transactions again, so it cannot fence the next owner.
             let input: Vec<(String, i32)> = revoked
                 .iter()
                 .map(|((t, p), _)| (t.to_string(), *p))
