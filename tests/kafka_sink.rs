@@ -358,7 +358,12 @@ async fn transactional_results_commit_with_their_journal_entries_and_survive_a_f
     );
     println!("transactions: {committed} committed, {unknown} with an unknown outcome");
     assert!(committed >= 1.0 && unknown == 1.0, "{metrics}");
-    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), 1.0);
+    // At least the upstream copy; a rebalance under load redelivers uncommitted records too,
+    // and the journal skips those as well.
+    assert!(
+        metric_sum(&metrics, "spillway_duplicates_total") >= 1.0,
+        "{metrics}"
+    );
     assert_eq!(sim.stats().await.received, 10, "one LLM call per event");
 
     let results = read_to_eof(&bootstrap, &n.results, PARTITIONS, "read_committed");

@@ -15,6 +15,8 @@
 //!
 //! Usage: `cargo run --release -p spillway-load-tests --bin bench-exactly-once -- [--quick]`
 //! (`--quick`: 20,000 events, one run; default 100,000 events, two runs).
+//! `BENCH_PROCESSOR_LOG=<file>` keeps the processor's log, `BENCH_PROCESSOR_RUST_LOG=info`
+//! makes it show the timeline of each recovery.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,7 +88,10 @@ fn spawn_processor(config: &std::path::Path, log: &std::path::Path) -> Child {
     Command::new(std::env::current_exe().expect("own path"))
         .arg("serve-processor")
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_PROCESSOR_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(out)
         .spawn()
@@ -157,7 +162,11 @@ async fn run(run: usize, events: u64, bootstrap: &str, kills: usize) {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("processor.toml");
-    let log = dir.path().join("processor.log");
+    // BENCH_PROCESSOR_LOG keeps the processor's log (with BENCH_PROCESSOR_RUST_LOG=info, the
+    // timeline of each recovery: assignment, journal restores).
+    let log = std::env::var("BENCH_PROCESSOR_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("processor.log"));
     std::fs::write(
         &config,
         format!(
@@ -247,6 +256,13 @@ requests_per_minute = 10000000
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let _ = child.wait();
         let killed = Instant::now();
+        eprintln!(
+            "kill {} at unix ms {}",
+            k + 1,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
         let calls_at_kill = sim_calls(&sim).await;
         child = spawn_processor(&config, &log);
         // Recovered when the 1 s rate of new effects is back at 80 % of the rate before.

@@ -109,9 +109,10 @@ pub struct Journal {
     producer: FutureProducer,
     /// Client properties for the restore consumers (`read_committed`).
     restore_client: rdkafka::ClientConfig,
-    /// The same at `read_uncommitted`, for the log end (a `read_committed` ListOffsets
-    /// answers the last stable offset, which stops before an open transaction).
-    end_client: rdkafka::ClientConfig,
+    /// A `read_uncommitted` client for the log end (a `read_committed` ListOffsets answers
+    /// the last stable offset, which stops before an open transaction). Created once: a new
+    /// client costs a connection per restore.
+    ends: Arc<crate::kafka::Reader>,
     partitions: i32,
     cache: Cache<String, Arc<Entry>>,
     /// One restore per journal partition per assignment; reset on assign.
@@ -167,6 +168,7 @@ impl Journal {
             .set("auto.offset.reset", "earliest");
         let mut end_client = restore_client.clone();
         end_client.set("isolation.level", "read_uncommitted");
+        let ends = Arc::new(end_client.create_with_context(crate::kafka::ReaderContext)?);
         let topic = config.topic.clone();
         let p = producer.clone();
         let partitions = tokio::task::spawn_blocking(move || {
@@ -189,7 +191,7 @@ impl Journal {
             config: config.clone(),
             producer,
             restore_client,
-            end_client,
+            ends,
             partitions,
             cache: Cache::builder()
                 .max_capacity(config.max_entries)
@@ -286,7 +288,7 @@ impl Journal {
             .clone();
         cell.get_or_try_init(|| async {
             let started = Instant::now();
-            let (client, end) = (self.restore_client.clone(), self.end_client.clone());
+            let (client, end) = (self.restore_client.clone(), self.ends.clone());
             let topic = self.config.topic.clone();
             let timeout = Duration::from_millis(self.config.restore_timeout_ms);
             let records = tokio::task::spawn_blocking(move || {
@@ -459,7 +461,7 @@ impl Journal {
 }
 
 /// Reads `partition` of `topic` (at `read_committed`) from the beginning to its end. The end
-/// is the log end taken at the start through `end` (`read_uncommitted`: past every
+/// is the log end taken at the start through `ends` (`read_uncommitted`: past every
 /// transaction already open then, so a result committed by a fenced owner is not missed),
 /// and it is reached when the consumer's position has passed it *and* a fetch has come back
 /// empty. The position, not the last record, because transaction markers and aborted
@@ -468,20 +470,21 @@ impl Journal {
 /// batch. `PartitionEOF` is not relied on: librdkafka may report it as a client-level error.
 fn read_partition(
     client: &rdkafka::ClientConfig,
-    end: &rdkafka::ClientConfig,
+    ends: &crate::kafka::Reader,
     topic: &str,
     partition: i32,
     timeout: Duration,
 ) -> Result<Vec<OwnedMessage>, JournalError> {
     const IDLE: Duration = Duration::from_millis(300);
-    let deadline = Instant::now() + timeout;
-    let (low, high) = {
-        let ends: crate::kafka::Reader = end.create_with_context(crate::kafka::ReaderContext)?;
-        ends.fetch_watermarks(topic, partition, timeout)?
-    };
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let (low, high) = ends.fetch_watermarks(topic, partition, timeout)?;
+    let at_watermarks = started.elapsed();
+    let mut first_record = None;
     let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    // From the low watermark itself: `Offset::Beginning` costs an offset lookup first.
+    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let (mut next, mut last_record) = (low, Instant::now());
@@ -496,6 +499,7 @@ fn read_partition(
             Some(Ok(m)) => {
                 next = m.offset() + 1;
                 last_record = Instant::now();
+                first_record.get_or_insert_with(|| started.elapsed());
                 out.push(m.detach());
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {
@@ -507,6 +511,13 @@ fn read_partition(
                     next = next.max(at);
                 }
                 if next >= high && last_record.elapsed() >= IDLE {
+                    tracing::debug!(
+                        partition,
+                        watermarks_ms = at_watermarks.as_millis() as u64,
+                        first_record_ms = first_record.map(|d| d.as_millis() as u64),
+                        last_record_ms = (last_record - started).as_millis() as u64,
+                        "journal partition read"
+                    );
                     return Ok(out);
                 }
             }
