@@ -78,6 +78,31 @@ pub struct Entry {
     pub intents: Vec<String>,
 }
 
+impl Entry {
+    /// `self` and `other` together: every step either holds, `done` if either is, the later
+    /// deadline. Entries only ever gain steps, so this is never behind either of them.
+    pub fn merged(&self, other: &Entry) -> Entry {
+        let mut out = self.clone();
+        for (step, output) in &other.steps {
+            out.steps
+                .entry(step.clone())
+                .or_insert_with(|| output.clone());
+        }
+        for intent in &other.intents {
+            if !out.intents.contains(intent) {
+                out.intents.push(intent.clone());
+            }
+        }
+        out.done |= other.done;
+        out.v = out.v.max(other.v);
+        out.expires_at_ms = out.expires_at_ms.max(other.expires_at_ms);
+        out
+    }
+}
+
+/// One shared read of a journal partition.
+type RestoreCell = Arc<OnceCell<()>>;
+
 struct ByDeadline;
 
 impl moka::Expiry<String, Arc<Entry>> for ByDeadline {
@@ -115,8 +140,13 @@ pub struct Journal {
     ends: Arc<crate::kafka::Reader>,
     partitions: i32,
     cache: Cache<String, Arc<Entry>>,
-    /// One restore per journal partition per assignment; reset on assign.
-    restored: Mutex<HashMap<i32, Arc<OnceCell<()>>>>,
+    /// One restore per journal partition per assignment and fence generation; reset on
+    /// assign. The `u64` is the fence generation the read was made for.
+    restored: Mutex<HashMap<i32, (u64, RestoreCell)>>,
+    /// Per journal partition, how many lanes writing to it have fenced a previous owner. A
+    /// lane bumps it before it takes writes; a restore made for an older generation is
+    /// made again, so every transactional write follows a read made after its lane's fence.
+    fences: Arc<Mutex<HashMap<i32, u64>>>,
     inflight: Mutex<HashMap<String, Arc<Notify>>>,
     /// Transactional lanes, when a step writes Kafka records with its entry.
     txns: Option<txn::Transactions>,
@@ -187,6 +217,7 @@ impl Journal {
         if partitions == 0 {
             return Err(JournalError::MissingTopic(config.topic.clone()));
         }
+        let fences: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
         Ok(Journal {
             config: config.clone(),
             producer,
@@ -198,9 +229,17 @@ impl Journal {
                 .expire_after(ByDeadline)
                 .build(),
             restored: Mutex::new(HashMap::new()),
+            fences: fences.clone(),
             inflight: Mutex::new(HashMap::new()),
             txns: if transactional {
-                Some(txn::Transactions::new(kafka, metrics.clone())?)
+                let (fences, j) = (fences.clone(), partitions);
+                let on_fence: txn::OnFence = Arc::new(move |input_partition: i32| {
+                    let mut f = fences.lock().unwrap_or_else(|e| e.into_inner());
+                    let g = f.entry(input_partition.rem_euclid(j)).or_insert(0);
+                    *g += 1;
+                    *g
+                });
+                Some(txn::Transactions::new(kafka, on_fence, metrics.clone())?)
             } else {
                 None
             },
@@ -250,6 +289,12 @@ impl Journal {
             }
         }
         self.revoked(input_partitions);
+        if let Some(t) = &self.txns {
+            // Fence every previous owner now, not at each partition's first record: a
+            // crashed owner's open transaction holds back `read_committed` reads of its
+            // journal partition, which other input partitions may share.
+            t.prepare_all(input_partitions.iter().map(|(t, p)| (t.as_str(), *p)));
+        }
     }
 
     /// Input partitions were revoked: their transactional producers are closed.
@@ -259,33 +304,37 @@ impl Journal {
         }
     }
 
-    /// Resolves once the journal partition of `input_partition` has been read to its high
-    /// watermark in this assignment. Concurrent callers share one restore. With
-    /// transactions, the partition's lane first fences its previous owner, which aborts any
-    /// transaction a crashed owner left open (a `read_committed` read stops at it).
-    pub async fn restore(&self, topic: &str, input_partition: i32) -> Result<(), JournalError> {
+    /// Resolves once the journal partition of `input_partition` has been read to its end in
+    /// this assignment, after the last fence of a lane writing to it; returns that fence
+    /// generation. Concurrent callers share one read. With transactions, the partition's lane
+    /// first fences its previous owner, which settles any transaction a crashed owner left
+    /// open (a `read_committed` read stops at it).
+    pub async fn restore(&self, topic: &str, input_partition: i32) -> Result<u64, JournalError> {
         let jp = self.journal_partition(input_partition);
         if let Some(t) = &self.txns {
-            let fenced_now = t
-                .prepare(topic, input_partition)
+            t.prepare(topic, input_partition)
                 .await
                 .map_err(JournalError::Transaction)?;
-            if fenced_now {
-                // The previous owner may have committed until the fence, after another input
-                // partition sharing this journal partition was restored: read it again.
-                self.restored
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&jp);
-            }
         }
-        let cell = self
-            .restored
+        let generation = self
+            .fences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(jp)
-            .or_default()
-            .clone();
+            .get(&jp)
+            .copied()
+            .unwrap_or(0);
+        let (generation, cell) = {
+            let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = restored
+                .entry(jp)
+                .or_insert_with(|| (generation, Arc::default()));
+            if slot.0 < generation {
+                // A lane fenced a previous owner after this read began: what that owner
+                // committed until the fence must be read too.
+                *slot = (generation, Arc::default());
+            }
+            (slot.0, slot.1.clone())
+        };
         cell.get_or_try_init(|| async {
             let started = Instant::now();
             let (client, end) = (self.restore_client.clone(), self.ends.clone());
@@ -306,9 +355,16 @@ impl Journal {
                     Some(bytes) => match serde_json::from_slice::<Entry>(bytes) {
                         Ok(e) if e.expires_at_ms > now => {
                             loaded += 1;
-                            self.cache.insert(key.to_string(), Arc::new(e));
+                            // Entries only grow: a read that began before this process
+                            // wrote a newer entry must not replace it with an older one.
+                            let merged = match self.cache.get(key) {
+                                Some(current) => current.merged(&e),
+                                None => e,
+                            };
+                            self.cache.insert(key.to_string(), Arc::new(merged));
                         }
-                        Ok(_) => self.cache.invalidate(key),
+                        // Expired: leave the cache alone (it expires its own copy).
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(%key, error = %e, "unreadable journal entry ignored")
                         }
@@ -328,13 +384,16 @@ impl Journal {
             Ok::<(), JournalError>(())
         })
         .await
-        .map(|_| ())
+        .map(|_| generation)
         .inspect_err(|_| {
             // A failed restore is tried again by the next record.
-            self.restored
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&jp);
+            let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+            if restored
+                .get(&jp)
+                .is_some_and(|(_, c)| Arc::ptr_eq(c, &cell))
+            {
+                restored.remove(&jp);
+            }
         })
     }
 
@@ -427,7 +486,7 @@ impl Journal {
         // After a lane closed (fenced, or a commit with an unknown outcome), the new lane's
         // fence settles the old transaction and the restore reads the partition again: a
         // step it shows as committed is not written twice.
-        self.restore(input.0, input.1).await?;
+        let generation = self.restore(input.0, input.1).await?;
         if self.get(key).is_some_and(|e| e.steps.contains_key(step)) {
             return Ok(());
         }
@@ -440,7 +499,7 @@ impl Journal {
             headers: Vec::new(),
         });
         let result = txns
-            .write(input.0, input.1, step, all)
+            .write(input.0, input.1, generation, step, all)
             .await
             .map_err(JournalError::Transaction);
         self.metrics
@@ -523,5 +582,55 @@ fn read_partition(
             }
             Some(Err(e)) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(steps: &[&str], done: bool, expires: u64) -> Entry {
+        Entry {
+            v: 1,
+            expires_at_ms: expires,
+            done,
+            steps: steps
+                .iter()
+                .map(|s| (s.to_string(), serde_json::json!({ "step": s })))
+                .collect(),
+            intents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_older_entry_read_back_never_undoes_a_newer_one() {
+        // The re-read after a fence returns the LLM-only entry a zombie wrote after this
+        // process's `done` entry: the merge keeps the event done.
+        let newer = entry(&["classify", "publish"], true, 2_000);
+        let older = entry(&["classify"], false, 1_000);
+        for merged in [newer.merged(&older), older.merged(&newer)] {
+            assert!(merged.done);
+            assert_eq!(
+                merged.steps.keys().collect::<Vec<_>>(),
+                vec!["classify", "publish"]
+            );
+            assert_eq!(merged.expires_at_ms, 2_000);
+        }
+    }
+
+    #[test]
+    fn merging_keeps_intents_once_and_the_first_output_of_a_step() {
+        let mut a = entry(&["classify"], false, 10);
+        a.intents.push("alert".into());
+        let mut b = entry(&["classify"], false, 10);
+        b.steps
+            .insert("classify".into(), serde_json::json!({ "other": true }));
+        b.intents.push("alert".into());
+        let m = a.merged(&b);
+        assert_eq!(m.intents, vec!["alert".to_string()]);
+        assert_eq!(
+            m.steps["classify"],
+            serde_json::json!({ "step": "classify" })
+        );
     }
 }

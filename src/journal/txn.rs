@@ -19,7 +19,7 @@
 //!   So every commit follows a read of the journal made after that producer's fence.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,11 +81,17 @@ struct Request {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
+/// Called by a lane once its `init_transactions` fenced the previous owner, with the lane's
+/// input partition; returns the new fence generation of its journal partition.
+pub type OnFence = Arc<dyn Fn(i32) -> u64 + Send + Sync>;
+
 #[derive(Clone)]
 struct Lane {
     tx: mpsc::Sender<Request>,
     /// The producer has run `init_transactions` (the previous owner is fenced).
     ready: Arc<AtomicBool>,
+    /// The fence generation the lane's `init_transactions` produced.
+    generation: Arc<AtomicU64>,
     /// Set by [`Transactions::reset`] or by the lane itself after a failure it cannot undo.
     closed: Arc<AtomicBool>,
 }
@@ -97,18 +103,24 @@ pub struct Transactions {
     config: rdkafka::ClientConfig,
     id_prefix: String,
     lanes: Lanes,
+    on_fence: OnFence,
     metrics: Arc<Metrics>,
 }
 
 impl Transactions {
     /// Lanes are created on first use; `kafka` gives the brokers and the id prefix.
-    pub fn new(kafka: &KafkaConfig, metrics: Arc<Metrics>) -> Result<Transactions, KafkaError> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        on_fence: OnFence,
+        metrics: Arc<Metrics>,
+    ) -> Result<Transactions, KafkaError> {
         let config = crate::kafka::transactional_producer_config(kafka)
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         Ok(Transactions {
             config,
             id_prefix: format!("{}.spillway", kafka.group_id),
             lanes: Arc::new(Mutex::new(HashMap::new())),
+            on_fence,
             metrics,
         })
     }
@@ -122,6 +134,7 @@ impl Transactions {
                 let lane = Lane {
                     tx,
                     ready: Arc::new(AtomicBool::new(false)),
+                    generation: Arc::new(AtomicU64::new(0)),
                     closed: Arc::new(AtomicBool::new(false)),
                 };
                 let task = LaneTask {
@@ -130,8 +143,10 @@ impl Transactions {
                     config: self.config.clone(),
                     producer: None,
                     ready: lane.ready.clone(),
+                    generation: lane.generation.clone(),
                     closed: lane.closed.clone(),
                     lanes: self.lanes.clone(),
+                    on_fence: self.on_fence.clone(),
                     metrics: self.metrics.clone(),
                 };
                 tokio::spawn(task.run(rx));
@@ -152,29 +167,50 @@ impl Transactions {
     }
 
     /// Makes sure the lane of `(topic, partition)` has fenced the partition's previous owner
-    /// and aborted its open transaction. Until then a `read_committed` read of the journal
-    /// cannot get past that transaction. `Ok(true)` when the fence happened just now: what
-    /// the previous owner committed up to then must be read again.
-    pub async fn prepare(&self, topic: &str, partition: i32) -> Result<bool, String> {
+    /// and settled its open transaction. Until then a `read_committed` read of the journal
+    /// cannot get past that transaction.
+    pub async fn prepare(&self, topic: &str, partition: i32) -> Result<(), String> {
         let lane = self.lane(topic, partition);
-        if lane.ready.load(Ordering::Acquire) {
-            return Ok(false);
+        if lane.ready.load(Ordering::Acquire) && !lane.closed.load(Ordering::Acquire) {
+            return Ok(());
         }
-        Self::send(lane, String::new(), Vec::new())
-            .await
-            .map(|()| true)
+        Self::send(lane, String::new(), Vec::new()).await
+    }
+
+    /// Starts fencing for each of `partitions` in the background (on assignment).
+    pub fn prepare_all<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
+        for (topic, p) in partitions {
+            let lane = self.lane(topic, p);
+            tokio::spawn(async move {
+                if let Err(e) = Self::send(lane, String::new(), Vec::new()).await {
+                    tracing::warn!(error = %e, "fencing a newly assigned partition failed; its first record retries");
+                }
+            });
+        }
     }
 
     /// Writes `records` in a transaction of the lane of `(topic, partition)`; `Ok` once the
-    /// transaction committed.
+    /// transaction committed. `read_generation` is the fence generation of the journal read
+    /// the caller checked against: a lane fenced after that read refuses, so the caller
+    /// reads again first.
     pub async fn write(
         &self,
         topic: &str,
         partition: i32,
+        read_generation: u64,
         step: &str,
         records: Vec<OutRecord>,
     ) -> Result<(), String> {
-        Self::send(self.lane(topic, partition), step.to_string(), records).await
+        let lane = self.lane(topic, partition);
+        if !lane.ready.load(Ordering::Acquire)
+            || lane.closed.load(Ordering::Acquire)
+            || lane.generation.load(Ordering::Acquire) > read_generation
+        {
+            return Err(
+                "transaction lane changed since the journal was read; reading again".into(),
+            );
+        }
+        Self::send(lane, step.to_string(), records).await
     }
 
     async fn send(lane: Lane, step: String, records: Vec<OutRecord>) -> Result<(), String> {
@@ -198,8 +234,10 @@ struct LaneTask {
     config: rdkafka::ClientConfig,
     producer: Option<FutureProducer>,
     ready: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
     lanes: Lanes,
+    on_fence: OnFence,
     metrics: Arc<Metrics>,
 }
 
@@ -239,8 +277,10 @@ impl LaneTask {
                 }
                 Ended::Aborted(e) => fail(batch, &e),
                 Ended::Broken(e) => {
-                    fail(batch, &e);
+                    // Closed before anyone hears of the failure, so a retry cannot find
+                    // this lane still ready.
                     self.close();
+                    fail(batch, &e);
                     break;
                 }
             }
@@ -288,6 +328,10 @@ impl LaneTask {
             ms = started.elapsed().as_millis() as u64,
             "transactional producer ready (previous owner fenced)"
         );
+        // The generation moves before the lane is ready: a restore that sees the lane ready
+        // also sees the new generation, and reads the journal partition again.
+        let generation = (self.on_fence)(self.key.1);
+        self.generation.store(generation, Ordering::Release);
         self.ready.store(true, Ordering::Release);
         self.producer = Some(producer.clone());
         Ok(producer)

@@ -169,7 +169,9 @@ impl Worker {
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
         if let Err(o) = self
-            .journal_retry("journal_restore", || journal.restore(topic, partition))
+            .journal_retry("journal_restore", || async {
+                journal.restore(topic, partition).await.map(|_| ())
+            })
             .await
         {
             return o;
