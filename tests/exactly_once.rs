@@ -337,3 +337,75 @@ async fn dedup_state_survives_a_restart_and_a_partition_moving_to_another_instan
         "B restored journal partitions"
     );
 }
+
+/// Other instances keep writing to the journal partitions this instance restores (they share
+/// them through `p mod J`): the restore still ends, because only records below the end
+/// taken at its start hold it open, and every event is processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_partition_under_constant_writes_from_others_still_restores() {
+    let broker = Broker::start();
+    let n = names(&broker, "busyjournal").await;
+    let sim = Sim::start(|c| c.latency_ms = 10).await;
+    let (sink, received) = receiver().await;
+    // Another instance's entries, ten a second on every journal partition, for the whole
+    // test.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (bootstrap, journal, stop) = (broker.bootstrap(), n.journal.clone(), stop.clone());
+        tokio::spawn(async move {
+            let producer = producer(&bootstrap);
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                for p in 0..PARTITIONS {
+                    let key = format!("/elsewhere|other-{i}");
+                    let value = format!(
+                        r#"{{"v":1,"expires_at_ms":{},"done":true,"steps":{{}}}}"#,
+                        u64::MAX / 2
+                    );
+                    let record = rdkafka::producer::FutureRecord::to(&journal)
+                        .key(&key)
+                        .payload(&value)
+                        .partition(p);
+                    producer
+                        .send(record, Duration::from_secs(5))
+                        .await
+                        .expect("journal write from the other instance");
+                    i += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            i
+        })
+    };
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..12).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    let mut p = SpillwayProc::spawn(&toml(&broker, &n, &sim, sink));
+    p.wait_finished(12, "restores end despite the other writer")
+        .await;
+    let metrics = p.try_scrape().await.unwrap_or_default();
+    p.terminate();
+    stop.cancel();
+    let others = writer.await.unwrap();
+    assert!(
+        others > 30,
+        "the other writer kept writing ({others} entries)"
+    );
+    assert_eq!(
+        received.effects().len(),
+        12,
+        "every event's effect happened once"
+    );
+    assert_eq!(received.raw(), 12);
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "spillway_step_retries_total{reason=\"kafka\",step=\"journal_restore\""
+        ),
+        0.0,
+        "no restore timed out: {metrics}"
+    );
+}
