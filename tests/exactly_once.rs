@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -208,19 +207,7 @@ async fn a_sigkill_at_every_step_boundary_loses_nothing_and_repeats_no_side_effe
         let config = toml(&broker, &n, &sim, sink);
 
         let fault = format!("{point}:{step}:{CRASH_AT}");
-        let mut p = SpillwayProc::spawn_with_env(&config, &[("SPILLWAY_FAULT", &fault)]);
-        let status = blocking(|| p.wait_exit(Duration::from_secs(90)));
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "{fault}: the process should have killed itself; log:\n{}",
-            p.log_text()
-        );
-        assert!(
-            p.log_text()
-                .contains(&format!("fault point {point}:{step} reached")),
-            "{fault}"
-        );
+        crash_at(&config, &fault);
         let calls_before = sim.stats().await.received;
         let posts_before = received.raw();
 

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::*;
@@ -247,12 +246,7 @@ async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeat
         let sim = Sim::start(|c| c.latency_ms = 20).await;
         let config = toml(&broker.bootstrap(), &n, &sim, "json", None, false);
         let fault = format!("{point}:{step}:{CRASH_AT}");
-        let mut p = SpillwayProc::spawn_with_env(&config, &[("SPILLWAY_FAULT", &fault)]);
-        let status = blocking(|| p.wait_exit(Duration::from_secs(90)));
-        assert_eq!(status.signal(), Some(9), "{fault}; log:\n{}", p.log_text());
-        assert!(p
-            .log_text()
-            .contains(&format!("fault point {point}:{step} reached")));
+        crash_at(&config, &fault);
 
         // Restart without the fault; nothing was committed, so everything comes again.
         let mut p = SpillwayProc::spawn(&config);

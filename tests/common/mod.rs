@@ -826,6 +826,27 @@ impl SpillwayProc {
     }
 }
 
+/// Runs the processor on `config` with `SPILLWAY_FAULT=<point>:<step>:<n>` and waits until it
+/// has SIGKILLed itself at that crash point (the test fails with its log otherwise).
+pub fn crash_at(config: &str, fault: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut p = SpillwayProc::spawn_with_env(config, &[("SPILLWAY_FAULT", fault)]);
+    let status = blocking(|| p.wait_exit(Duration::from_secs(90)));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{fault}: the process should have killed itself; log:\n{}",
+        p.log_text()
+    );
+    let point = fault.rsplit_once(':').map_or(fault, |(p, _)| p);
+    assert!(
+        p.log_text()
+            .contains(&format!("fault point {point} reached")),
+        "{fault}: log:\n{}",
+        p.log_text()
+    );
+}
+
 impl Drop for SpillwayProc {
     fn drop(&mut self) {
         self.kill9();
