@@ -207,12 +207,8 @@ pub struct EnvelopeEncoder {
 impl EnvelopeEncoder {
     /// An encoder against the registry at `url`.
     pub fn new(url: &str, timeout: Duration) -> Result<EnvelopeEncoder, CodecError> {
-        let settings = SrSettings::new_builder(url.to_string())
-            .set_timeout(timeout)
-            .build()
-            .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
         Ok(EnvelopeEncoder {
-            encoder: AvroEncoder::new(settings),
+            encoder: avro_encoder(url, timeout)?,
         })
     }
 
@@ -249,6 +245,15 @@ impl EnvelopeEncoder {
         )
         .await
     }
+}
+
+/// A registry-backed Avro encoder against the registry at `url`.
+fn avro_encoder(url: &str, timeout: Duration) -> Result<AvroEncoder, CodecError> {
+    let settings = SrSettings::new_builder(url.to_string())
+        .set_timeout(timeout)
+        .build()
+        .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
+    Ok(AvroEncoder::new(settings))
 }
 
 /// Encodes `fields` as Confluent-framed Avro of `schema`, registered under `<topic>-value`.
@@ -306,12 +311,8 @@ pub struct ResultEncoder {
 impl ResultEncoder {
     /// An encoder against the registry at `url`.
     pub fn new(url: &str, timeout: Duration) -> Result<ResultEncoder, CodecError> {
-        let settings = SrSettings::new_builder(url.to_string())
-            .set_timeout(timeout)
-            .build()
-            .map_err(|e| CodecError::RegistryUnavailable(e.error.clone()))?;
         Ok(ResultEncoder {
-            encoder: AvroEncoder::new(settings),
+            encoder: avro_encoder(url, timeout)?,
         })
     }
 

@@ -127,8 +127,15 @@ fn compose_prometheus_and_kubernetes_agree_on_files_and_ports() {
     assert!(prometheus.contains("processor:9464") && prometheus.contains("ingress:9465"));
     assert!(compose.contains("./deploy/prometheus:/etc/prometheus"));
     let kustomization = read("deploy/k8s/kustomization.yaml");
+    // Every resource and every generated file it names exists (`key=path` or `path`).
+    let mut named = 0;
     for line in kustomization.lines().map(str::trim) {
-        if let Some(file) = line.strip_prefix("- ").and_then(|l| l.split('=').nth(1)) {
+        let Some(item) = line.strip_prefix("- ") else {
+            continue;
+        };
+        let file = item.rsplit('=').next().unwrap_or(item);
+        if file.ends_with(".yaml") || file.ends_with(".toml") {
+            named += 1;
             assert!(
                 Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("deploy/k8s")
@@ -138,6 +145,7 @@ fn compose_prometheus_and_kubernetes_agree_on_files_and_ports() {
             );
         }
     }
+    assert_eq!(named, 5, "3 resources and 2 config files");
     let processor = read("deploy/k8s/processor.yaml");
     assert!(processor.contains("path: /healthz") && processor.contains("path: /readyz"));
 }

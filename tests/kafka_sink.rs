@@ -116,6 +116,11 @@ requests_per_minute = 60000
     )
 }
 
+/// Every committed record of the result topic.
+fn committed_results(bootstrap: &str, n: &Names) -> Vec<rdkafka::message::OwnedMessage> {
+    read_to_eof(bootstrap, &n.results, PARTITIONS, "read_committed")
+}
+
 /// Result records by dedup key (the record key), with how many times each appears.
 fn by_key(records: &[rdkafka::message::OwnedMessage]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
@@ -160,12 +165,7 @@ async fn results_are_confluent_avro_of_the_result_schema_one_per_event_even_for_
     let metrics = p.try_scrape().await.unwrap_or_default();
     p.terminate();
 
-    let results = read_to_eof(
-        &broker.bootstrap(),
-        &n.results,
-        PARTITIONS,
-        "read_committed",
-    );
+    let results = committed_results(&broker.bootstrap(), &n);
     let keys = by_key(&results);
     assert_eq!(results.len(), 10, "one result per event: {keys:?}");
     assert!(keys.values().all(|c| *c == 1));
@@ -253,12 +253,7 @@ async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeat
         p.wait_finished(EVENTS, &fault).await;
         p.terminate();
 
-        let results = read_to_eof(
-            &broker.bootstrap(),
-            &n.results,
-            PARTITIONS,
-            "read_committed",
-        );
+        let results = committed_results(&broker.bootstrap(), &n);
         let keys = by_key(&results);
         let calls = sim.stats().await.received;
         let repeats = results.len() as u64 - keys.len() as u64;
@@ -360,7 +355,7 @@ async fn transactional_results_commit_with_their_journal_entries_and_survive_a_f
     );
     assert_eq!(sim.stats().await.received, 10, "one LLM call per event");
 
-    let results = read_to_eof(&bootstrap, &n.results, PARTITIONS, "read_committed");
+    let results = committed_results(&bootstrap, &n);
     let keys = by_key(&results);
     assert_eq!(keys.len(), 10, "every event has its result: {keys:?}");
     assert_eq!(results.len(), 10, "no result written twice: {keys:?}");
