@@ -212,6 +212,11 @@ impl EnvelopeEncoder {
         })
     }
 
+    /// Drops registry failures the client cached, so the next encode asks the registry again.
+    pub fn forget_errors(&self) {
+        self.encoder.remove_errors_from_cache();
+    }
+
     /// Encodes one event for `topic`.
     pub async fn encode(&self, topic: &str, e: &Envelope<'_>) -> Result<Vec<u8>, CodecError> {
         let opt = |v: Option<&str>| match v {
@@ -344,6 +349,32 @@ impl ResultEncoder {
     }
 }
 
+/// RFC 3339 text (UTC, millisecond precision) of a unix time in milliseconds, e.g.
+/// `2026-12-04T17:03:09.123Z`: the CloudEvents `time` of an event whose sender gave none.
+pub fn rfc3339_millis(unix_ms: i64) -> String {
+    let (days, ms) = (
+        unix_ms.div_euclid(86_400_000),
+        unix_ms.rem_euclid(86_400_000),
+    );
+    // Civil date from days since 1970-01-01 (Howard Hinnant's days_from_civil, inverted).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1_000 % 60,
+        ms % 1_000
+    )
+}
+
 /// Reads the schema id of a Confluent-framed value.
 pub fn schema_id(bytes: &[u8]) -> Result<u32, CodecError> {
     if bytes.len() < 5 {
@@ -430,6 +461,21 @@ fn event_from_avro(value: AvroValue, record: &OwnedMessage) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_millis_formats_utc_dates_across_leap_years_and_eras() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_796_058_189_123),
+            "2026-11-30T17:03:09.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(4_107_542_399_999),
+            "2100-02-28T23:59:59.999Z"
+        );
+        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
     use rdkafka::message::{Header, OwnedHeaders, Timestamp};
 
     fn record(payload: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {

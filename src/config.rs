@@ -637,7 +637,9 @@ pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.idempotence",
     "enable.partition.eof",
     "acks",
+    "request.required.acks",
     "message.timeout.ms",
+    "delivery.timeout.ms",
     "transactional.id",
     "isolation.level",
 ];

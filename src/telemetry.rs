@@ -423,9 +423,11 @@ fn render_registry(registry: &Registry) -> String {
 /// so every label stays bounded.
 pub struct IngressMetrics {
     registry: Registry,
-    /// Requests by source and outcome: `accepted`, `duplicate`, `bad_signature`,
+    /// Requests by source and outcome: `accepted`, `replay`, `bad_signature`,
     /// `stale_timestamp`, `too_large`, `timeout`, `rate_limited`, `invalid`,
-    /// `kafka_unavailable`, `registry_unavailable`, `unknown_source`, `challenge`.
+    /// `kafka_unavailable`, `registry_unavailable`, `registry_rejected`, `overloaded` (the
+    /// body buffer budget is spent), `disconnected` (the client hung up before the answer),
+    /// `unknown_source`, `challenge`.
     pub requests: IntCounterVec,
     /// Wall time from the request head to the response, by source and outcome.
     pub request_duration: HistogramVec,
@@ -438,6 +440,9 @@ pub struct IngressMetrics {
     pub in_flight: IntGauge,
     /// Open connections.
     pub connections: IntGauge,
+    /// Request body bytes held in memory right now (bounded by
+    /// `server.max_buffered_body_bytes`).
+    pub buffered_body_bytes: IntGauge,
     /// Connections closed by the server for a reason other than a normal close, by reason:
     /// `header_timeout` (slowloris or idle), `tls_handshake`, `limit` (max_connections),
     /// `protocol`, `io`.
@@ -506,6 +511,11 @@ impl IngressMetrics {
             connections: reg!(IntGauge::new(
                 "spillway_ingress_connections",
                 "Open client connections."
+            )
+            .expect("valid metric")),
+            buffered_body_bytes: reg!(IntGauge::new(
+                "spillway_ingress_buffered_body_bytes",
+                "Request body bytes held in memory."
             )
             .expect("valid metric")),
             connections_closed: reg!(IntCounterVec::new(

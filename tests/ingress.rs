@@ -395,15 +395,17 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
             Some(&*format!("/webhooks/{source}"))
         );
         assert_eq!(header_str(m, "ce_specversion"), Some("1.0"));
-        assert_eq!(
-            header_str(m, "content-type"),
-            Some("application/cloudevents+avro")
-        );
+        assert_eq!(header_str(m, "content-type"), Some("application/avro"));
         let received: i64 = header_str(m, "spillway.received_ms")
             .unwrap()
             .parse()
             .unwrap();
         assert!((received / 1000 - t).abs() <= 60);
+        // No source here names an occurrence time, so `ce_time` is the receipt.
+        assert_eq!(
+            header_str(m, "ce_time"),
+            Some(&*spillway::codec::rfc3339_millis(received))
+        );
         let event = codec.decode(m).await.expect("the processor decodes it");
         assert_eq!(event.id, *id);
         assert_eq!(event.source, format!("/webhooks/{source}"));
@@ -1637,5 +1639,211 @@ async fn a_sender_that_hangs_up_mid_produce_cannot_lose_or_double_its_event() {
         ["blog:hangup"]
     );
     assert_eq!(records_in(&s.bootstrap, &s.topic, 1), 1);
+    // The hung-up requests are not left counted as in flight.
+    wait_until_async(
+        "no request is counted in flight",
+        Duration::from_secs(10),
+        || {
+            let m = ing.metrics;
+            async move {
+                metric_value(&scrape(m).await, "spillway_ingress_in_flight_requests") == Some(0.0)
+            }
+        },
+    )
+    .await;
     ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_memory_budget_get_503_and_the_budget_comes_back() {
+    let (_broker, _registry, s) = tansu_setup(1).await;
+    let ing = start(&ingress_toml(
+        &s,
+        "plaintext = true\nmax_buffered_body_bytes = 600000\nbody_timeout_ms = 30000",
+        "",
+        "",
+    ))
+    .await;
+    // An unauthenticated client declares 400 kB and stalls after one byte: the declared
+    // length is charged to the budget before any of it arrives.
+    let mut hog = TcpStream::connect(ing.addr).await.unwrap();
+    hog.write_all(b"POST /webhooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 400000\r\n\r\n{")
+        .await
+        .unwrap();
+    wait_until_async("the hog's body is held", Duration::from_secs(10), || {
+        let m = ing.metrics;
+        async move {
+            metric_value(&scrape(m).await, "spillway_ingress_buffered_body_bytes")
+                == Some(400_000.0)
+        }
+    })
+    .await;
+
+    // A second 400 kB body does not fit: 503 with Retry-After, before a byte of it is kept.
+    let head = "POST /webhooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 400000\r\n\r\n";
+    let stream = TcpStream::connect(ing.addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(r);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await.unwrap();
+    assert!(status_line.contains(" 503 "), "{status_line}");
+    let mut retry_after = None;
+    loop {
+        let mut l = String::new();
+        if reader.read_line(&mut l).await.unwrap() == 0 || l == "\r\n" {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("retry-after:") {
+            retry_after = Some(v.trim().to_string());
+        }
+    }
+    assert_eq!(retry_after.as_deref(), Some("5"));
+
+    // Small bodies still fit beside the hog.
+    let client = reqwest::Client::new();
+    let body = comment("small");
+    let (status, json, _) = post(
+        &client,
+        &ing.url("blog"),
+        standard("small", now(), &body, WHSEC_NEW),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+
+    // The hog hangs up: its bytes go back to the budget, and a large signed body fits again.
+    drop(hog);
+    wait_until_async("the budget is whole again", Duration::from_secs(10), || {
+        let m = ing.metrics;
+        async move {
+            metric_value(&scrape(m).await, "spillway_ingress_buffered_body_bytes") == Some(0.0)
+        }
+    })
+    .await;
+    let mut big = br#"{"id":"big","text":""#.to_vec();
+    big.resize(450_000, b'a');
+    big.extend_from_slice(br#""}"#);
+    let (status, json, _) = post(&client, &ing.url("github"), github("gh-big", &big), big).await;
+    assert_eq!(status, 202, "{json}");
+    let text = scrape(ing.metrics).await;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "spillway_ingress_requests_total{outcome=\"overloaded\""
+        ),
+        1.0
+    );
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_kafka_gets_413_and_releases_its_delivery_id() {
+    let (_broker, _registry, s) = tansu_setup(1).await;
+    // A message.max.bytes resolved at start-up (from a file) is not checked against the body
+    // limit, so the producer itself refuses the record: the sender must get a 413, not a 503
+    // it would retry for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let max = dir.path().join("message-max-bytes");
+    std::fs::write(&max, "20000").unwrap();
+    let kafka = format!(
+        "[kafka.properties]\n\"message.max.bytes\" = {{ file = \"{}\" }}",
+        max.display()
+    );
+    let ing = start(
+        &ingress_toml(&s, "plaintext = true", "", "")
+            .replace("[registry]", &format!("{kafka}\n\n[registry]")),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut body = br#"{"id":"large","text":""#.to_vec();
+    body.resize(40_000, b'a');
+    body.extend_from_slice(br#""}"#);
+    let (status, json, retry_after) = post(
+        &client,
+        &ing.url("blog"),
+        standard("large", now(), &body, WHSEC_NEW),
+        body,
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str(), retry_after),
+        (413, Some("too_large"), None),
+        "{json}"
+    );
+    // The id was not kept: the sender can send that delivery again, smaller.
+    let body = comment("large");
+    let (status, json, _) = post(
+        &client,
+        &ing.url("blog"),
+        standard("large", now(), &body, WHSEC_NEW),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(
+        ids(&read_topic(
+            &s.bootstrap,
+            &s.topic,
+            1,
+            Duration::from_secs(30)
+        )),
+        ["blog:large"]
+    );
+    assert_eq!(records_in(&s.bootstrap, &s.topic, 1), 1);
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_delay_keeps_serving_with_readiness_off_then_closes_the_listener() {
+    let (_broker, _registry, s) = tansu_setup(1).await;
+    let ing = start(&ingress_toml(
+        &s,
+        "plaintext = true\nshutdown_delay_ms = 5000",
+        "",
+        "",
+    ))
+    .await;
+    let ready = format!("http://{}/readyz", ing.metrics);
+    let cancelled = Instant::now();
+    ing.stop.cancel();
+    wait_until_async("readiness is off", Duration::from_secs(4), || {
+        let ready = ready.clone();
+        async move {
+            reqwest::get(&ready)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 503)
+        }
+    })
+    .await;
+    // A load balancer that has not noticed yet still gets its webhook stored.
+    let client = reqwest::Client::new();
+    let body = comment("late");
+    let (status, json, _) = post(
+        &client,
+        &ing.url("blog"),
+        standard("late", now(), &body, WHSEC_NEW),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(5),
+        "the webhook was sent inside the delay"
+    );
+    tokio::time::timeout(Duration::from_secs(30), ing.task)
+        .await
+        .expect("the ingress stops after the delay")
+        .unwrap()
+        .unwrap();
+    assert!(cancelled.elapsed() >= Duration::from_secs(5));
+    assert_eq!(
+        ids(&read_topic(
+            &s.bootstrap,
+            &s.topic,
+            1,
+            Duration::from_secs(30)
+        )),
+        ["blog:late"]
+    );
 }

@@ -65,6 +65,12 @@ pub struct ServerConfig {
     /// Open connections beyond this are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Request body bytes held in memory at once, over all connections, in bytes. A body
+    /// that would go past it gets 503 with `Retry-After` (outcome `overloaded`), so memory
+    /// stays bounded however many clients send large bodies at once. At least the largest
+    /// `sources.*.max_body_bytes`.
+    #[serde(default = "default_max_buffered_body_bytes")]
+    pub max_buffered_body_bytes: usize,
     /// Cheap per-client-IP limit applied before any signature work, e.g. `100/s`. Unset: no
     /// per-IP limit (behind a load balancer every request may share one IP).
     #[serde(default)]
@@ -76,6 +82,12 @@ pub struct ServerConfig {
     /// already producing always get their delivery report first.
     #[serde(default = "default_ingress_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// On SIGTERM, how long to keep serving with readiness already off before the listener
+    /// closes, in milliseconds, so a load balancer sees the pod unready and stops routing to
+    /// it before connections are refused (Kubernetes: a few readiness periods). 0: close at
+    /// once.
+    #[serde(default)]
+    pub shutdown_delay_ms: u64,
 }
 
 /// PEM files for the listener's TLS.
@@ -238,6 +250,9 @@ fn default_body_timeout_ms() -> u64 {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_buffered_body_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_unavailable_retry_after_secs() -> u64 {
     5
 }
@@ -263,8 +278,16 @@ fn default_tolerance_secs() -> u64 {
     300
 }
 fn default_max_body_bytes() -> usize {
-    1024 * 1024
+    512 * 1024
 }
+
+/// librdkafka's default `message.max.bytes`, the largest record the producer sends.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Room a record needs beside its body: the Avro envelope's other fields (id, source, type,
+/// subject and time, each at most 256 bytes), the CloudEvents headers, the key and the
+/// record framing.
+pub const RECORD_OVERHEAD_BYTES: usize = 16 * 1024;
 
 impl Default for ReplayConfig {
     fn default() -> Self {
@@ -351,12 +374,25 @@ impl IngressConfig {
             }
         }
         check_properties("kafka", &self.kafka.properties)?;
-        if self.kafka.properties.contains_key("linger.ms") {
-            return Err(ConfigError::invalid(
-                "kafka.properties.\"linger.ms\"",
-                "use kafka.linger_ms",
-            ));
+        for alias in ["linger.ms", "queue.buffering.max.ms"] {
+            if self.kafka.properties.contains_key(alias) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.properties.\"{alias}\""),
+                    "use kafka.linger_ms",
+                ));
+            }
         }
+        let message_max_bytes = match self.kafka.properties.get("message.max.bytes") {
+            None => DEFAULT_MESSAGE_MAX_BYTES,
+            Some(PropertyValue::Text(v)) => v.trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    "kafka.properties.\"message.max.bytes\"",
+                    format!("`{v}` is not a number of bytes"),
+                )
+            })?,
+            // Resolved at start-up; the producer refuses an oversized record with a 413.
+            Some(_) => usize::MAX,
+        };
         let url = reqwest::Url::parse(&self.registry.url)
             .map_err(|e| ConfigError::invalid("registry.url", e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -375,14 +411,37 @@ impl IngressConfig {
         for (name, src) in &self.sources {
             validate_source(name, src)?;
             max_tolerance = max_tolerance.max(src.tolerance_secs);
+            if src.max_body_bytes.saturating_add(RECORD_OVERHEAD_BYTES) > message_max_bytes {
+                return Err(ConfigError::invalid(
+                    format!("sources.{name}.max_body_bytes"),
+                    format!(
+                        "is {} bytes, but a record must fit the producer's message.max.bytes \
+                         ({message_max_bytes}) with {RECORD_OVERHEAD_BYTES} bytes to spare for \
+                         the envelope and headers: lower it, or raise \
+                         kafka.properties.\"message.max.bytes\" (and the topic's \
+                         max.message.bytes)",
+                        src.max_body_bytes
+                    ),
+                ));
+            }
+            if src.max_body_bytes > s.max_buffered_body_bytes {
+                return Err(ConfigError::invalid(
+                    "server.max_buffered_body_bytes",
+                    format!(
+                        "must be at least sources.{name}.max_body_bytes ({}), or no such body \
+                         could ever be read",
+                        src.max_body_bytes
+                    ),
+                ));
+            }
         }
-        if self.replay.ttl_secs < 2 * max_tolerance {
+        if self.replay.ttl_secs < max_tolerance.saturating_mul(2) {
             return Err(ConfigError::invalid(
                 "replay.ttl_secs",
                 format!(
                     "must be at least twice the largest sources.*.tolerance_secs ({} s), so a \
                      replay inside the signature window is always caught",
-                    2 * max_tolerance
+                    max_tolerance.saturating_mul(2)
                 ),
             ));
         }
@@ -527,7 +586,9 @@ mod tests {
         assert_eq!(cfg.replay.ttl_secs, 900);
         let gh = &cfg.sources["github"];
         assert_eq!(gh.tolerance_secs, 300);
-        assert_eq!(gh.max_body_bytes, 1024 * 1024);
+        assert_eq!(gh.max_body_bytes, 512 * 1024);
+        assert_eq!(cfg.server.max_buffered_body_bytes, 64 * 1024 * 1024);
+        assert_eq!(cfg.server.shutdown_delay_ms, 0);
         assert_eq!(
             gh.event_type,
             FieldRef::Header {
@@ -582,6 +643,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sources.stripe.signature_prefix"), "{err}");
+    }
+
+    #[test]
+    fn a_body_limit_that_kafka_could_not_take_is_refused_at_start_up() {
+        let source = |limit: usize, props: &str| {
+            IngressConfig::from_toml(&format!(
+                "{MINIMAL}\n[kafka.properties]\n{props}\n[sources.big]\nscheme = \"github\"\n\
+                 secrets = [\"k\"]\nevent_type = \"e\"\ntopic = \"t\"\nmax_body_bytes = {limit}"
+            ))
+        };
+        let err = source(1024 * 1024, "").unwrap_err().to_string();
+        assert!(
+            err.contains("sources.big.max_body_bytes") && err.contains("message.max.bytes"),
+            "{err}"
+        );
+        source(1_000_000 - RECORD_OVERHEAD_BYTES, "").expect("fits the default");
+        source(4 * 1024 * 1024, "\"message.max.bytes\" = \"8000000\"")
+            .expect("fits a raised message.max.bytes");
+        let err = IngressConfig::from_toml(&MINIMAL.replace(
+            "plaintext = true",
+            "plaintext = true\nmax_buffered_body_bytes = 1000",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.max_buffered_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn managed_producer_properties_and_their_aliases_are_refused() {
+        for key in [
+            "acks",
+            "request.required.acks",
+            "delivery.timeout.ms",
+            "queue.buffering.max.ms",
+        ] {
+            let toml = MINIMAL.replace(
+                "[registry]",
+                &format!("[kafka.properties]\n\"{key}\" = \"1\"\n[registry]"),
+            );
+            let err = IngressConfig::from_toml(&toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   slowloris clients;
 //! - request heads are capped at 64 KiB, bodies at the source's `max_body_bytes` whatever the
 //!   framing (a `Content-Length` over the limit is refused before reading; a chunked body is
-//!   counted while it streams), and the body must arrive within `body_timeout`.
+//!   counted while it streams), and the body must arrive within `body_timeout`;
+//! - all bodies held at once share one budget (`max_buffered_body_bytes`): a body that would
+//!   overrun it gets 503 with `Retry-After` instead of growing the heap, so memory stays
+//!   bounded however many unauthenticated clients send large bodies at once.
 //!
 //! The request path runs the checks in the order of `../shared/conventions.md`: size,
 //! headers present, timestamp, signature (all in [`auth::verify`]), delivery-id dedup,
@@ -29,9 +32,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,6 +73,8 @@ pub struct Shared {
     pub header_read_timeout: Duration,
     /// `Retry-After` on a 503.
     pub unavailable_retry_after_secs: u64,
+    /// Bytes of request bodies that may be held at once (one permit per byte).
+    pub body_budget: Arc<Semaphore>,
 }
 
 /// What a request gets back, before it becomes an HTTP response.
@@ -255,12 +261,58 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
     }
 }
 
+/// One request in `spillway_ingress_in_flight_requests`. A request hyper drops before it is
+/// answered (the client hung up) is counted with the outcome `disconnected`.
+struct InFlight {
+    metrics: Arc<IngressMetrics>,
+    source: String,
+    start: Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    fn new(metrics: Arc<IngressMetrics>, source: String, start: Instant) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight {
+            metrics,
+            source,
+            start,
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, outcome: &str) {
+        self.finished = true;
+        self.metrics
+            .request(&self.source, outcome, self.start.elapsed());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        if !self.finished {
+            self.metrics
+                .request(&self.source, "disconnected", self.start.elapsed());
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 async fn handle(
     shared: Arc<Shared>,
     remote: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let start = Instant::now();
+    // End-to-end latency starts when the request head arrived, before the body and checks.
+    let received_at_ms = unix_ms();
     let path = req.uri().path();
     if path == "/healthz" && req.method() == Method::GET {
         // For load balancers that probe the serving port; readiness lives on the telemetry
@@ -280,12 +332,9 @@ async fn handle(
         .as_ref()
         .map_or("unknown", |s| s.name.as_str())
         .to_string();
-    shared.metrics.in_flight.inc();
-    let reply = check_and_produce(&shared, remote, source, req).await;
-    shared.metrics.in_flight.dec();
-    shared
-        .metrics
-        .request(&label, reply.outcome, start.elapsed());
+    let in_flight = InFlight::new(shared.metrics.clone(), label.clone(), start);
+    let reply = check_and_produce(&shared, remote, source, req, received_at_ms).await;
+    in_flight.finish(reply.outcome);
     if reply.status.is_server_error() {
         tracing::warn!(source = %label, outcome = reply.outcome, "webhook not accepted");
     } else {
@@ -299,10 +348,11 @@ async fn check_and_produce(
     remote: SocketAddr,
     source: Option<Arc<Source>>,
     req: Request<Incoming>,
+    received_at_ms: i64,
 ) -> Reply {
     // A cheap per-IP limit first: no body read, no HMAC, for a flooding client.
     if let Some(limit) = &shared.ip_limit {
-        if let Err(wait) = limit.check(&remote.ip()) {
+        if let Err(wait) = limit.check(&super::limit::client_key(remote.ip())) {
             return Reply::error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -334,29 +384,44 @@ async fn check_and_produce(
     if declared.is_some_and(|n| n > source.max_body_bytes as u64) {
         return too_large(&source, body);
     }
-    let body = match read_body(body, source.max_body_bytes, shared.body_timeout).await {
-        Ok(b) => b,
-        Err(BodyError::TooLarge(rest)) => return too_large(&source, rest),
-        Err(BodyError::Timeout) => {
-            return Reply::error(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!(
-                    "the body did not arrive within {} ms",
-                    shared.body_timeout.as_millis()
-                ),
-            )
-            .closing()
-        }
-        Err(BodyError::Broken(e)) => {
-            return Reply::error(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("the body could not be read: {e}"),
-            )
-            .closing()
-        }
+    let budget = BodyBudget {
+        permits: &shared.body_budget,
+        gauge: &shared.metrics.buffered_body_bytes,
     };
+    let (body, held) =
+        match read_body(body, source.max_body_bytes, shared.body_timeout, budget).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge(rest)) => return too_large(&source, rest),
+            Err(BodyError::Overloaded(rest)) => {
+                spawn_drain(rest, source.max_body_bytes);
+                return Reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many request bodies are held at once; retry later",
+                )
+                .retry_after(shared.unavailable_retry_after_secs)
+                .closing();
+            }
+            Err(BodyError::Timeout) => {
+                return Reply::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the body did not arrive within {} ms",
+                        shared.body_timeout.as_millis()
+                    ),
+                )
+                .closing()
+            }
+            Err(BodyError::Broken(e)) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("the body could not be read: {e}"),
+                )
+                .closing()
+            }
+        };
 
     // 2-4. Headers present, timestamp, signature over the exact raw bytes.
     let now = SystemTime::now()
@@ -392,12 +457,17 @@ async fn check_and_produce(
         let challenge = json.get("challenge").cloned().unwrap_or_default();
         return Reply::new(StatusCode::OK, "challenge", json!({"challenge": challenge}));
     }
-    let (id, event_type) = match (
-        source.event_id(&parts.headers, &json),
-        source.event_type(&parts.headers, &json),
-    ) {
-        (Ok(id), Ok(t)) => (id, t),
-        (Err(e), _) | (_, Err(e)) => return Reply::error(StatusCode::BAD_REQUEST, "invalid", e),
+    let attributes = (|| {
+        Ok::<_, super::source::InvalidEvent>((
+            source.event_id(&parts.headers, &json)?,
+            source.event_type(&parts.headers, &json)?,
+            source.subject(&parts.headers, &json)?,
+            source.time(&parts.headers, &json)?,
+        ))
+    })();
+    let (id, event_type, subject, time) = match attributes {
+        Ok(a) => a,
+        Err(e) => return Reply::error(StatusCode::BAD_REQUEST, "invalid", e),
     };
 
     // 5. Delivery-id dedup: copies wait for the first copy's delivery report.
@@ -429,24 +499,23 @@ async fn check_and_produce(
 
     // 8. Produce, in a task of its own: the outcome settles the claim even if this request
     //    is dropped (the client hung up), so a copy never waits on an abandoned produce.
-    let Ok(data) = String::from_utf8(body.to_vec()) else {
+    // Parsed JSON is UTF-8; the check only turns the bytes into text without a copy.
+    let Ok(data) = String::from_utf8(Vec::from(body)) else {
         return Reply::error(StatusCode::BAD_REQUEST, "invalid", "body is not UTF-8");
     };
-    let subject = source.subject(&parts.headers, &json);
-    let time = source.time(&parts.headers, &json);
-    let received_at_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    // `ce_time` is the sender's occurrence time when the source names one, else the receipt.
+    let time = time.unwrap_or_else(|| crate::codec::rfc3339_millis(received_at_ms));
     let producer = shared.producer.clone();
     let task_source = source.clone();
     let task_id = id.clone();
     let produced = shared.produces.spawn(async move {
+        // The body's budget is returned once the record is Kafka's (or refused).
+        let _held = held;
         let envelope = Envelope {
             id: &task_id,
             source: &task_source.ce_source,
             event_type: &event_type,
-            time: time.as_deref(),
+            time: Some(&time),
             subject: subject.as_deref(),
             received_at_ms: Some(received_at_ms),
             data: &data,
@@ -465,6 +534,14 @@ async fn check_and_produce(
             "accepted",
             json!({"status": "accepted", "id": id}),
         ),
+        Ok(Err(super::produce::ProduceError::TooLarge(e))) => {
+            tracing::warn!(source = %source.name, error = %e, "event too large for Kafka");
+            Reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the event is larger than Kafka accepts for this topic",
+            )
+        }
         Ok(Err(e)) => {
             tracing::warn!(source = %source.name, error = %e, "event not produced");
             let status = match e {
@@ -495,11 +572,7 @@ async fn check_and_produce(
 /// The 413 reply. The rest of the body is drained (bounded in bytes and time, never kept)
 /// before the connection closes, so the client reads the 413 instead of a reset.
 fn too_large(source: &Source, rest: Incoming) -> Reply {
-    tokio::spawn(drain(
-        rest,
-        (4 * source.max_body_bytes).max(1 << 20),
-        Duration::from_secs(2),
-    ));
+    spawn_drain(rest, source.max_body_bytes);
     Reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
@@ -509,6 +582,15 @@ fn too_large(source: &Source, rest: Incoming) -> Reply {
         ),
     )
     .closing()
+}
+
+/// Reads and discards what is left of a refused body, so the client can read the answer.
+fn spawn_drain(rest: Incoming, max_body_bytes: usize) {
+    tokio::spawn(drain(
+        rest,
+        (4 * max_body_bytes).max(1 << 20),
+        Duration::from_secs(2),
+    ));
 }
 
 async fn drain(mut body: Incoming, max_bytes: usize, max_time: Duration) {
@@ -526,24 +608,98 @@ async fn drain(mut body: Incoming, max_bytes: usize, max_time: Duration) {
 
 enum BodyError {
     TooLarge(Incoming),
+    Overloaded(Incoming),
     Timeout,
     Broken(hyper::Error),
 }
 
-/// Reads a whole body of at most `max` bytes within `timeout`.
-async fn read_body(mut body: Incoming, max: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+/// The shared budget of body bytes held in memory, and its gauge.
+#[derive(Clone, Copy)]
+struct BodyBudget<'a> {
+    permits: &'a Arc<Semaphore>,
+    gauge: &'a IntGauge,
+}
+
+/// Body bytes taken from the budget; given back (and taken off the gauge) on drop.
+struct HeldBytes {
+    permit: Option<OwnedSemaphorePermit>,
+    gauge: IntGauge,
+}
+
+impl HeldBytes {
+    /// Bytes held.
+    fn bytes(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// Takes `n` more bytes from the budget without waiting; `false` if it is spent.
+    fn grow(&mut self, budget: BodyBudget<'_>, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let Ok(n32) = u32::try_from(n) else {
+            return false;
+        };
+        let Ok(more) = budget.permits.clone().try_acquire_many_owned(n32) else {
+            return false;
+        };
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+        self.gauge.add(n as i64);
+        true
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        if let Some(p) = &self.permit {
+            self.gauge.sub(p.num_permits() as i64);
+        }
+    }
+}
+
+/// Reads a whole body of at most `max` bytes within `timeout`, taking its bytes from
+/// `budget` as they arrive.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    timeout: Duration,
+    budget: BodyBudget<'_>,
+) -> Result<(Bytes, HeldBytes), BodyError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(body.size_hint().lower().min(max as u64) as usize);
+    let mut held = HeldBytes {
+        permit: None,
+        gauge: budget.gauge.clone(),
+    };
+    // A declared length (already checked ≤ max) is taken from the budget and allocated once;
+    // a chunked body grows as it arrives. Either way the budget covers what is allocated.
+    let declared = body.size_hint().exact().unwrap_or(0).min(max as u64) as usize;
+    if !held.grow(budget, declared) {
+        return Err(BodyError::Overloaded(body));
+    }
+    let mut buf = BytesMut::with_capacity(declared);
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(BodyError::Timeout),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok((buf.freeze(), held)),
             Ok(Some(Err(e))) => return Err(BodyError::Broken(e)),
             Ok(Some(Ok(frame))) => frame,
         };
         if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > max {
+            let len = buf.len() + data.len();
+            if len > max {
                 return Err(BodyError::TooLarge(body));
+            }
+            if len > buf.capacity() {
+                // Growth at least doubles, as BytesMut's would, and is charged before it
+                // happens.
+                let target = len.max(2 * buf.capacity()).min(max);
+                if !held.grow(budget, target.saturating_sub(held.bytes())) {
+                    return Err(BodyError::Overloaded(body));
+                }
+                buf.reserve(target - buf.len());
             }
             buf.extend_from_slice(data);
         }

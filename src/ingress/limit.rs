@@ -120,6 +120,21 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
     }
 }
 
+/// The per-IP limit's key for a client address: an IPv4 address as is (also when it arrives
+/// IPv4-mapped), an IPv6 address by its /64 prefix, since one host usually holds a whole /64
+/// and could otherwise mint a fresh key, and a fresh allowance, per request.
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// `Retry-After` seconds for a wait: rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
@@ -160,6 +175,19 @@ mod tests {
             "other sources are not affected"
         );
         assert!(limits.check("unlimited").is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_slash_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct Ingress {
     metrics_addr: SocketAddr,
     shared: Arc<http::Shared>,
     shutdown: CancellationToken,
+    /// What the listener and the connections obey: cancelled `shutdown_delay` after
+    /// `shutdown`.
+    stop: CancellationToken,
     connections: TaskTracker,
     accept: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
@@ -73,6 +76,7 @@ pub struct Ingress {
     telemetry: tokio::task::JoinHandle<()>,
     telemetry_stop: CancellationToken,
     shutdown_timeout: Duration,
+    shutdown_delay: Duration,
     flush_timeout: Duration,
 }
 
@@ -174,6 +178,12 @@ impl Ingress {
             body_timeout: Duration::from_millis(config.server.body_timeout_ms),
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
             unavailable_retry_after_secs: config.server.unavailable_retry_after_secs,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .server
+                    .max_buffered_body_bytes
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         });
 
         let health = Health::new(Duration::from_millis(config.telemetry.liveness_timeout_ms));
@@ -210,12 +220,13 @@ impl Ingress {
             source,
         })?;
         let connections = TaskTracker::new();
+        let stop = CancellationToken::new();
         let accept = tokio::spawn(http::accept_loop(
             listener,
             tls,
             shared.clone(),
             config.server.max_connections,
-            shutdown.clone(),
+            stop.clone(),
             connections.clone(),
         ));
         tracing::info!(
@@ -229,6 +240,7 @@ impl Ingress {
             metrics_addr,
             shared,
             shutdown,
+            stop,
             connections,
             accept,
             health_task,
@@ -238,6 +250,7 @@ impl Ingress {
             telemetry,
             telemetry_stop,
             shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+            shutdown_delay: Duration::from_millis(config.server.shutdown_delay_ms),
             flush_timeout: Duration::from_millis(config.kafka.message_timeout_ms),
         })
     }
@@ -252,14 +265,23 @@ impl Ingress {
         self.metrics_addr
     }
 
-    /// Serves until shutdown, then: readiness off, stop accepting, let every in-flight request
+    /// Serves until shutdown, then: readiness off, keep serving for `shutdown_delay_ms` while
+    /// load balancers notice, stop accepting, let every in-flight request
     /// finish (each gets its delivery report) within `shutdown_timeout_ms`, wait for produces
     /// that outlived their requests, and flush the producer.
     pub async fn run(self) -> Result<(), IngressError> {
         self.shutdown.cancelled().await;
         self.serving.store(false, Ordering::Relaxed);
         self.health.set_ready(false);
-        tracing::info!("ingress shutting down: readiness off, draining in-flight requests");
+        tracing::info!(
+            delay_ms = self.shutdown_delay.as_millis() as u64,
+            "ingress shutting down: readiness off; serving on until the delay passes"
+        );
+        // The accept loop and the connections watch the root token, so the delay needs a
+        // token of their own: `stop` is what they obey.
+        tokio::time::sleep(self.shutdown_delay).await;
+        self.stop.cancel();
+        tracing::info!("ingress listener closed, draining in-flight requests");
         let _ = self.accept.await;
         self.connections.close();
         if tokio::time::timeout(self.shutdown_timeout, self.connections.wait())

@@ -38,6 +38,9 @@ pub enum ProduceError {
     /// Kafka did not acknowledge the record (queue full, broker down, timed out).
     #[error("kafka did not acknowledge the record: {0}")]
     Kafka(KafkaError),
+    /// The record is larger than the producer or the topic accepts: retrying cannot help.
+    #[error("the record is too large for kafka: {0}")]
+    TooLarge(KafkaError),
     /// No delivery report arrived within the bound.
     #[error("no delivery report within {0:?}")]
     Timeout(Duration),
@@ -50,6 +53,7 @@ impl ProduceError {
             ProduceError::RegistryUnavailable(_) => "registry_unavailable",
             ProduceError::RegistryRejected(_) => "registry_rejected",
             ProduceError::Kafka(_) | ProduceError::Timeout(_) => "kafka_unavailable",
+            ProduceError::TooLarge(_) => "too_large",
         }
     }
 }
@@ -134,7 +138,12 @@ impl Producer {
             .await
             .map_err(|e| match e {
                 CodecError::EncodeRejected(m) => ProduceError::RegistryRejected(m),
-                other => ProduceError::RegistryUnavailable(other.to_string()),
+                other => {
+                    // Whatever the registry client cached about this failure is dropped, so
+                    // the next request asks the registry again instead of reusing it.
+                    self.encoder.forget_errors();
+                    ProduceError::RegistryUnavailable(other.to_string())
+                }
             })?;
         let received = event.received_at_ms.unwrap_or_default();
         let received_text = received.to_string();
@@ -169,8 +178,10 @@ impl Producer {
         }
         headers = headers
             .insert(Header {
+                // Binary mode: the media type of the record value (Confluent-framed Avro), not
+                // `application/cloudevents+avro`, which would announce structured mode.
                 key: "content-type",
-                value: Some("application/cloudevents+avro"),
+                value: Some("application/avro"),
             })
             .insert(Header {
                 key: RECEIVED_HEADER,
@@ -186,11 +197,11 @@ impl Producer {
         let delivery = self
             .producer
             .send_result(record)
-            .map_err(|(e, _)| ProduceError::Kafka(e))?;
+            .map_err(|(e, _)| kafka_error(e))?;
         let result = match tokio::time::timeout(self.report_bound, delivery).await {
             Err(_) => Err(ProduceError::Timeout(self.report_bound)),
             Ok(Err(_canceled)) => Err(ProduceError::Kafka(KafkaError::Canceled)),
-            Ok(Ok(Err((e, _)))) => Err(ProduceError::Kafka(e)),
+            Ok(Ok(Err((e, _)))) => Err(kafka_error(e)),
             Ok(Ok(Ok(_))) => Ok(()),
         };
         self.metrics
@@ -216,6 +227,15 @@ impl Producer {
     /// Waits for every queued record's delivery report, up to `timeout` (blocking).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
+    }
+}
+
+/// Classifies a produce error: a record too large for the producer (`message.max.bytes`) or
+/// the topic (`max.message.bytes`) is the sender's problem; anything else is Kafka's.
+fn kafka_error(e: KafkaError) -> ProduceError {
+    match e.rdkafka_error_code() {
+        Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge) => ProduceError::TooLarge(e),
+        _ => ProduceError::Kafka(e),
     }
 }
 

@@ -55,10 +55,17 @@ impl First {
 impl Drop for First {
     fn drop(&mut self) {
         if !self.accepted {
-            // Remove first, then wake the waiters: one of them inserts a fresh claim. The TTL
-            // (minutes) is far longer than any produce deadline (seconds), so the entry
-            // removed here is this claim's own.
-            self.cache.cache.remove(&self.id);
+            // Remove first, then wake the waiters: one of them inserts a fresh claim. Only
+            // this claim's own entry goes: if capacity pressure evicted it and another copy
+            // claimed the id since, that claim stays.
+            let own = &self.slot;
+            self.cache
+                .cache
+                .entry_by_ref(&self.id)
+                .and_compute_with(|entry| match entry {
+                    Some(e) if Arc::ptr_eq(e.value(), own) => moka::ops::compute::Op::Remove,
+                    _ => moka::ops::compute::Op::Nop,
+                });
             self.slot.send_replace(State::Failed);
         }
     }
@@ -173,6 +180,34 @@ mod tests {
         assert!(
             waiter.await.unwrap(),
             "the waiting copy takes over and produces"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_claim_leaves_a_newer_claim_of_the_same_id_alone() {
+        let c = cache();
+        let Claim::First(old) = c.claim("x").await else {
+            panic!("first claim");
+        };
+        // Capacity pressure evicts the pending entry; another copy claims the id afresh.
+        c.cache.invalidate("x");
+        let Claim::First(newer) = c.claim("x").await else {
+            panic!("the evicted id is claimable again");
+        };
+        drop(old); // the old produce failed
+                   // With time paused, the timeout fires only once the copy is blocked for good.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), c.claim("x"))
+                .await
+                .is_err(),
+            "a copy waits for the newer claim instead of producing again"
+        );
+        let c2 = c.clone();
+        let copy = tokio::spawn(async move { matches!(c2.claim("x").await, Claim::Duplicate) });
+        newer.accepted();
+        assert!(
+            copy.await.unwrap(),
+            "and is a duplicate once it is accepted"
         );
     }
 

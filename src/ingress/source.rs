@@ -69,7 +69,22 @@ pub enum InvalidEvent {
     /// The body does not satisfy the source's JSON Schema.
     #[error("body does not match the source's schema: {0}")]
     Schema(String),
+    /// A value taken from the request is longer than Spillway keeps (ids are cache keys and
+    /// Kafka keys; attributes are headers).
+    #[error("{what} is {len} bytes long; at most {max} are accepted")]
+    TooLong {
+        /// Which value.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
 }
+
+/// Longest delivery id, event type, subject or time taken from a request, in bytes. Sender
+/// ids are GUIDs or short tokens; the cap bounds the replay cache's memory per entry.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
 
 impl Source {
     /// Compiles `config` for source `name`, resolving its secrets and reading its schema.
@@ -165,32 +180,27 @@ impl Source {
     /// The source-namespaced delivery id (`<source>:<sender's id>`): `ce_id`, the record key
     /// and the replay-cache key.
     pub fn event_id(&self, headers: &HeaderMap, body: &Json) -> Result<String, InvalidEvent> {
-        let id =
-            extract(&self.delivery_id, headers, body).ok_or_else(|| InvalidEvent::Missing {
-                what: "delivery id",
-                place: describe(&self.delivery_id),
-            })?;
+        let id = required("delivery id", &self.delivery_id, headers, body)?;
         Ok(format!("{}:{}", self.name, id))
     }
 
     /// The event type.
     pub fn event_type(&self, headers: &HeaderMap, body: &Json) -> Result<String, InvalidEvent> {
-        extract(&self.event_type, headers, body).ok_or_else(|| InvalidEvent::Missing {
-            what: "event type",
-            place: describe(&self.event_type),
-        })
+        required("event type", &self.event_type, headers, body)
     }
 
     /// The optional subject.
-    pub fn subject(&self, headers: &HeaderMap, body: &Json) -> Option<String> {
-        self.subject
-            .as_ref()
-            .and_then(|f| extract(f, headers, body))
+    pub fn subject(
+        &self,
+        headers: &HeaderMap,
+        body: &Json,
+    ) -> Result<Option<String>, InvalidEvent> {
+        optional("subject", self.subject.as_ref(), headers, body)
     }
 
     /// The optional occurrence time.
-    pub fn time(&self, headers: &HeaderMap, body: &Json) -> Option<String> {
-        self.time.as_ref().and_then(|f| extract(f, headers, body))
+    pub fn time(&self, headers: &HeaderMap, body: &Json) -> Result<Option<String>, InvalidEvent> {
+        optional("time", self.time.as_ref(), headers, body)
     }
 
     /// Checks the body against the source's JSON Schema, naming up to five failing paths.
@@ -238,6 +248,36 @@ fn extract(field: &FieldRef, headers: &HeaderMap, body: &Json) -> Option<String>
         }),
     };
     value.filter(|v| !v.is_empty())
+}
+
+/// A value that must be present and at most [`MAX_ATTRIBUTE_BYTES`] long.
+fn required(
+    what: &'static str,
+    field: &FieldRef,
+    headers: &HeaderMap,
+    body: &Json,
+) -> Result<String, InvalidEvent> {
+    optional(what, Some(field), headers, body)?.ok_or_else(|| InvalidEvent::Missing {
+        what,
+        place: describe(field),
+    })
+}
+
+/// A value that may be absent, but if present is at most [`MAX_ATTRIBUTE_BYTES`] long.
+fn optional(
+    what: &'static str,
+    field: Option<&FieldRef>,
+    headers: &HeaderMap,
+    body: &Json,
+) -> Result<Option<String>, InvalidEvent> {
+    match field.and_then(|f| extract(f, headers, body)) {
+        Some(v) if v.len() > MAX_ATTRIBUTE_BYTES => Err(InvalidEvent::TooLong {
+            what,
+            len: v.len(),
+            max: MAX_ATTRIBUTE_BYTES,
+        }),
+        v => Ok(v),
+    }
 }
 
 fn describe(field: &FieldRef) -> String {
@@ -289,6 +329,38 @@ mod tests {
         h.insert("x-github-event", HeaderValue::from_static("issue_comment"));
         assert_eq!(gh.event_id(&h, &Json::Null).unwrap(), "gh:72d3162e");
         assert_eq!(gh.event_type(&h, &Json::Null).unwrap(), "issue_comment");
+    }
+
+    #[test]
+    fn an_overlong_delivery_id_or_attribute_is_refused_with_its_length() {
+        let stripe = Source::new(
+            "stripe",
+            &config("scheme = \"stripe\"\nsecrets = [\"k\"]\nevent_type = { json = \"/type\" }\nsubject = { json = \"/s\" }\ntopic = \"t\""),
+        )
+        .unwrap();
+        let h = HeaderMap::new();
+        let long = "x".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        let body = serde_json::json!({"id": long, "type": "t", "s": "ok"});
+        assert_eq!(
+            stripe.event_id(&h, &body).unwrap_err().to_string(),
+            format!("delivery id is 257 bytes long; at most {MAX_ATTRIBUTE_BYTES} are accepted")
+        );
+        assert_eq!(stripe.subject(&h, &body).unwrap().as_deref(), Some("ok"));
+        let body = serde_json::json!({"id": "evt_1", "type": "t", "s": long});
+        assert!(matches!(
+            stripe.subject(&h, &body),
+            Err(InvalidEvent::TooLong {
+                what: "subject",
+                ..
+            })
+        ));
+        let exact = "y".repeat(MAX_ATTRIBUTE_BYTES);
+        let body = serde_json::json!({"id": exact, "type": "t"});
+        assert_eq!(
+            stripe.event_id(&h, &body).unwrap(),
+            format!("stripe:{exact}")
+        );
+        assert_eq!(stripe.time(&h, &body).unwrap(), None);
     }
 
     #[test]
