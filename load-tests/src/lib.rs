@@ -15,6 +15,13 @@ use rdkafka::util::Timeout;
 /// A running tansu broker, killed on drop.
 pub struct Broker(Child);
 
+impl Broker {
+    /// The broker's process id (to charge its CPU in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
