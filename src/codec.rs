@@ -217,38 +217,40 @@ impl EnvelopeEncoder {
         self.encoder.remove_errors_from_cache();
     }
 
-    /// Encodes one event for `topic`.
+    /// Encodes one event for `topic`. The envelope is serialized straight against the
+    /// registered schema (no intermediate Avro `Value` tree, no copies of the payload): this
+    /// runs once per accepted webhook.
     pub async fn encode(&self, topic: &str, e: &Envelope<'_>) -> Result<Vec<u8>, CodecError> {
-        let opt = |v: Option<&str>| match v {
-            Some(s) => AvroValue::Union(1, Box::new(AvroValue::String(s.to_string()))),
-            None => AvroValue::Union(0, Box::new(AvroValue::Null)),
+        /// `schemas/event.avsc`, field for field.
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            specversion: &'static str,
+            id: &'a str,
+            source: &'a str,
+            #[serde(rename = "type")]
+            event_type: &'a str,
+            time: Option<&'a str>,
+            subject: Option<&'a str>,
+            datacontenttype: &'static str,
+            received_at: Option<i64>,
+            data: &'a str,
+        }
+        let wire = Wire {
+            specversion: "1.0",
+            id: e.id,
+            source: e.source,
+            event_type: e.event_type,
+            time: e.time,
+            subject: e.subject,
+            datacontenttype: "application/json",
+            received_at: e.received_at_ms,
+            data: e.data,
         };
-        let received = match e.received_at_ms {
-            Some(ms) => AvroValue::Union(1, Box::new(AvroValue::TimestampMillis(ms))),
-            None => AvroValue::Union(0, Box::new(AvroValue::Null)),
-        };
-        let fields = vec![
-            ("specversion", AvroValue::String("1.0".into())),
-            ("id", AvroValue::String(e.id.to_string())),
-            ("source", AvroValue::String(e.source.to_string())),
-            ("type", AvroValue::String(e.event_type.to_string())),
-            ("time", opt(e.time)),
-            ("subject", opt(e.subject)),
-            (
-                "datacontenttype",
-                AvroValue::String("application/json".into()),
-            ),
-            ("received_at", received),
-            ("data", AvroValue::String(e.data.to_string())),
-        ];
-        encode_record(
-            &self.encoder,
-            topic,
-            "io.spillway.Event",
-            ENVELOPE_SCHEMA,
-            fields,
-        )
-        .await
+        let strategy = strategy(topic, "io.spillway.Event", ENVELOPE_SCHEMA);
+        self.encoder
+            .encode_struct(wire, &strategy)
+            .await
+            .map_err(classify_encode_error)
     }
 }
 
@@ -269,19 +271,30 @@ async fn encode_record(
     schema: &str,
     fields: Vec<(&'static str, AvroValue)>,
 ) -> Result<Vec<u8>, CodecError> {
-    let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+    encoder
+        .encode(fields, strategy(topic, name, schema))
+        .await
+        .map_err(classify_encode_error)
+}
+
+/// TopicNameStrategy (`<topic>-value`) with `schema` supplied for registration.
+fn strategy(topic: &str, name: &str, schema: &str) -> SubjectNameStrategy {
+    SubjectNameStrategy::TopicNameStrategyWithSchema(
         topic.to_string(),
         false,
         SuppliedSchema::new(Some(name.into()), SchemaType::Avro, schema.to_string()),
-    );
-    encoder.encode(fields, strategy).await.map_err(|e| {
-        let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
-        if !e.retriable && text.contains("status 4") {
-            CodecError::EncodeRejected(e.error)
-        } else {
-            CodecError::RegistryUnavailable(e.error)
-        }
-    })
+    )
+}
+
+/// A registry that answered 4xx rejected the schema; anything else is the registry being
+/// unavailable.
+fn classify_encode_error(e: schema_registry_converter::error::SRCError) -> CodecError {
+    let text = format!("{} {}", e.error, e.cause.as_deref().unwrap_or(""));
+    if !e.retriable && text.contains("status 4") {
+        CodecError::EncodeRejected(e.error)
+    } else {
+        CodecError::RegistryUnavailable(e.error)
+    }
 }
 
 /// The Avro result record, `schemas/result.avsc`.

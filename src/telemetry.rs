@@ -449,6 +449,10 @@ pub struct IngressMetrics {
     pub connections_closed: IntCounterVec,
     /// 1 while the producer reaches Kafka (the readiness signal), else 0.
     pub kafka_up: IntGauge,
+    /// Delivery ids the replay cache remembers.
+    pub replay_ids: IntGauge,
+    /// Replay-cache rotations forced by `replay.max_ids` before the TTL passed.
+    pub replay_early_rotations: IntCounter,
 }
 
 impl IngressMetrics {
@@ -529,6 +533,16 @@ impl IngressMetrics {
             kafka_up: reg!(IntGauge::new(
                 "spillway_ingress_kafka_up",
                 "1 while the producer reaches Kafka."
+            )
+            .expect("valid metric")),
+            replay_ids: reg!(IntGauge::new(
+                "spillway_ingress_replay_ids",
+                "Delivery ids the replay cache remembers."
+            )
+            .expect("valid metric")),
+            replay_early_rotations: reg!(IntCounter::new(
+                "spillway_ingress_replay_early_rotations_total",
+                "Replay-cache rotations forced by replay.max_ids before the TTL passed."
             )
             .expect("valid metric")),
             registry,

@@ -376,6 +376,12 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
     .await
     .unwrap();
     let registry_id = latest["id"].as_u64().expect("schema id") as u32;
+    // The record's Avro, read with the registry's own schema text.
+    let schema = apache_avro::Schema::parse_str(latest["schema"].as_str().expect("schema text"))
+        .expect("the registry's schema parses");
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .expect("a reader of the registry's schema");
     let codec = spillway::codec::Codec::new(&spillway::config::CodecConfig {
         format: spillway::config::CodecFormat::Avro,
         schema_registry_url: Some(s.registry.clone()),
@@ -406,6 +412,39 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
             header_str(m, "ce_time"),
             Some(&*spillway::codec::rfc3339_millis(received))
         );
+        use apache_avro::types::Value as Avro;
+        let Avro::Record(fields) = reader
+            .read_value(&mut &value[5..])
+            .expect("Avro of the registry's schema")
+        else {
+            panic!("a record");
+        };
+        let f: HashMap<String, Avro> = fields.into_iter().collect();
+        let string = |s: &str| Avro::String(s.to_string());
+        let some = |v: Avro| Avro::Union(1, Box::new(v));
+        assert_eq!(f["specversion"], string("1.0"));
+        assert_eq!(f["id"], string(id));
+        assert_eq!(f["source"], string(&format!("/webhooks/{source}")));
+        assert_eq!(
+            Some(&f["type"]),
+            header_str(m, "ce_type").map(string).as_ref()
+        );
+        assert_eq!(
+            f["time"],
+            some(string(&spillway::codec::rfc3339_millis(received)))
+        );
+        assert_eq!(f["datacontenttype"], string("application/json"));
+        assert_eq!(f["received_at"], some(Avro::TimestampMillis(received)));
+        assert_eq!(
+            f["data"],
+            string(std::str::from_utf8(body).unwrap()),
+            "the sender's exact bytes"
+        );
+        let subject = match header_str(m, "ce_subject") {
+            Some(s) => some(string(s)),
+            None => Avro::Union(0, Box::new(Avro::Null)),
+        };
+        assert_eq!(f["subject"], subject);
         let event = codec.decode(m).await.expect("the processor decodes it");
         assert_eq!(event.id, *id);
         assert_eq!(event.source, format!("/webhooks/{source}"));

@@ -140,11 +140,13 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayConfig {
-    /// How long an accepted delivery id is remembered, in seconds. Must be at least twice
-    /// the largest timestamp tolerance, so a replay inside the signature window always hits.
+    /// How long an accepted delivery id is remembered at least, in seconds (at most twice
+    /// this). Must be at least twice the largest timestamp tolerance, so a replay inside the
+    /// signature window always hits.
     #[serde(default = "default_replay_ttl_secs")]
     pub ttl_secs: u64,
-    /// Most ids remembered at once (least recently used are evicted first).
+    /// Most ids remembered at once, about 40 bytes each. When the ids of one TTL exceed half
+    /// of it, older ids are forgotten early (`spillway_ingress_replay_early_rotations_total`).
     #[serde(default = "default_replay_max_ids")]
     pub max_ids: u64,
 }

@@ -168,9 +168,13 @@ impl Ingress {
             sources,
             source_limits,
             ip_limit,
-            replay: replay::ReplayCache::new(
+            replay: replay::ReplayCache::with_metrics(
                 Duration::from_secs(config.replay.ttl_secs),
                 config.replay.max_ids,
+                Some(replay::ReplayMetrics {
+                    ids: metrics.replay_ids.clone(),
+                    early_rotations: metrics.replay_early_rotations.clone(),
+                }),
             ),
             producer: producer.clone(),
             metrics: metrics.clone(),

@@ -5,26 +5,148 @@
 //! flight wait for its outcome instead of answering at once: if it was accepted they answer
 //! 2xx and produce nothing; if it failed (Kafka unavailable, the client hung up) the claim is
 //! released and one of them takes over. So a duplicate is never told 2xx for an event that is
-//! not in Kafka. Accepted ids are kept for the TTL (at least twice the timestamp tolerance,
-//! so a replay inside the signature window always hits), bounded in number by moka's
-//! eviction.
+//! not in Kafka.
+//!
+//! Accepted ids are remembered in two generations of a hash set, rotated every TTL: an id is
+//! remembered for at least the TTL (at least twice the timestamp tolerance, so a replay inside
+//! the signature window always hits) and at most twice it. Each id is kept as 16 bytes of its
+//! SHA-256, about 40 bytes in all, so the default million ids take tens of MB rather than the
+//! hundreds a general-purpose cache with per-entry bookkeeping needs (see `bench-ingress
+//! parts`). If the ids of one TTL reach `max_ids / 2`, the generations rotate early: ids are
+//! then remembered for less than the TTL, which `spillway_ingress_replay_early_rotations_total`
+//! counts and a warning reports.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use prometheus::{IntCounter, IntGauge};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Pending,
-    Accepted,
-    Failed,
+const PENDING: u8 = 0;
+const ACCEPTED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// Shards of the cache, each behind its own lock.
+const SHARDS: usize = 8;
+
+/// One id's claim while it is produced: its state and the copies waiting for it to leave
+/// `PENDING`. Copies waiting at all are the rare case.
+#[derive(Default)]
+struct Slot {
+    state: AtomicU8,
+    settled: Notify,
+}
+
+impl Slot {
+    fn settle(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until the claim is settled; returns the outcome.
+    async fn outcome(&self) -> u8 {
+        loop {
+            // Created before the state is read, so a settle in between is not missed
+            // (`notify_waiters` reaches every `Notified` that exists).
+            let notified = self.settled.notified();
+            let state = self.state.load(Ordering::Acquire);
+            if state != PENDING {
+                return state;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An id as the cache keeps it: the first 16 bytes of its SHA-256. Collisions between
+/// distinct ids are as unlikely as a 128-bit hash makes them (about 10^-27 for two million
+/// ids), and senders cannot search for one: ids come only from authenticated requests.
+type Key = u128;
+
+fn key(id: &str) -> Key {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(first)
+}
+
+struct Shard {
+    /// Ids accepted since `rotated_at`.
+    current: HashSet<Key>,
+    /// Ids accepted in the generation before.
+    previous: HashSet<Key>,
+    rotated_at: Instant,
+    /// Ids being produced right now.
+    pending: HashMap<Key, Arc<Slot>>,
+}
+
+impl Shard {
+    fn new(now: Instant) -> Shard {
+        Shard {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            rotated_at: now,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Forgets the pending claim `slot` of `key` (only that claim, should another have
+    /// replaced it).
+    fn release(&mut self, key: Key, slot: &Arc<Slot>) {
+        if self.pending.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            self.pending.remove(&key);
+        }
+    }
+
+    /// Rotates the generations if the TTL passed or the current one holds `max` ids. Returns
+    /// whether the rotation was forced by size, and how many ids were forgotten.
+    fn maybe_rotate(&mut self, now: Instant, ttl: Duration, max: usize) -> (bool, usize) {
+        let age = now.saturating_duration_since(self.rotated_at);
+        if age >= 2 * ttl {
+            let forgotten = self.current.len() + self.previous.len();
+            self.current.clear();
+            self.previous.clear();
+            self.rotated_at = now;
+            (false, forgotten)
+        } else if age >= ttl || self.current.len() >= max {
+            // Reuse the old generation's table: no regrowth after the first TTL.
+            std::mem::swap(&mut self.current, &mut self.previous);
+            let forgotten = self.current.len();
+            self.current.clear();
+            self.rotated_at = now;
+            (age < ttl, forgotten)
+        } else {
+            (false, 0)
+        }
+    }
+}
+
+/// The gauge and counter the cache keeps current (constructed by `telemetry`).
+#[derive(Clone)]
+pub struct ReplayMetrics {
+    /// Ids remembered (both generations).
+    pub ids: IntGauge,
+    /// Rotations forced by `max_ids` before the TTL passed.
+    pub early_rotations: IntCounter,
+}
+
+struct Inner {
+    shards: Vec<Mutex<Shard>>,
+    ttl: Duration,
+    /// Most ids one shard's current generation holds before it rotates early.
+    max_per_generation: usize,
+    /// Ids in all shards' generations.
+    ids: AtomicI64,
+    metrics: Option<ReplayMetrics>,
 }
 
 /// The cache of delivery ids, shared by all requests of an ingress instance.
 #[derive(Clone)]
 pub struct ReplayCache {
-    cache: moka::sync::Cache<String, Arc<watch::Sender<State>>>,
+    inner: Arc<Inner>,
 }
 
 /// What a request may do with its delivery id.
@@ -39,8 +161,8 @@ pub enum Claim {
 /// so a waiting copy (or a later retry) can take over.
 pub struct First {
     cache: ReplayCache,
-    id: String,
-    slot: Arc<watch::Sender<State>>,
+    key: Key,
+    slot: Arc<Slot>,
     accepted: bool,
 }
 
@@ -48,64 +170,118 @@ impl First {
     /// Kafka acknowledged the record: every copy, now and within the TTL, is a duplicate.
     pub fn accepted(mut self) {
         self.accepted = true;
-        self.slot.send_replace(State::Accepted);
+        let added = {
+            let mut shard = self.cache.shard(self.key);
+            shard.release(self.key, &self.slot);
+            shard.current.insert(self.key)
+        };
+        if added {
+            self.cache.count_ids(1);
+        }
+        self.slot.settle(ACCEPTED);
     }
 }
 
 impl Drop for First {
     fn drop(&mut self) {
         if !self.accepted {
-            // Remove first, then wake the waiters: one of them inserts a fresh claim. Only
-            // this claim's own entry goes: if capacity pressure evicted it and another copy
-            // claimed the id since, that claim stays.
-            let own = &self.slot;
-            self.cache
-                .cache
-                .entry_by_ref(&self.id)
-                .and_compute_with(|entry| match entry {
-                    Some(e) if Arc::ptr_eq(e.value(), own) => moka::ops::compute::Op::Remove,
-                    _ => moka::ops::compute::Op::Nop,
-                });
-            self.slot.send_replace(State::Failed);
+            // Release first, then wake the waiters: one of them claims the id afresh.
+            self.cache.shard(self.key).release(self.key, &self.slot);
+            self.slot.settle(FAILED);
         }
     }
 }
 
 impl ReplayCache {
-    /// A cache keeping accepted ids for `ttl`, at most `max_ids` of them.
+    /// A cache remembering accepted ids for at least `ttl`, at most `max_ids` of them.
     pub fn new(ttl: Duration, max_ids: u64) -> Self {
+        Self::with_metrics(ttl, max_ids, None)
+    }
+
+    /// [`ReplayCache::new`], keeping `metrics` current.
+    pub fn with_metrics(ttl: Duration, max_ids: u64, metrics: Option<ReplayMetrics>) -> Self {
+        let now = Instant::now();
+        let per_shard = usize::try_from(max_ids)
+            .unwrap_or(usize::MAX)
+            .div_ceil(SHARDS);
         ReplayCache {
-            cache: moka::sync::Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(max_ids)
-                .build(),
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::new(now))).collect(),
+                ttl,
+                // Two generations together hold at most `max_ids`.
+                max_per_generation: (per_shard / 2).max(1),
+                ids: AtomicI64::new(0),
+                metrics,
+            }),
+        }
+    }
+
+    fn shard(&self, key: Key) -> MutexGuard<'_, Shard> {
+        let shard = &self.inner.shards[(key as usize) % SHARDS];
+        // Every update under the lock is a single set or map operation, so a panic elsewhere
+        // cannot leave a shard inconsistent: a poisoned lock is still usable.
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids remembered, in both generations.
+    pub fn len(&self) -> usize {
+        self.inner.ids.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn count_ids(&self, delta: i64) {
+        let ids = self.inner.ids.fetch_add(delta, Ordering::Relaxed) + delta;
+        if let Some(m) = &self.inner.metrics {
+            m.ids.set(ids);
         }
     }
 
     /// Claims `id`, waiting for an in-flight copy's outcome if there is one.
     pub async fn claim(&self, id: &str) -> Claim {
+        let key = key(id);
         loop {
-            let entry = self
-                .cache
-                .entry_by_ref(id)
-                .or_insert_with(|| Arc::new(watch::Sender::new(State::Pending)));
-            let fresh = entry.is_fresh();
-            let slot = entry.into_value();
-            if fresh {
-                return Claim::First(First {
-                    cache: self.clone(),
-                    id: id.to_string(),
-                    slot,
-                    accepted: false,
-                });
-            }
-            let mut rx = slot.subscribe();
-            let outcome = rx
-                .wait_for(|s| *s != State::Pending)
-                .await
-                .map(|s| *s)
-                .unwrap_or(State::Failed);
-            if outcome == State::Accepted {
+            let in_flight = {
+                let mut shard = self.shard(key);
+                let (forced, forgotten) = shard.maybe_rotate(
+                    Instant::now(),
+                    self.inner.ttl,
+                    self.inner.max_per_generation,
+                );
+                if forgotten > 0 {
+                    self.count_ids(-(forgotten as i64));
+                }
+                if forced {
+                    tracing::warn!(
+                        max_ids = self.inner.max_per_generation * 2 * SHARDS,
+                        "replay cache full: rotated before the TTL passed, so some ids are \
+                         remembered for less than replay.ttl_secs; raise replay.max_ids"
+                    );
+                    if let Some(m) = &self.inner.metrics {
+                        m.early_rotations.inc();
+                    }
+                }
+                if shard.current.contains(&key) || shard.previous.contains(&key) {
+                    return Claim::Duplicate;
+                }
+                match shard.pending.get(&key) {
+                    Some(slot) => slot.clone(),
+                    None => {
+                        let slot = Arc::new(Slot::default());
+                        shard.pending.insert(key, slot.clone());
+                        return Claim::First(First {
+                            cache: self.clone(),
+                            key,
+                            slot,
+                            accepted: false,
+                        });
+                    }
+                }
+            };
+            if in_flight.outcome().await == ACCEPTED {
                 return Claim::Duplicate;
             }
             // The first copy failed and released the id: try to become the first.
@@ -116,7 +292,7 @@ impl ReplayCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     fn cache() -> ReplayCache {
         ReplayCache::new(Duration::from_secs(600), 10_000)
@@ -160,22 +336,24 @@ mod tests {
         assert_eq!(outcomes.iter().filter(|o| **o == "duplicate").count(), 9);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_first_copy_hands_over_and_no_copy_is_told_2xx_early() {
         let c = cache();
         let Claim::First(first) = c.claim("s:1").await else {
             panic!("first");
         };
-        // A copy arrives while the first is producing; it must wait, not answer 2xx.
+        // A copy arrives while the first is producing; it must wait, not answer. With time
+        // paused, the timeout fires only once the copy is blocked for good.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), c.claim("s:1"))
+                .await
+                .is_err(),
+            "the copy waits for the first's outcome"
+        );
         let waiter = {
             let c = c.clone();
             tokio::spawn(async move { matches!(c.claim("s:1").await, Claim::First(_)) })
         };
-        tokio::task::yield_now().await;
-        assert!(
-            !waiter.is_finished(),
-            "the copy waits for the first's outcome"
-        );
         drop(first); // Kafka was unavailable: 503 for the first request
         assert!(
             waiter.await.unwrap(),
@@ -183,32 +361,71 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_released_claim_leaves_a_newer_claim_of_the_same_id_alone() {
-        let c = cache();
-        let Claim::First(old) = c.claim("x").await else {
-            panic!("first claim");
-        };
-        // Capacity pressure evicts the pending entry; another copy claims the id afresh.
-        c.cache.invalidate("x");
-        let Claim::First(newer) = c.claim("x").await else {
-            panic!("the evicted id is claimable again");
-        };
-        drop(old); // the old produce failed
-                   // With time paused, the timeout fires only once the copy is blocked for good.
-        assert!(
-            tokio::time::timeout(Duration::from_secs(1), c.claim("x"))
-                .await
-                .is_err(),
-            "a copy waits for the newer claim instead of producing again"
+    #[test]
+    fn an_accepted_id_is_remembered_at_least_the_ttl_and_forgotten_by_twice_it() {
+        let ttl = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let mut s = Shard::new(t0);
+        let seen = |s: &Shard, k: Key| s.current.contains(&k) || s.previous.contains(&k);
+        // Accepted just before a rotation: the worst case for how long it is kept.
+        assert_eq!(
+            s.maybe_rotate(t0 + ttl - Duration::from_secs(1), ttl, 1000),
+            (false, 0)
         );
-        let c2 = c.clone();
-        let copy = tokio::spawn(async move { matches!(c2.claim("x").await, Claim::Duplicate) });
-        newer.accepted();
+        s.current.insert(1);
+        assert_eq!(s.maybe_rotate(t0 + ttl, ttl, 1000), (false, 0));
         assert!(
-            copy.await.unwrap(),
-            "and is a duplicate once it is accepted"
+            seen(&s, 1),
+            "rotated into the previous generation, still remembered"
         );
+        assert_eq!(
+            s.maybe_rotate(t0 + 2 * ttl - Duration::from_secs(2), ttl, 1000),
+            (false, 0)
+        );
+        assert!(seen(&s, 1), "a TTL after it was accepted, still remembered");
+        assert_eq!(s.maybe_rotate(t0 + 2 * ttl, ttl, 1000), (false, 1));
+        assert!(!seen(&s, 1), "gone two rotations later");
+        // A shard nobody touched for two TTLs forgets everything at once.
+        s.current.insert(2);
+        s.previous.insert(3);
+        assert_eq!(s.maybe_rotate(t0 + 5 * ttl, ttl, 1000), (false, 2));
+        assert!(s.current.is_empty() && s.previous.is_empty());
+    }
+
+    #[test]
+    fn a_full_generation_rotates_early_and_memory_stays_bounded() {
+        let ttl = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let mut s = Shard::new(t0);
+        for k in 0..4 {
+            s.current.insert(k);
+        }
+        assert_eq!(
+            s.maybe_rotate(t0 + Duration::from_secs(1), ttl, 4),
+            (true, 0),
+            "forced by size"
+        );
+        assert_eq!((s.current.len(), s.previous.len()), (0, 4));
+    }
+
+    #[tokio::test]
+    async fn a_cache_at_max_ids_counts_its_early_rotations_and_holds_no_more() {
+        let metrics = ReplayMetrics {
+            ids: IntGauge::new("ids", "ids").unwrap(),
+            early_rotations: IntCounter::new("early", "early").unwrap(),
+        };
+        let c = ReplayCache::with_metrics(Duration::from_secs(600), 64, Some(metrics.clone()));
+        for i in 0..1000 {
+            let Claim::First(f) = c.claim(&format!("id-{i}")).await else {
+                panic!("fresh id");
+            };
+            f.accepted();
+        }
+        assert!(c.len() <= 64, "{} ids held", c.len());
+        assert_eq!(metrics.ids.get(), c.len() as i64);
+        assert!(metrics.early_rotations.get() > 0);
+        // The most recent id is still caught.
+        assert!(matches!(c.claim("id-999").await, Claim::Duplicate));
     }
 
     #[tokio::test]
