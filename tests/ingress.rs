@@ -577,6 +577,20 @@ async fn forged_truncated_empty_and_missing_signatures_get_401_and_produce_nothi
     let sl_body = br#"{"event_id":"Ev1","event":{"type":"message"}}"#.to_vec();
     let mut sl_flipped = sl_body.clone();
     sl_flipped[2] ^= 0x01;
+    let sl_good = slack(t, &sl_body);
+    let sl_with = |k: &str, v: &str| {
+        let mut h = sl_good.clone();
+        h.insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+        h
+    };
+    let sl_without = |k: &str| {
+        let mut h = sl_good.clone();
+        h.remove(k);
+        h
+    };
     let shop_body = br#"{"order":1}"#.to_vec();
     let mut shop_missing = shop("d-1", &shop_body);
     shop_missing.remove("x-shop-signature");
@@ -608,7 +622,42 @@ async fn forged_truncated_empty_and_missing_signatures_get_401_and_produce_nothi
             headers(&[("stripe-signature", format!("t={t}"))]),
             st_body.clone(),
         ),
+        (
+            "stripe",
+            "empty v1",
+            headers(&[("stripe-signature", format!("t={t},v1="))]),
+            st_body.clone(),
+        ),
+        ("stripe", "flipped byte", st.clone(), {
+            let mut b = st_body.clone();
+            b[5] ^= 0x01;
+            b
+        }),
+        (
+            "stripe",
+            "missing header",
+            HeaderMap::new(),
+            st_body.clone(),
+        ),
         ("slack", "flipped byte", slack(t, &sl_body), sl_flipped),
+        (
+            "slack",
+            "empty v0",
+            sl_with("x-slack-signature", "v0="),
+            sl_body.clone(),
+        ),
+        (
+            "slack",
+            "missing signature",
+            sl_without("x-slack-signature"),
+            sl_body.clone(),
+        ),
+        (
+            "slack",
+            "missing timestamp",
+            sl_without("x-slack-request-timestamp"),
+            sl_body.clone(),
+        ),
         ("shop", "missing header", shop_missing, shop_body.clone()),
     ];
     for (source, what, h, b) in other_cases {
@@ -1199,6 +1248,19 @@ async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record
         assert_eq!(retry_after.as_deref(), Some("5"));
         refused.push(id);
     }
+    // Liveness never depends on Kafka: an outage must not get every pod restarted.
+    let live = reqwest::get(format!("http://{}/healthz", ing.metrics))
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200, "liveness during the outage");
+    let text = scrape(ing.metrics).await;
+    assert_eq!(metric_value(&text, "spillway_ingress_kafka_up"), Some(0.0));
+    assert!(
+        metric_sum(
+            &text,
+            "spillway_ingress_requests_total{outcome=\"kafka_unavailable\""
+        ) >= 5.0
+    );
 
     mock.broker_up(1).unwrap();
     wait_until_async(
