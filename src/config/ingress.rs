@@ -67,8 +67,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Request body bytes held in memory at once, over all connections, in bytes. A body
     /// that would go past it gets 503 with `Retry-After` (outcome `overloaded`), so memory
-    /// stays bounded however many clients send large bodies at once. At least the largest
-    /// `sources.*.max_body_bytes`.
+    /// stays bounded however many clients send large bodies at once. A body stays charged
+    /// until its record's delivery report, standing for librdkafka's copy of the record once
+    /// Spillway's own is freed. At least the largest `sources.*.max_body_bytes`.
     #[serde(default = "default_max_buffered_body_bytes")]
     pub max_buffered_body_bytes: usize,
     /// Cheap per-client-IP limit applied before any signature work, e.g. `100/s`. Unset: no
@@ -392,7 +393,14 @@ impl IngressConfig {
                     format!("`{v}` is not a number of bytes"),
                 )
             })?,
-            // Resolved at start-up; the producer refuses an oversized record with a 413.
+            Some(PropertyValue::Int(n)) => usize::try_from(*n).map_err(|_| {
+                ConfigError::invalid(
+                    "kafka.properties.\"message.max.bytes\"",
+                    format!("`{n}` is not a number of bytes"),
+                )
+            })?,
+            // From the environment or a file, resolved at start-up: not checked here; the
+            // producer refuses an oversized record and the sender gets a 413.
             Some(_) => usize::MAX,
         };
         let url = reqwest::Url::parse(&self.registry.url)
@@ -661,6 +669,13 @@ mod tests {
             "{err}"
         );
         source(1_000_000 - RECORD_OVERHEAD_BYTES, "").expect("fits the default");
+        let err = source(600_000, "\"message.max.bytes\" = 500000")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(500000)"),
+            "an integer literal is checked too: {err}"
+        );
         source(4 * 1024 * 1024, "\"message.max.bytes\" = \"8000000\"")
             .expect("fits a raised message.max.bytes");
         let err = IngressConfig::from_toml(&MINIMAL.replace(

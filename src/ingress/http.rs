@@ -517,21 +517,33 @@ async fn check_and_produce(
     let producer = shared.producer.clone();
     let task_source = source.clone();
     let task_id = id.clone();
+    // The parsed body and the request head are not needed past this point: free them before
+    // the wait for Kafka's ack, which can last seconds.
+    drop(json);
+    drop(parts);
     let produced = shared.produces.spawn(async move {
-        // The body's budget is returned once the record is Kafka's (or refused).
+        // The body's budget is held until the record is Kafka's (or refused): once the event
+        // text is freed below, it stands for librdkafka's copy of the record.
         let _held = held;
-        let envelope = Envelope {
-            id: &task_id,
-            source: &task_source.ce_source,
-            event_type: &event_type,
-            time: Some(&time),
-            subject: subject.as_deref(),
-            received_at_ms: Some(received_at_ms),
-            data: &data,
+        let sent = {
+            let envelope = Envelope {
+                id: &task_id,
+                source: &task_source.ce_source,
+                event_type: &event_type,
+                time: Some(&time),
+                subject: subject.as_deref(),
+                received_at_ms: Some(received_at_ms),
+                data: &data,
+            };
+            producer
+                .send(&task_source.name, &task_source.topic, &envelope)
+                .await
         };
-        let result = producer
-            .produce(&task_source.name, &task_source.topic, &envelope)
-            .await;
+        drop(data);
+        let result = match sent {
+            Ok(sent) => producer.acknowledged(sent).await,
+            Err(e) => Err(e),
+        };
         if result.is_ok() {
             claim.accepted();
         }

@@ -224,7 +224,18 @@ impl Ingress {
             source,
         })?;
         let connections = TaskTracker::new();
+        // The listener and the connections stop `shutdown_delay_ms` after `shutdown`, whether
+        // or not `run` is awaiting.
         let stop = CancellationToken::new();
+        let delay = Duration::from_millis(config.server.shutdown_delay_ms);
+        tokio::spawn({
+            let (shutdown, stop) = (shutdown.clone(), stop.clone());
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(delay).await;
+                stop.cancel();
+            }
+        });
         let accept = tokio::spawn(http::accept_loop(
             listener,
             tls,
@@ -281,10 +292,7 @@ impl Ingress {
             delay_ms = self.shutdown_delay.as_millis() as u64,
             "ingress shutting down: readiness off; serving on until the delay passes"
         );
-        // The accept loop and the connections watch the root token, so the delay needs a
-        // token of their own: `stop` is what they obey.
-        tokio::time::sleep(self.shutdown_delay).await;
-        self.stop.cancel();
+        self.stop.cancelled().await;
         tracing::info!("ingress listener closed, draining in-flight requests");
         let _ = self.accept.await;
         self.connections.close();

@@ -76,6 +76,13 @@ impl ClientContext for ProducerContext {
     }
 }
 
+/// A record librdkafka has taken, waiting for its delivery report.
+pub struct Sent {
+    delivery: rdkafka::producer::DeliveryFuture,
+    start: Instant,
+    source: String,
+}
+
 /// The idempotent producer plus the envelope encoder.
 pub struct Producer {
     producer: FutureProducer<ProducerContext>,
@@ -124,14 +131,15 @@ impl Producer {
         })
     }
 
-    /// Encodes `event` and produces it to `topic`, keyed by its id. `Ok` means Kafka
-    /// acknowledged it (`acks=all`).
-    pub async fn produce(
+    /// Encodes `event` and hands it to the producer for `topic`, keyed by its id. On `Ok`
+    /// librdkafka holds its own copy, so the caller may free the event's text;
+    /// [`Producer::acknowledged`] then waits for the delivery report.
+    pub async fn send(
         &self,
         source: &str,
         topic: &str,
         event: &Envelope<'_>,
-    ) -> Result<(), ProduceError> {
+    ) -> Result<Sent, ProduceError> {
         let value = self
             .encoder
             .encode(topic, event)
@@ -198,6 +206,21 @@ impl Producer {
             .producer
             .send_result(record)
             .map_err(|(e, _)| kafka_error(e))?;
+        Ok(Sent {
+            delivery,
+            start,
+            source: source.to_string(),
+        })
+    }
+
+    /// Waits for the delivery report of a [`Producer::send`]. `Ok` means Kafka acknowledged
+    /// the record (`acks=all`).
+    pub async fn acknowledged(&self, sent: Sent) -> Result<(), ProduceError> {
+        let Sent {
+            delivery,
+            start,
+            source,
+        } = sent;
         let result = match tokio::time::timeout(self.report_bound, delivery).await {
             Err(_) => Err(ProduceError::Timeout(self.report_bound)),
             Ok(Err(_canceled)) => Err(ProduceError::Kafka(KafkaError::Canceled)),
@@ -206,7 +229,7 @@ impl Producer {
         };
         self.metrics
             .produce_duration
-            .with_label_values(&[source])
+            .with_label_values(&[&source])
             .observe(start.elapsed().as_secs_f64());
         result
     }

@@ -19,11 +19,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
+// tokio's clock, so tests can move time with `tokio::time::pause`/`advance`.
+use tokio::time::Instant;
 
 const PENDING: u8 = 0;
 const ACCEPTED: u8 = 1;
@@ -105,7 +107,7 @@ impl Shard {
     /// whether the rotation was forced by size, and how many ids were forgotten.
     fn maybe_rotate(&mut self, now: Instant, ttl: Duration, max: usize) -> (bool, usize) {
         let age = now.saturating_duration_since(self.rotated_at);
-        if age >= 2 * ttl {
+        if age >= ttl.saturating_mul(2) {
             let forgotten = self.current.len() + self.previous.len();
             self.current.clear();
             self.previous.clear();
@@ -170,13 +172,15 @@ impl First {
     /// Kafka acknowledged the record: every copy, now and within the TTL, is a duplicate.
     pub fn accepted(mut self) {
         self.accepted = true;
-        let added = {
+        {
             let mut shard = self.cache.shard(self.key);
+            // Rotate first: the produce took a while since the claim, and an id must not
+            // land in a generation that is already older than the TTL.
+            self.cache.rotate(&mut shard);
             shard.release(self.key, &self.slot);
-            shard.current.insert(self.key)
-        };
-        if added {
-            self.cache.count_ids(1);
+            if shard.current.insert(self.key) {
+                self.cache.count_ids(1);
+            }
         }
         self.slot.settle(ACCEPTED);
     }
@@ -234,9 +238,31 @@ impl ReplayCache {
     }
 
     fn count_ids(&self, delta: i64) {
-        let ids = self.inner.ids.fetch_add(delta, Ordering::Relaxed) + delta;
+        self.inner.ids.fetch_add(delta, Ordering::Relaxed);
         if let Some(m) = &self.inner.metrics {
-            m.ids.set(ids);
+            m.ids.add(delta);
+        }
+    }
+
+    /// Rotates `shard`'s generations if due, counting what that forgets.
+    fn rotate(&self, shard: &mut Shard) {
+        let (forced, forgotten) = shard.maybe_rotate(
+            Instant::now(),
+            self.inner.ttl,
+            self.inner.max_per_generation,
+        );
+        if forgotten > 0 {
+            self.count_ids(-(forgotten as i64));
+        }
+        if forced {
+            tracing::warn!(
+                max_ids = self.inner.max_per_generation * 2 * SHARDS,
+                "replay cache full: rotated before the TTL passed, so some ids are \
+                 remembered for less than replay.ttl_secs; raise replay.max_ids"
+            );
+            if let Some(m) = &self.inner.metrics {
+                m.early_rotations.inc();
+            }
         }
     }
 
@@ -246,24 +272,7 @@ impl ReplayCache {
         loop {
             let in_flight = {
                 let mut shard = self.shard(key);
-                let (forced, forgotten) = shard.maybe_rotate(
-                    Instant::now(),
-                    self.inner.ttl,
-                    self.inner.max_per_generation,
-                );
-                if forgotten > 0 {
-                    self.count_ids(-(forgotten as i64));
-                }
-                if forced {
-                    tracing::warn!(
-                        max_ids = self.inner.max_per_generation * 2 * SHARDS,
-                        "replay cache full: rotated before the TTL passed, so some ids are \
-                         remembered for less than replay.ttl_secs; raise replay.max_ids"
-                    );
-                    if let Some(m) = &self.inner.metrics {
-                        m.early_rotations.inc();
-                    }
-                }
+                self.rotate(&mut shard);
                 if shard.current.contains(&key) || shard.previous.contains(&key) {
                     return Claim::Duplicate;
                 }
@@ -426,6 +435,22 @@ mod tests {
         assert!(metrics.early_rotations.get() > 0);
         // The most recent id is still caught.
         assert!(matches!(c.claim("id-999").await, Claim::Duplicate));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_id_accepted_late_in_a_generation_is_still_kept_a_full_ttl() {
+        let ttl = Duration::from_secs(600);
+        let c = ReplayCache::new(ttl, 10_000);
+        // Claimed near the end of a generation; the produce takes 30 s, past its end.
+        tokio::time::advance(ttl - Duration::from_secs(10)).await;
+        let Claim::First(f) = c.claim("slow").await else {
+            panic!("fresh id");
+        };
+        tokio::time::advance(Duration::from_secs(30)).await;
+        f.accepted();
+        // A replay one TTL after the acceptance is still caught.
+        tokio::time::advance(ttl - Duration::from_secs(1)).await;
+        assert!(matches!(c.claim("slow").await, Claim::Duplicate));
     }
 
     #[tokio::test]
