@@ -229,23 +229,39 @@ async fn start(toml: &str) -> Running {
         .expect("ingress starts");
     let (addr, metrics) = (ingress.addr(), ingress.metrics_addr());
     let task = tokio::spawn(ingress.run());
-    let ready = format!("http://{metrics}/readyz");
-    wait_until_async("ingress is ready", Duration::from_secs(30), || {
-        let ready = ready.clone();
-        async move {
-            reqwest::get(&ready)
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_for_readiness(metrics, true, "ingress is ready", Duration::from_secs(30)).await;
     Running {
         addr,
         metrics,
         stop,
         task,
     }
+}
+
+/// Waits until `/readyz` on `metrics` answers 2xx (`ready`) or 503 (not ready).
+async fn wait_for_readiness(metrics: SocketAddr, ready: bool, what: &str, timeout: Duration) {
+    let url = format!("http://{metrics}/readyz");
+    wait_until_async(what, timeout, || {
+        let url = url.clone();
+        async move {
+            reqwest::get(&url).await.is_ok_and(|r| {
+                if ready {
+                    r.status().is_success()
+                } else {
+                    r.status().as_u16() == 503
+                }
+            })
+        }
+    })
+    .await;
+}
+
+/// Waits until the series `series` on `metrics` reads `value`.
+async fn wait_for_metric(metrics: SocketAddr, series: &str, value: f64, what: &str) {
+    wait_until_async(what, Duration::from_secs(10), || async move {
+        metric_value(&scrape(metrics).await, series) == Some(value)
+    })
+    .await;
 }
 
 /// A tansu broker, a registry and two topics.
@@ -1225,19 +1241,11 @@ async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record
     }
 
     mock.broker_down(1).unwrap();
-    let ready = format!("http://{}/readyz", ing.metrics);
-    wait_until_async(
+    wait_for_readiness(
+        ing.metrics,
+        false,
         "readiness turns false while Kafka is down",
         Duration::from_secs(30),
-        || {
-            let ready = ready.clone();
-            async move {
-                reqwest::get(&ready)
-                    .await
-                    .map(|r| r.status().as_u16() == 503)
-                    .unwrap_or(false)
-            }
-        },
     )
     .await;
     let outage: Vec<_> =
@@ -1263,18 +1271,11 @@ async fn broker_down_gives_503_with_retry_after_and_never_2xx_without_the_record
     );
 
     mock.broker_up(1).unwrap();
-    wait_until_async(
+    wait_for_readiness(
+        ing.metrics,
+        true,
         "readiness returns with Kafka",
         Duration::from_secs(30),
-        || {
-            let ready = ready.clone();
-            async move {
-                reqwest::get(&ready)
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false)
-            }
-        },
     )
     .await;
     // The senders retry what was refused, honouring Retry-After, and it goes through. (The
@@ -1562,26 +1563,20 @@ async fn shutdown_turns_readiness_off_and_lets_the_in_flight_request_finish() {
     let (r, mut w) = stream.into_split();
     w.write_all(head.as_bytes()).await.unwrap();
     w.write_all(&body[..10]).await.unwrap();
-    let text_ready = format!("http://{}/readyz", ing.metrics);
-    wait_until_async("the request is in flight", Duration::from_secs(10), || {
-        let m = ing.metrics;
-        async move { metric_value(&scrape(m).await, "spillway_ingress_in_flight_requests") == Some(1.0) }
-    })
+    wait_for_metric(
+        ing.metrics,
+        "spillway_ingress_in_flight_requests",
+        1.0,
+        "the request is in flight",
+    )
     .await;
 
     ing.stop.cancel();
-    wait_until_async(
+    wait_for_readiness(
+        ing.metrics,
+        false,
         "readiness is off during the drain",
         Duration::from_secs(10),
-        || {
-            let ready = text_ready.clone();
-            async move {
-                reqwest::get(&ready)
-                    .await
-                    .map(|r| r.status().as_u16() == 503)
-                    .unwrap_or(false)
-            }
-        },
     )
     .await;
     // New connections are no longer served.
@@ -1627,19 +1622,11 @@ async fn sigterm_under_load_every_acknowledged_id_is_in_kafka() {
         &toml,
         SocketAddr::from(([127, 0, 0, 1], metrics_port)),
     );
-    let ready = format!("http://127.0.0.1:{metrics_port}/readyz");
-    wait_until_async(
+    wait_for_readiness(
+        SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+        true,
         "the ingress binary is ready",
         Duration::from_secs(60),
-        || {
-            let ready = ready.clone();
-            async move {
-                reqwest::get(&ready)
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false)
-            }
-        },
     )
     .await;
 
@@ -1741,15 +1728,11 @@ async fn a_sender_that_hangs_up_mid_produce_cannot_lose_or_double_its_event() {
     );
     assert_eq!(records_in(&s.bootstrap, &s.topic, 1), 1);
     // The hung-up requests are not left counted as in flight.
-    wait_until_async(
+    wait_for_metric(
+        ing.metrics,
+        "spillway_ingress_in_flight_requests",
+        0.0,
         "no request is counted in flight",
-        Duration::from_secs(10),
-        || {
-            let m = ing.metrics;
-            async move {
-                metric_value(&scrape(m).await, "spillway_ingress_in_flight_requests") == Some(0.0)
-            }
-        },
     )
     .await;
     ing.stop().await;
@@ -1771,13 +1754,12 @@ async fn bodies_past_the_memory_budget_get_503_and_the_budget_comes_back() {
     hog.write_all(b"POST /webhooks/github HTTP/1.1\r\nhost: x\r\ncontent-length: 400000\r\n\r\n{")
         .await
         .unwrap();
-    wait_until_async("the hog's body is held", Duration::from_secs(10), || {
-        let m = ing.metrics;
-        async move {
-            metric_value(&scrape(m).await, "spillway_ingress_buffered_body_bytes")
-                == Some(400_000.0)
-        }
-    })
+    wait_for_metric(
+        ing.metrics,
+        "spillway_ingress_buffered_body_bytes",
+        400_000.0,
+        "the hog's body is held",
+    )
     .await;
 
     // A second 400 kB body does not fit: 503 with Retry-After, before a byte of it is kept.
@@ -1815,12 +1797,12 @@ async fn bodies_past_the_memory_budget_get_503_and_the_budget_comes_back() {
 
     // The hog hangs up: its bytes go back to the budget, and a large signed body fits again.
     drop(hog);
-    wait_until_async("the budget is whole again", Duration::from_secs(10), || {
-        let m = ing.metrics;
-        async move {
-            metric_value(&scrape(m).await, "spillway_ingress_buffered_body_bytes") == Some(0.0)
-        }
-    })
+    wait_for_metric(
+        ing.metrics,
+        "spillway_ingress_buffered_body_bytes",
+        0.0,
+        "the budget is whole again",
+    )
     .await;
     let mut big = br#"{"id":"big","text":""#.to_vec();
     big.resize(450_000, b'a');
@@ -1905,17 +1887,14 @@ async fn the_shutdown_delay_keeps_serving_with_readiness_off_then_closes_the_lis
         "",
     ))
     .await;
-    let ready = format!("http://{}/readyz", ing.metrics);
     let cancelled = Instant::now();
     ing.stop.cancel();
-    wait_until_async("readiness is off", Duration::from_secs(4), || {
-        let ready = ready.clone();
-        async move {
-            reqwest::get(&ready)
-                .await
-                .is_ok_and(|r| r.status().as_u16() == 503)
-        }
-    })
+    wait_for_readiness(
+        ing.metrics,
+        false,
+        "readiness is off",
+        Duration::from_secs(4),
+    )
     .await;
     // A load balancer that has not noticed yet still gets its webhook stored.
     let client = reqwest::Client::new();
