@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
-# Runs Spillway's whole test suite against a real Kafka-protocol broker (tansu) and a real
-# Confluent-compatible schema registry (rivven-schema), installing both on first use.
-# Each integration test starts its own broker on a free loopback port, so tests never share
-# topics or state. If a tool cannot be installed or started, the tests fail with the reason.
+# Runs Spillway's whole test suite: unit and property tests, rdkafka MockCluster tests, and
+# integration tests against Apache Kafka (KRaft, single node on loopback) and a real
+# Confluent-compatible schema registry (rivven-schema), installing both on first use
+# (scripts/tools.sh, cached under ~/.cache/spillway/tools).
+#
+# The runner is plain `cargo test`: each test binary starts one broker that its tests share
+# (each test with its own topics and groups); tests that kill or restart a broker start their
+# own, and crash and rebalance tests run with no other broker test beside them
+# (tests/common/mod.rs). If a tool cannot be installed or started, the tests fail with the
+# reason; nothing is skipped. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tansu=$(scripts/tools.sh tansu)
+started=$(date +%s)
+kafka=$(scripts/tools.sh kafka)
 rivven=$(scripts/tools.sh rivven-schema)
-export SPILLWAY_TANSU_BIN="$tansu" SPILLWAY_RIVVEN_BIN="$rivven"
-echo "[test] tansu:         $tansu" >&2
+export SPILLWAY_RIVVEN_BIN="$rivven"
+echo "[test] Apache Kafka:  $kafka" >&2
 echo "[test] rivven-schema: $rivven" >&2
 
-if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --workspace --no-fail-fast "$@"
-else
-  echo "[test] cargo-nextest not found; using cargo test" >&2
-  exec cargo test --workspace --no-fail-fast "$@"
-fi
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+# One summary for the whole run (cargo test prints one line per test binary).
+awk -v secs=$(( $(date +%s) - started )) '
+  /^test result: / {
+    binaries++
+    for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed/)   passed  += $i
+      if ($(i+1) ~ /^failed/)   failed  += $i
+      if ($(i+1) ~ /^ignored/)  ignored += $i
+    }
+  }
+  END {
+    printf "[test] summary: %d tests run: %d passed, %d failed, %d ignored, in %d test binaries; wall time %d s\n",
+      passed + failed, passed, failed, ignored, binaries, secs
+  }' "$log"
+exit "$status"

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Installs (once, cached) the external programs Spillway's tests and local runs need:
-#   tansu         Kafka-protocol broker      (cargo install tansu 0.6.0, ~15 min once)
+#   kafka         Apache Kafka's broker (KRaft), its jars from Maven Central via
+#                 scripts/kafka/pom.xml; needs Java 17+ and Maven (~10 s once). Prints the
+#                 directory that holds libs/ (the classpath is '<dir>/libs/*').
 #   rivven-schema Confluent-compatible schema registry (cargo install rivven-schema 0.0.22, ~4 min once)
-# Usage: scripts/tools.sh [tansu|rivven-schema|all]   prints the binary path(s) on stdout.
+#   tansu         the earlier Kafka-protocol stand-in (cargo install tansu 0.6.0, ~15 min once);
+#                 no longer used by the tests or scripts, kept for bench comparisons only.
+# Usage: scripts/tools.sh [kafka|rivven-schema|tansu|all]   prints the path(s) on stdout;
+# `all` is what the tests need: kafka and rivven-schema.
 # Cache: $SPILLWAY_TOOLS_DIR (default ~/.cache/spillway/tools); each tool lives in its own
 # versioned root so a version bump reinstalls instead of silently reusing the old binary.
 set -euo pipefail
 
 TOOLS_DIR="${SPILLWAY_TOOLS_DIR:-$HOME/.cache/spillway/tools}"
 TANSU_VERSION=0.6.0
+# Keep in step with <kafka.version> in scripts/kafka/pom.xml.
+KAFKA_VERSION=4.1.1
 RIVVEN_VERSION=0.0.22
 
 log() { printf '[tools] %s\n' "$*" >&2; }
@@ -33,12 +40,54 @@ install_crate() { # name version features bin
   echo "$path"
 }
 
+# Java 17+ and Maven, or a loud failure that says which is missing.
+need_java17() {
+  command -v java >/dev/null 2>&1 || { log "FAILED: Apache Kafka needs Java 17 or newer, and no 'java' is on PATH"; return 1; }
+  local v
+  v=$(java -XshowSettings:properties -version 2>&1 | awk -F' = ' '/java.specification.version/ {print $2}')
+  case "$v" in
+    ''|1.*|[0-9]|1[0-6]) log "FAILED: Apache Kafka $KAFKA_VERSION needs Java 17 or newer; 'java' on PATH is ${v:-unknown}"; return 1 ;;
+  esac
+}
+
+kafka() {
+  local root="$TOOLS_DIR/kafka-$KAFKA_VERSION"
+  # The marker is written last, so an interrupted copy is never taken for a complete one.
+  if [ -f "$root/libs/.complete" ]; then
+    need_java17 || return 1
+    echo "$root"; return 0
+  fi
+  need_java17 || return 1
+  command -v mvn >/dev/null 2>&1 || { log "FAILED: installing Apache Kafka needs Maven ('mvn' is not on PATH)"; return 1; }
+  local pom
+  pom="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kafka/pom.xml"
+  grep -q "<kafka.version>$KAFKA_VERSION</kafka.version>" "$pom" \
+    || { log "FAILED: $pom does not pin Kafka $KAFKA_VERSION (tools.sh and the pom disagree)"; return 1; }
+  log "installing Apache Kafka $KAFKA_VERSION from Maven Central into $root (one-time; cached afterwards)"
+  rm -rf "$root.partial"
+  mkdir -p "$root.partial"
+  if ! mvn -B -q -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$root.partial/libs" >&2; then
+    log "FAILED: mvn could not fetch Apache Kafka $KAFKA_VERSION (see its output above)"
+    return 1
+  fi
+  for class in kafka/Kafka.class kafka/tools/StorageTool.class; do
+    jar tf "$root.partial/libs/kafka_2.13-$KAFKA_VERSION.jar" | grep -x "$class" >/dev/null \
+      || { log "FAILED: $class is not in kafka_2.13-$KAFKA_VERSION.jar"; return 1; }
+  done
+  touch "$root.partial/libs/.complete"
+  rm -rf "$root"
+  mv "$root.partial" "$root"
+  echo "$root"
+}
+
 tansu() { install_crate tansu "$TANSU_VERSION" "dynostore,libsql" tansu; }
 rivven() { install_crate rivven-schema "$RIVVEN_VERSION" "" rivven-schema; }
 
 case "${1:-all}" in
-  tansu) tansu ;;
+  kafka) kafka ;;
   rivven-schema) rivven ;;
-  all) tansu; rivven ;;
-  *) echo "usage: $0 [tansu|rivven-schema|all]" >&2; exit 2 ;;
+  tansu) tansu ;;
+  all) kafka; rivven ;;
+  *) echo "usage: $0 [kafka|rivven-schema|tansu|all]" >&2; exit 2 ;;
 esac

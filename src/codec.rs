@@ -474,6 +474,7 @@ fn event_from_avro(value: AvroValue, record: &OwnedMessage) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
 
     #[test]
     fn rfc3339_millis_formats_utc_dates_across_leap_years_and_eras() {
@@ -489,7 +490,6 @@ mod tests {
         );
         assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
     }
-    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
 
     fn record(payload: Option<&[u8]>, headers: &[(&str, &str)]) -> OwnedMessage {
         let mut h = OwnedHeaders::new();

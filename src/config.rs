@@ -122,9 +122,30 @@ pub struct KafkaConfig {
     /// Meant for development; leave unset against managed clusters.
     #[serde(default)]
     pub create_topics_partitions: Option<i32>,
-    /// Consumer session timeout in milliseconds (`session.timeout.ms`).
+    /// Consumer session timeout in milliseconds (`session.timeout.ms`). Classic protocol
+    /// only: with `group_protocol = "consumer"` the broker's `group.consumer.session.timeout.ms`
+    /// applies instead.
     #[serde(default = "default_session_timeout_ms")]
     pub session_timeout_ms: u64,
+    /// Consumer group protocol (`group.protocol`): `classic` (the default; works with every
+    /// broker) or `consumer` (KIP-848, Apache Kafka 4.0+: the broker assigns partitions
+    /// incrementally and owns session timing, so `session_timeout_ms` and
+    /// `partition_assignment_strategy` do not apply).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+    /// Classic protocol only: the assignor (`partition.assignment.strategy`). The default,
+    /// `cooperative-sticky`, is incremental: a member joining or leaving revokes only the
+    /// partitions that move, and the others keep processing. `range` or `roundrobin` are
+    /// eager: every rebalance revokes every partition of every member and drains their work.
+    #[serde(default)]
+    pub partition_assignment_strategy: Option<String>,
+    /// Static membership (`group.instance.id`): a stable, unique id per instance, such as a
+    /// StatefulSet pod's name (`SPILLWAY_KAFKA__GROUP_INSTANCE_ID` from the downward API). A
+    /// member that restarts within the session timeout gets its partitions back without a
+    /// rebalance of the others; its partitions wait, unprocessed, until it is back or the
+    /// session times out. Two live instances with the same id fence each other.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
     /// Maximum time between polls before the member is evicted (`max.poll.interval.ms`).
     /// The poll loop never waits on processing, so this only bounds stalls of the loop itself.
     #[serde(default = "default_max_poll_interval_ms")]
@@ -144,6 +165,20 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
 }
+
+/// The consumer group protocol (`group.protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// The classic group protocol: client-side assignors, `session.timeout.ms` from config.
+    #[default]
+    Classic,
+    /// KIP-848: broker-side incremental assignment and session timing (Kafka 4.0+).
+    Consumer,
+}
+
+/// The default assignor of the classic protocol: incremental, sticky.
+pub const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
 
 /// Processor scheduling, buffering, offsets and lifecycle.
 #[derive(Debug, Clone, Deserialize)]
@@ -259,7 +294,8 @@ pub struct KafkaSinkConfig {
     #[serde(default = "default_result_format")]
     pub format: ResultFormat,
     /// Write the result and the journal entry in one transaction (needs a broker with Kafka
-    /// transactions: Apache Kafka, Confluent, Redpanda; not tansu 0.6, which lacks EndTxn).
+    /// transactions: Apache Kafka, Confluent, Redpanda; `false` for Kafka-protocol brokers
+    /// without them, such as tansu 0.6, which lacks EndTxn).
     #[serde(default = "default_true")]
     pub transactional: bool,
 }
@@ -642,6 +678,10 @@ pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "delivery.timeout.ms",
     "transactional.id",
     "isolation.level",
+    "group.protocol",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
 ];
 
 fn default_session_timeout_ms() -> u64 {
@@ -860,6 +900,35 @@ impl Config {
             ));
         }
         check_properties("kafka", &k.properties)?;
+        if let Some(strategy) = &k.partition_assignment_strategy {
+            if k.group_protocol == GroupProtocol::Consumer {
+                return Err(ConfigError::invalid(
+                    "kafka.partition_assignment_strategy",
+                    "applies to group_protocol = \"classic\" only: with \"consumer\" (KIP-848) \
+                     the broker assigns partitions",
+                ));
+            }
+            let names: Vec<&str> = strategy.split(',').map(str::trim).collect();
+            if names
+                .iter()
+                .any(|n| !matches!(*n, "cooperative-sticky" | "range" | "roundrobin"))
+                || (names.len() > 1 && names.contains(&"cooperative-sticky"))
+            {
+                return Err(ConfigError::invalid(
+                    "kafka.partition_assignment_strategy",
+                    format!(
+                        "is \"{strategy}\": use \"cooperative-sticky\" (incremental), or the \
+                         eager \"range\", \"roundrobin\" or both, comma separated"
+                    ),
+                ));
+            }
+        }
+        if k.group_instance_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.group_instance_id",
+                "is empty: set a stable id per instance (e.g. the pod name), or leave it unset",
+            ));
+        }
         let p = &self.processor;
         if p.max_in_flight == 0 {
             return Err(ConfigError::invalid(

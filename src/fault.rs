@@ -1,5 +1,7 @@
 //! Crash points for the exactly-once tests: `SPILLWAY_FAULT=<point>:<step>:<n>` makes the
-//! process SIGKILL itself the `n`-th time an event passes `<point>` of step `<step>`. Points:
+//! process SIGKILL itself the `n`-th time an event passes `<point>` of step `<step>`;
+//! `SPILLWAY_FAULT=<point>:<step>:<n>:stop` makes it SIGSTOP itself there instead (a stalled
+//! instance that its group gives up on, then wakes up as a zombie on SIGCONT). Points:
 //!
 //! - `before_step`: before the step's first attempt (e.g. before the LLM call);
 //! - `after_step`: the step succeeded, its journal entry is not written yet;
@@ -17,6 +19,8 @@ struct Fault {
     point: String,
     step: String,
     at: u64,
+    /// SIGSTOP instead of SIGKILL.
+    stop: bool,
     hits: AtomicU64,
 }
 
@@ -25,14 +29,20 @@ fn fault() -> Option<&'static Fault> {
     FAULT
         .get_or_init(|| {
             let spec = std::env::var("SPILLWAY_FAULT").ok()?;
-            let mut parts = spec.splitn(3, ':');
+            let mut parts = spec.splitn(4, ':');
             let (point, step, at) = (parts.next()?, parts.next()?, parts.next()?);
             let at = at.parse().ok()?;
+            let stop = match parts.next() {
+                None => false,
+                Some("stop") => true,
+                Some(_) => return None,
+            };
             tracing::warn!(%spec, "fault injection armed (testing only)");
             Some(Fault {
                 point: point.to_string(),
                 step: step.to_string(),
                 at,
+                stop,
                 hits: AtomicU64::new(0),
             })
         })
@@ -46,10 +56,15 @@ pub fn point(point: &str, step: &str) {
         return;
     }
     if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
-        eprintln!("fault point {point}:{step} reached; SIGKILL");
+        let (name, signal) = if f.stop {
+            ("SIGSTOP", libc::SIGSTOP)
+        } else {
+            ("SIGKILL", libc::SIGKILL)
+        };
+        eprintln!("fault point {point}:{step} reached; {name}");
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::kill(libc::getpid(), signal);
         }
     }
 }

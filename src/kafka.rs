@@ -12,7 +12,10 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::collections::BTreeMap;
 
 use crate::config::ingress::ProducerConfig;
-use crate::config::{ConfigError, KafkaConfig, ProcessorConfig, PropertyValue};
+use crate::config::{
+    ConfigError, GroupProtocol, KafkaConfig, ProcessorConfig, PropertyValue,
+    DEFAULT_ASSIGNMENT_STRATEGY,
+};
 
 /// Properties common to every client: brokers plus the pass-through properties, with
 /// secrets resolved from the environment or files.
@@ -48,12 +51,31 @@ pub fn consumer_config(k: &KafkaConfig, p: &ProcessorConfig) -> Result<ClientCon
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", &k.auto_offset_reset)
-        .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string())
         .set(
             "statistics.interval.ms",
             k.statistics_interval_ms.to_string(),
         );
+    match k.group_protocol {
+        GroupProtocol::Classic => {
+            c.set("group.protocol", "classic")
+                .set("session.timeout.ms", k.session_timeout_ms.to_string())
+                .set(
+                    "partition.assignment.strategy",
+                    k.partition_assignment_strategy
+                        .as_deref()
+                        .unwrap_or(DEFAULT_ASSIGNMENT_STRATEGY),
+                );
+        }
+        // KIP-848: librdkafka refuses session.timeout.ms and the assignor here (the broker
+        // owns both).
+        GroupProtocol::Consumer => {
+            c.set("group.protocol", "consumer");
+        }
+    }
+    if let Some(id) = &k.group_instance_id {
+        c.set("group.instance.id", id.trim());
+    }
     // Keep the prefetch queue modest unless the user tuned it: buffered records are bounded by
     // the scheduler, and this bounds what librdkafka holds underneath it.
     if !k.properties.contains_key("queued.max.messages.kbytes") {

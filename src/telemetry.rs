@@ -91,6 +91,8 @@ pub struct Metrics {
     pub journal_write_duration: Histogram,
     /// Time to read one journal partition on assignment.
     pub journal_restores: Histogram,
+    /// Journal records read by restores (after compaction, about one per live key).
+    pub journal_restored_records: IntCounter,
     /// Events that waited for another copy of themselves to finish.
     pub journal_waits: IntCounter,
     /// Kafka transactions of sink records with their journal entries, by outcome.
@@ -290,6 +292,11 @@ impl Metrics {
                     "Time to read one journal partition when its input partition is assigned."
                 )
                 .buckets(latency_buckets.clone())
+            )
+            .expect("valid metric")),
+            journal_restored_records: reg!(IntCounter::new(
+                "spillway_journal_restored_records_total",
+                "Journal records read by restores; once the topic is compacted, about one per live dedup key."
             )
             .expect("valid metric")),
             journal_waits: reg!(IntCounter::new(

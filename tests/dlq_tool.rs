@@ -102,9 +102,6 @@ async fn dlq_tools_list_show_and_replay_once_each_resuming_and_honouring_the_loo
     create_topic(&broker.bootstrap(), &dlq_topic, 1).await;
     let reject = Arc::new(AtomicBool::new(true));
     let (sink, accepted) = switchable_sink(reject.clone()).await;
-    // One record per batch for the DLQ producer: tansu 0.6 answers a fetch that starts
-    // inside a batch wrongly (ARCHITECTURE.md, Testing), and a resumed replay starts wherever
-    // the last run stopped. Real Kafka needs no such setting.
     let toml = webhook_config(
         &broker.bootstrap(),
         &group,
@@ -112,10 +109,6 @@ async fn dlq_tools_list_show_and_replay_once_each_resuming_and_honouring_the_loo
         &dlq_topic,
         sink,
         "[processor]\ncommit_interval_ms = 200",
-    )
-    .replace(
-        "[kafka.properties]\n",
-        "[kafka.properties]\n\"batch.num.messages\" = 1\n",
     );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("spillway.toml");

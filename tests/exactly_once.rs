@@ -179,7 +179,7 @@ requests_per_minute = 60000
 async fn a_sigkill_at_every_step_boundary_loses_nothing_and_repeats_no_side_effect() {
     const EVENTS: u64 = 30;
     const CRASH_AT: u64 = 8;
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     // (fault point, step): before the LLM; after the LLM and before its journal entry; after
     // the journal and before the sink; after the sink and before the event is marked done;
     // after done and before the offset is stored.
@@ -394,5 +394,105 @@ async fn a_journal_partition_under_constant_writes_from_others_still_restores() 
         ),
         0.0,
         "no restore timed out: {metrics}"
+    );
+}
+
+/// The journal topic really compacts: once Kafka's log cleaner has run, it holds one entry
+/// per dedup key, and a restore by a new instance reads only those (plus at most the probe
+/// records this test writes to roll segments), yet still skips every redelivered copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key() {
+    use rdkafka::producer::FutureRecord;
+    use rdkafka::Message;
+    const EVENTS: u64 = 30;
+    let broker = Broker::start();
+    let n = Names {
+        topic: unique("compact"),
+        dlq: unique("compact-dlq"),
+        group: unique("g"),
+        journal: unique("compact-journal"),
+    };
+    create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
+    // As Spillway creates it (compacted), with segments that roll and get cleaned in seconds.
+    create_topic_with(
+        &broker.bootstrap(),
+        &n.journal,
+        PARTITIONS,
+        &[
+            ("cleanup.policy", "compact"),
+            ("segment.ms", "100"),
+            ("min.cleanable.dirty.ratio", "0.01"),
+        ],
+    )
+    .await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    let config = toml(&broker, &n, &sim, sink);
+    let events = || (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0));
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    let mut a = SpillwayProc::spawn(&config);
+    a.wait_finished(EVENTS, "instance A").await;
+    a.terminate();
+    let appended = records_in(&broker.bootstrap(), &n.journal, PARTITIONS);
+    assert!(
+        appended >= 2 * EVENTS as i64,
+        "each event wrote several journal entries: {appended}"
+    );
+
+    // The active segment is never cleaned, and it rolls only on an append after segment.ms:
+    // append a tombstone probe to every partition until the cleaner has left one entry per key.
+    let probes = producer(&broker.bootstrap());
+    let mut probes_sent = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let live = loop {
+        for p in 0..PARTITIONS {
+            let probe: FutureRecord<'_, str, [u8]> =
+                FutureRecord::to(&n.journal).key("compaction-probe").partition(p);
+            probes.send(probe, Duration::from_secs(10)).await.expect("probe");
+            probes_sent += 1;
+        }
+        let entries = read_to_eof(&broker.bootstrap(), &n.journal, PARTITIONS, "read_committed");
+        let mut per_key: HashMap<String, u64> = HashMap::new();
+        for e in &entries {
+            let key = String::from_utf8_lossy(e.key().unwrap_or_default()).to_string();
+            if key != "compaction-probe" {
+                *per_key.entry(key).or_insert(0) += 1;
+            }
+        }
+        if per_key.len() as u64 == EVENTS && per_key.values().all(|c| *c == 1) {
+            break entries.len() as i64;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal was not compacted within 90 s: {} records, {} keys",
+            entries.len(),
+            per_key.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    println!(
+        "journal: {appended} entries appended for {EVENTS} events, {live} records after \
+         compaction ({probes_sent} probes sent)"
+    );
+
+    // Every event again (an upstream replay), read by a new instance that restores the
+    // compacted journal: all skipped, and the restore read about one record per key.
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    let mut b = SpillwayProc::spawn(&config);
+    b.wait_finished(EVENTS, "instance B").await;
+    let metrics = b.try_scrape().await.unwrap_or_default();
+    b.terminate();
+    let restored = metric_sum(&metrics, "spillway_journal_restored_records_total");
+    println!("restore read {restored} records");
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64);
+    assert_eq!(sim.stats().await.received, EVENTS, "one LLM call per event");
+    assert_eq!(received.raw() as u64, EVENTS, "one post per event");
+    // The live keys, plus probe tombstones: one per partition in the cleaned segments (a
+    // tombstone lives delete.retention.ms) and one in the active segment.
+    assert!(
+        restored >= EVENTS as f64 && restored <= (EVENTS + 2 * PARTITIONS as u64) as f64,
+        "the restore should read only the latest entry per key: {restored} records read, \
+         {appended} appended"
     );
 }

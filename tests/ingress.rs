@@ -264,8 +264,8 @@ async fn wait_for_metric(metrics: SocketAddr, series: &str, value: f64, what: &s
     .await;
 }
 
-/// A tansu broker, a registry and two topics.
-async fn tansu_setup(partitions: i32) -> (Broker, Registry, Setup) {
+/// The shared Apache Kafka broker, a registry and two topics.
+async fn kafka_setup(partitions: i32) -> (Broker, Registry, Setup) {
     let broker = Broker::start();
     let registry = Registry::start();
     let (topic, other_topic) = (unique("webhooks"), unique("webhooks-gh"));
@@ -314,7 +314,7 @@ fn ids(records: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_confluent_framed() {
-    let (_broker, _registry, s) = tansu_setup(3).await;
+    let (_broker, _registry, s) = kafka_setup(3).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -497,7 +497,7 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_truncated_empty_and_missing_signatures_get_401_and_produce_nothing() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -696,7 +696,7 @@ async fn forged_truncated_empty_and_missing_signatures_get_401_and_produce_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_rotation_accepts_either_secret_and_reports_which_one_matched() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -764,7 +764,7 @@ async fn at_second_start() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_skew_of_299_s_is_accepted_and_301_s_is_rejected_past_and_future() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     for skew in [-299i64, 299, -301, 301] {
@@ -816,7 +816,7 @@ async fn clock_skew_of_299_s_is_accepted_and_301_s_is_rejected_past_and_future()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_delivery_sequentially_or_ten_times_at_once_produces_exactly_one_record() {
-    let (_broker, _registry, s) = tansu_setup(3).await;
+    let (_broker, _registry, s) = kafka_setup(3).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -923,7 +923,7 @@ async fn stream_body(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_chunked_and_lying_content_length_bodies_get_413_without_being_buffered() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -1020,7 +1020,7 @@ async fn oversized_chunked_and_lying_content_length_bodies_get_413_without_being
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_reaped_while_other_clients_are_served() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let server = "plaintext = true\nheader_read_timeout_ms = 1000\nbody_timeout_ms = 1000";
     let ing = start(&ingress_toml(&s, server, "", "")).await;
 
@@ -1116,7 +1116,7 @@ async fn slowloris_connections_are_reaped_while_other_clients_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_source_gets_429_for_that_source_only() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -1167,7 +1167,7 @@ async fn a_flood_from_one_source_gets_429_for_that_source_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_ip_limit_refuses_before_any_signature_work() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(
         &s,
         "plaintext = true\nip_rate = \"3/min\"",
@@ -1348,7 +1348,7 @@ async fn transient_produce_errors_are_retried_inside_the_delivery_timeout_withou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_down_with_a_warm_cache_still_serves_and_with_a_cold_cache_gives_503() {
-    let (_broker, registry, s) = tansu_setup(1).await;
+    let (_broker, registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let client = reqwest::Client::new();
     let t = now();
@@ -1410,7 +1410,7 @@ async fn the_registry_down_with_a_warm_cache_still_serves_and_with_a_cold_cache_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_400_that_says_what_is_wrong() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("comment.schema.json");
     std::fs::write(
@@ -1489,7 +1489,7 @@ async fn bad_input_gets_400_that_says_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_webhooks_and_cuts_off_a_stalled_handshake() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let fixtures = format!("{ROOT}/tests/fixtures");
     let server = format!(
         "tls = {{ cert_file = \"{fixtures}/tls.crt\", key_file = \"{fixtures}/tls.key\" }}\nheader_read_timeout_ms = 1000"
@@ -1541,7 +1541,7 @@ async fn tls_serves_webhooks_and_cuts_off_a_stalled_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_turns_readiness_off_and_lets_the_in_flight_request_finish() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(
         &s,
         "plaintext = true\nbody_timeout_ms = 30000",
@@ -1612,7 +1612,7 @@ async fn shutdown_turns_readiness_off_and_lets_the_in_flight_request_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_every_acknowledged_id_is_in_kafka() {
-    let (_broker, _registry, s) = tansu_setup(3).await;
+    let (_broker, _registry, s) = kafka_setup(3).await;
     let (port, metrics_port) = (free_port(), free_port());
     let toml = ingress_toml(&s, "plaintext = true", "", "")
         .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
@@ -1689,7 +1689,7 @@ async fn sigterm_under_load_every_acknowledged_id_is_in_kafka() {
 async fn a_sender_that_hangs_up_mid_produce_cannot_lose_or_double_its_event() {
     // The produce outlives the request: a copy that arrives later is a duplicate, not a
     // second record, and the first copy's record is in Kafka.
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
     let body = comment("hangup");
     let h = standard("hangup", now(), &body, WHSEC_NEW);
@@ -1740,7 +1740,7 @@ async fn a_sender_that_hangs_up_mid_produce_cannot_lose_or_double_its_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_past_the_memory_budget_get_503_and_the_budget_comes_back() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(
         &s,
         "plaintext = true\nmax_buffered_body_bytes = 600000\nbody_timeout_ms = 30000",
@@ -1822,7 +1822,7 @@ async fn bodies_past_the_memory_budget_get_503_and_the_budget_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_for_kafka_gets_413_and_releases_its_delivery_id() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     // A message.max.bytes resolved at start-up (from a file) is not checked against the body
     // limit, so the producer itself refuses the record: the sender must get a 413, not a 503
     // it would retry for ever.
@@ -1879,7 +1879,7 @@ async fn a_record_too_large_for_kafka_gets_413_and_releases_its_delivery_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_delay_keeps_serving_with_readiness_off_then_closes_the_listener() {
-    let (_broker, _registry, s) = tansu_setup(1).await;
+    let (_broker, _registry, s) = kafka_setup(1).await;
     let ing = start(&ingress_toml(
         &s,
         "plaintext = true\nshutdown_delay_ms = 5000",

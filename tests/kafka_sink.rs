@@ -1,12 +1,13 @@
-//! The Kafka result-topic sink.
+//! The Kafka result-topic sink, against Apache Kafka (and MockCluster for an injected fence).
 //!
-//! - On tansu (the real broker here), `transactional = false`: Confluent-framed Avro of
-//!   `schemas/result.avsc`, one result per event, and under SIGKILL at every step boundary no
-//!   event without a result, at most one repeat per event in flight, no second LLM call.
-//! - Transactional mode runs against rdkafka's MockCluster, because tansu 0.6 does not serve
-//!   EndTxn: results and journal entries commit in transactions, a fenced commit is retried
-//!   with a new producer, and duplicates are skipped. The mock does not write transaction
-//!   markers, so it cannot show that aborted records stay invisible; real Kafka does that.
+//! - Transactional (the default): Confluent-framed Avro of `schemas/result.avsc`; under
+//!   SIGKILL before the send, between the send and the commit, and after the commit, a
+//!   `read_committed` reader sees exactly one result per event and never an aborted one; a
+//!   stalled instance that its group gave up on is fenced and commits nothing visible.
+//! - `transactional = false`: under SIGKILL at every step boundary no event without a
+//!   result, at most one repeat per event in flight, no second LLM call.
+//! - MockCluster: a commit refused as fenced closes the lane, and the next one re-reads the
+//!   journal and writes nothing twice.
 
 mod common;
 
@@ -158,7 +159,7 @@ async fn results_are_confluent_avro_of_the_result_schema_one_per_event_even_for_
         &sim,
         "avro",
         Some(&registry.url()),
-        false,
+        true,
     );
     let mut p = SpillwayProc::spawn(&config);
     p.wait_finished(12, "all records handled").await;
@@ -285,8 +286,8 @@ async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeat
     }
 }
 
-/// Transactional mode on rdkafka's MockCluster (tansu 0.6 has no EndTxn): every result and
-/// its journal entry go through transactions. A commit refused with PRODUCER_FENCED has an
+/// Transactional mode on rdkafka's MockCluster, which can refuse a commit on cue: every
+/// result and its journal entry go through transactions. A commit refused with PRODUCER_FENCED has an
 /// unknown outcome: the lane closes, a new lane fences and re-reads the journal partition,
 /// and writes only what the journal does not show as committed. (The mock keeps the refused
 /// transaction's records visible, so the re-read finds its entries and nothing is written
@@ -371,6 +372,172 @@ async fn transactional_results_commit_with_their_journal_entries_and_survive_a_f
         assert_eq!(entry["done"], true, "{entry}");
         assert_eq!(entry["steps"]["publish"]["topic"], n.results.as_str());
     }
+}
+
+/// Transactional mode under SIGKILL at each boundary of a result's transaction: before the
+/// send, after the send and before the commit (the transaction is left open and the
+/// restarted lane's `init_transactions` aborts it), and after the commit (the redelivered
+/// event finds its `done` entry, committed with the result). A `read_committed` reader sees
+/// exactly one result per event, and the records of the aborted transaction never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_at_every_transaction_boundary_leaves_exactly_one_committed_result_per_event() {
+    const EVENTS: u64 = 24;
+    const CRASH_AT: u64 = 3;
+    let broker = Broker::start_exclusive();
+    let points = [
+        ("before_step", "publish"),
+        ("before_commit", "publish"),
+        ("after_done", "publish"),
+    ];
+    for (point, step) in points {
+        let n = names(&broker, "txncrash").await;
+        produce_all(
+            &broker.bootstrap(),
+            &n.topic,
+            (0..EVENTS).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
+        )
+        .await;
+        let sim = Sim::start(|c| c.latency_ms = 20).await;
+        let config = toml(&broker.bootstrap(), &n, &sim, "json", None, true);
+        let fault = format!("{point}:{step}:{CRASH_AT}");
+        crash_at(&config, &fault);
+        // What the crashed process left in the log, committed or not.
+        let written_before_restart = read_to_eof(
+            &broker.bootstrap(),
+            &n.results,
+            PARTITIONS,
+            "read_uncommitted",
+        )
+        .len();
+
+        let mut p = SpillwayProc::spawn(&config);
+        p.wait_finished(EVENTS, &fault).await;
+        p.terminate();
+
+        let results = committed_results(&broker.bootstrap(), &n);
+        let keys = by_key(&results);
+        let all = read_to_eof(
+            &broker.bootstrap(),
+            &n.results,
+            PARTITIONS,
+            "read_uncommitted",
+        );
+        let calls = sim.stats().await.received;
+        println!(
+            "{fault}: {} committed results for {EVENTS} events; {} records in the log \
+             ({written_before_restart} before the restart); {calls} LLM calls",
+            results.len(),
+            all.len()
+        );
+        for i in 0..EVENTS {
+            assert_eq!(
+                keys.get(&format!("/test|evt-{i}")),
+                Some(&1),
+                "{fault}: evt-{i} must have exactly one committed result: {keys:?}"
+            );
+        }
+        assert_eq!(
+            results.len() as u64,
+            EVENTS,
+            "{fault}: no other committed result"
+        );
+        if point == "before_commit" {
+            // The crash left a transaction's records in the log; they were aborted, so the
+            // log holds more records than a read_committed reader sees.
+            assert!(
+                written_before_restart > 0 && all.len() > results.len(),
+                "{fault}: the open transaction's records should be in the log but not read: \
+                 {} in the log, {} committed",
+                all.len(),
+                results.len()
+            );
+        }
+        assert!(
+            calls <= EVENTS + IN_FLIGHT,
+            "{fault}: {calls} LLM calls for {EVENTS} events with {IN_FLIGHT} in flight"
+        );
+    }
+}
+
+/// A stalled instance (SIGSTOP after it wrote a transaction's records, before the commit)
+/// that its group gives up on: its successor's lanes fence it and abort its open
+/// transaction, and when it wakes up (SIGCONT) its commit fails. Every event has exactly one
+/// committed result, and the zombie's records are in the log but never visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_zombie_commits_nothing_visible() {
+    const EVENTS: u64 = 24;
+    let broker = Broker::start_exclusive();
+    let n = names(&broker, "zombie").await;
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..EVENTS).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
+    )
+    .await;
+    let sim = Sim::start(|c| c.latency_ms = 20).await;
+    let config = toml(&broker.bootstrap(), &n, &sim, "json", None, true);
+    let zombie = SpillwayProc::spawn_with_env(
+        &config,
+        &[("SPILLWAY_FAULT", "before_commit:publish:3:stop")],
+    );
+    zombie
+        .wait_until("the zombie stopped inside a transaction", Duration::from_secs(60), || {
+            zombie
+                .log_text()
+                .contains("fault point before_commit:publish reached; SIGSTOP")
+        })
+        .await;
+    let open = read_to_eof(&broker.bootstrap(), &n.results, PARTITIONS, "read_uncommitted");
+    assert!(!open.is_empty(), "the zombie wrote its transaction's records");
+
+    // The group gives up on the stopped member after session.timeout.ms; the successor takes
+    // every partition, fences the zombie's transactional ids and finishes every event.
+    let mut successor = SpillwayProc::spawn(&config);
+    successor.wait_finished(EVENTS, "the successor finished every event").await;
+
+    zombie.signal("CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let m = zombie.try_scrape().await.unwrap_or_default();
+        let failed = metric_sum(&m, "spillway_journal_transactions_total{outcome=\"aborted\"")
+            + metric_sum(&m, "spillway_journal_transactions_total{outcome=\"unknown\"");
+        if failed >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the zombie's commit should have failed; its log:\n{}",
+            zombie.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut zombie = zombie;
+    successor.terminate();
+    zombie.terminate();
+
+    let results = committed_results(&broker.bootstrap(), &n);
+    let keys = by_key(&results);
+    let all = read_to_eof(&broker.bootstrap(), &n.results, PARTITIONS, "read_uncommitted");
+    println!(
+        "zombie: {} committed results for {EVENTS} events, {} records in the log, {} LLM calls",
+        results.len(),
+        all.len(),
+        sim.stats().await.received
+    );
+    for i in 0..EVENTS {
+        assert_eq!(
+            keys.get(&format!("/test|evt-{i}")),
+            Some(&1),
+            "evt-{i} must have exactly one committed result: {keys:?}"
+        );
+    }
+    assert_eq!(results.len() as u64, EVENTS, "no other committed result");
+    assert!(
+        all.len() > results.len(),
+        "the zombie's aborted records are in the log ({}) but not read ({})",
+        all.len(),
+        results.len()
+    );
 }
 
 #[test]

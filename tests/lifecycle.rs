@@ -32,7 +32,7 @@ fn distinct(received: &Received) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_sigterm_finishes_in_flight_work_and_commits() {
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     let (topic, dlq, group) = setup(&broker, "term", 3_000, 300).await;
     let (sink, received) = recording_sink_with(Duration::from_millis(300)).await;
     let toml = webhook_config(
@@ -91,7 +91,7 @@ async fn graceful_sigterm_finishes_in_flight_work_and_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_with_sigkill_loses_nothing_and_commits_only_finished_work() {
     const EVENTS: u64 = 20_000;
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     let (topic, dlq, group) = setup(&broker, "crash", EVENTS, 500).await;
     let (sink, received) = recording_sink_with(Duration::from_millis(2)).await;
     let toml = webhook_config(
@@ -170,7 +170,7 @@ async fn crash_with_sigkill_loses_nothing_and_commits_only_finished_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
     const EVENTS: u64 = 12_000;
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     let (topic, dlq, group) = setup(&broker, "rebalance", EVENTS, 400).await;
     // Slow enough (about 1,300 events/s) that B joins and leaves while work remains.
     let (sink, received) = recording_sink_with(Duration::from_millis(25)).await;
@@ -234,7 +234,7 @@ async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_resumes_without_restarting_the_processor() {
     const EVENTS: u64 = 6_000;
-    let mut broker = blocking(Broker::start_persistent);
+    let mut broker = Broker::start_own();
     let (topic, dlq, group) = setup(&broker, "brokerrestart", EVENTS, 200).await;
     let (sink, received) = recording_sink_with(Duration::from_millis(5)).await;
     let toml = webhook_config(
@@ -299,7 +299,7 @@ async fn backpressure_pauses_partitions_and_bounds_memory() {
     // runtime. Measured around 40-60 MiB; 160 MiB leaves room without hiding a leak of the
     // whole backlog (100,000 records held would add far more, with their per-record state).
     const RSS_BOUND_KIB: u64 = 160 * 1024;
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     let (topic, dlq, group) = setup(&broker, "backpressure", EVENTS, 10_000).await;
     let (sink, received) = recording_sink_with(Duration::from_millis(50)).await;
     let toml = webhook_config(

@@ -1,4 +1,4 @@
-//! In-process processor behaviour against a real broker (tansu): ordering, commits, poison.
+//! In-process processor behaviour against Apache Kafka: ordering, commits, poison.
 
 mod common;
 
@@ -19,7 +19,7 @@ async fn key_order_under_concurrency() {
     const KEYS: u64 = 100;
     const PARTITIONS: i32 = 12;
     const MAX_LATENCY_MS: u64 = 20;
-    let broker = Broker::start();
+    let broker = Broker::start_exclusive();
     let (topic, dlq, group) = (unique("order"), unique("order-dlq"), unique("g"));
     create_topic(&broker.bootstrap(), &topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &dlq, 1).await;

@@ -274,13 +274,13 @@ fn secret_label(index: usize) -> std::borrow::Cow<'static, str> {
 /// answered (the client hung up) is counted with the outcome `disconnected`.
 struct InFlight {
     metrics: Arc<IngressMetrics>,
-    source: String,
+    source: Option<Arc<Source>>,
     start: Instant,
     finished: bool,
 }
 
 impl InFlight {
-    fn new(metrics: Arc<IngressMetrics>, source: String, start: Instant) -> InFlight {
+    fn new(metrics: Arc<IngressMetrics>, source: Option<Arc<Source>>, start: Instant) -> Self {
         metrics.in_flight.inc();
         InFlight {
             metrics,
@@ -290,10 +290,15 @@ impl InFlight {
         }
     }
 
-    fn finish(mut self, outcome: &str) {
+    /// The `source` label: the source's name, or `unknown`.
+    fn label(&self) -> &str {
+        self.source.as_ref().map_or("unknown", |s| s.name.as_str())
+    }
+
+    fn finish(&mut self, outcome: &str) {
         self.finished = true;
         self.metrics
-            .request(&self.source, outcome, self.start.elapsed());
+            .request(self.label(), outcome, self.start.elapsed());
     }
 }
 
@@ -302,7 +307,7 @@ impl Drop for InFlight {
         self.metrics.in_flight.dec();
         if !self.finished {
             self.metrics
-                .request(&self.source, "disconnected", self.start.elapsed());
+                .request(self.label(), "disconnected", self.start.elapsed());
         }
     }
 }
@@ -337,13 +342,10 @@ async fn handle(
         .into_response();
     };
     let source = shared.sources.get(name).cloned();
-    let label = source
-        .as_ref()
-        .map_or("unknown", |s| s.name.as_str())
-        .to_string();
-    let in_flight = InFlight::new(shared.metrics.clone(), label.clone(), start);
+    let mut in_flight = InFlight::new(shared.metrics.clone(), source.clone(), start);
     let reply = check_and_produce(&shared, remote, source, req, received_at_ms).await;
     in_flight.finish(reply.outcome);
+    let label = in_flight.label();
     if reply.status.is_server_error() {
         tracing::warn!(source = %label, outcome = reply.outcome, "webhook not accepted");
     } else {
@@ -433,10 +435,7 @@ async fn check_and_produce(
         };
 
     // 2-4. Headers present, timestamp, signature over the exact raw bytes.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = received_at_ms.div_euclid(1000);
     let verified = match auth::verify(
         &source.scheme,
         &source.secrets,

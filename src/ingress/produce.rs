@@ -80,7 +80,8 @@ impl ClientContext for ProducerContext {
 pub struct Sent {
     delivery: rdkafka::producer::DeliveryFuture,
     start: Instant,
-    source: String,
+    /// The source's `spillway_ingress_produce_duration_seconds` series.
+    duration: prometheus::Histogram,
 }
 
 /// The idempotent producer plus the envelope encoder.
@@ -209,7 +210,7 @@ impl Producer {
         Ok(Sent {
             delivery,
             start,
-            source: source.to_string(),
+            duration: self.metrics.produce_duration.with_label_values(&[source]),
         })
     }
 
@@ -219,7 +220,7 @@ impl Producer {
         let Sent {
             delivery,
             start,
-            source,
+            duration,
         } = sent;
         let result = match tokio::time::timeout(self.report_bound, delivery).await {
             Err(_) => Err(ProduceError::Timeout(self.report_bound)),
@@ -227,10 +228,7 @@ impl Producer {
             Ok(Ok(Err((e, _)))) => Err(kafka_error(e)),
             Ok(Ok(Ok(_))) => Ok(()),
         };
-        self.metrics
-            .produce_duration
-            .with_label_values(&[&source])
-            .observe(start.elapsed().as_secs_f64());
+        duration.observe(start.elapsed().as_secs_f64());
         result
     }
 

@@ -374,6 +374,9 @@ impl Journal {
             self.metrics
                 .journal_restores
                 .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .journal_restored_records
+                .inc_by(records.len() as u64);
             tracing::info!(
                 journal_partition = jp,
                 records = records.len(),
@@ -525,8 +528,8 @@ impl Journal {
 /// and it is reached when the consumer's position has passed it *and* a fetch has come back
 /// empty. The position, not the last record, because transaction markers and aborted
 /// records take offsets but are never delivered; the empty fetch because some
-/// Kafka-compatible brokers (tansu 0.6) answer ListOffsets with the base offset of the last
-/// batch. `PartitionEOF` is not relied on: librdkafka may report it as a client-level error.
+/// Kafka-protocol brokers (tansu 0.6, the earlier test broker) answer ListOffsets with the
+/// base offset of the last batch. `PartitionEOF` is not relied on: librdkafka may report it as a client-level error.
 fn read_partition(
     client: &rdkafka::ClientConfig,
     ends: &crate::kafka::Reader,

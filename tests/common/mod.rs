@@ -1,9 +1,10 @@
-//! Test harness: a real Kafka-protocol broker (tansu) per test, topic and producer helpers,
-//! a recording HTTP sink, in-process scripted steps, and condition waits with deadlines.
+//! Test harness: Apache Kafka (one broker per test binary, or one of a test's own), topic and
+//! producer helpers, a recording HTTP sink, in-process scripted steps, and condition waits
+//! with deadlines.
 //!
-//! The broker binary comes from `SPILLWAY_TANSU_BIN` (set by `scripts/test.sh`), or is
-//! installed through `scripts/tools.sh`. If it cannot be found or started, the test fails
-//! with the reason: nothing here ever skips.
+//! The broker is started by `scripts/broker.sh run`, which installs Apache Kafka through
+//! `scripts/tools.sh kafka` on first use. If it cannot be installed or started, the test
+//! fails with the reason: nothing here ever skips.
 
 #![allow(dead_code)]
 
@@ -114,104 +115,55 @@ fn tool(env: &str, name: &str) -> PathBuf {
     path
 }
 
-/// A tansu broker child process on a loopback port.
+/// An Apache Kafka broker (KRaft, single node) on loopback, run by `scripts/broker.sh run`.
+///
+/// [`Broker::start`] hands out the broker shared by every test of this test binary (each
+/// test uses its own topics and groups); [`Broker::start_own`] starts one only this test
+/// uses, for tests that kill or restart it. Every broker process dies with the test process
+/// (`PR_SET_PDEATHSIG`), so an aborted run leaves no JVM behind.
 pub struct Broker {
-    child: Option<Child>,
-    pub port: u16,
-    storage: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+    port: u16,
+    own: Option<BrokerProcess>,
+    _lane: Lane,
 }
 
 impl Broker {
-    /// In-memory storage: fastest, gone when the broker stops.
+    /// The broker shared by this test binary, started on first use.
     pub fn start() -> Broker {
-        blocking(|| Self::start_with("memory://tansu/".to_string(), None))
+        Self::shared(Lane::shared())
     }
 
-    /// SQLite storage in a fresh directory: survives kill -9 and restart.
-    pub fn start_persistent() -> Broker {
-        // tansu wants a relative sqlite path; the broker runs inside `dir`.
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_with("sqlite://tansu.db".to_string(), Some(dir))
+    /// The shared broker, with no other test of this binary that uses a broker running
+    /// beside this one: for crash, rebalance and timing-sensitive tests on 2 cores.
+    pub fn start_exclusive() -> Broker {
+        Self::shared(Lane::exclusive())
     }
 
-    fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
-        let dir = match dir {
-            Some(d) => d,
-            None => tempfile::tempdir().expect("tempdir"),
-        };
-        let log = dir.path().join("tansu.log");
-        let mut b = Broker {
-            child: None,
-            port: free_port(),
-            storage,
-            log,
-            _dir: dir,
-        };
-        b.spawn();
-        b
+    fn shared(lane: Lane) -> Broker {
+        static SHARED: OnceLock<u16> = OnceLock::new();
+        let port = *SHARED.get_or_init(|| {
+            let process = blocking(BrokerProcess::start);
+            let port = process.port;
+            // Never stopped: it dies with this process (PR_SET_PDEATHSIG).
+            std::mem::forget(process);
+            port
+        });
+        Broker {
+            port,
+            own: None,
+            _lane: lane,
+        }
     }
 
-    fn spawn(&mut self) {
-        let bin = tool("SPILLWAY_TANSU_BIN", "tansu");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("broker log file");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                &self.storage,
-            ])
-            .env("RUST_LOG", "warn")
-            .current_dir(self._dir.path())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tansu at {}: {e}", bin.display()));
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "tansu exited during start-up with {status}; its log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
-                .set("bootstrap.servers", self.bootstrap())
-                .create()
-                .expect("metadata client");
-            if producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "tansu did not answer metadata requests within 60 s; its log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    /// A broker of this test's own, with its data on disk: it can be killed and restarted.
+    /// It runs with no other broker test of this binary beside it.
+    pub fn start_own() -> Broker {
+        let lane = Lane::exclusive();
+        let process = blocking(BrokerProcess::start);
+        Broker {
+            port: process.port,
+            own: Some(process),
+            _lane: lane,
         }
     }
 
@@ -219,27 +171,208 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL the broker.
+    /// SIGKILL the broker (only a broker of the test's own).
     pub fn kill(&mut self) {
+        self.own_process().kill();
+    }
+
+    /// Starts the broker again on the same ports and data (only a broker of the test's own).
+    pub fn restart(&mut self) {
+        let p = self.own_process();
+        p.kill();
+        p.spawn();
+    }
+
+    /// The broker's pid (only a broker of the test's own).
+    pub fn pid(&mut self) -> u32 {
+        self.own_process().child.as_ref().expect("running").id()
+    }
+
+    fn own_process(&mut self) -> &mut BrokerProcess {
+        self.own
+            .as_mut()
+            .expect("only a broker from Broker::start_own can be killed or restarted")
+    }
+}
+
+/// One `scripts/broker.sh run` child: Apache Kafka in the foreground.
+struct BrokerProcess {
+    child: Option<Child>,
+    port: u16,
+    controller_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl BrokerProcess {
+    fn start() -> BrokerProcess {
+        let mut p = BrokerProcess {
+            child: None,
+            port: free_port(),
+            controller_port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        p.spawn();
+        p
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("broker log file");
+        let mut cmd = Command::new(Path::new(ROOT).join("scripts/broker.sh"));
+        cmd.arg("run")
+            .env("BROKER_PORT", self.port.to_string())
+            .env("BROKER_CONTROLLER_PORT", self.controller_port.to_string())
+            .env("BROKER_DIR", self.dir.path())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        self.child = Some(spawn_dying_with_us(cmd));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        // The first start may install Kafka through Maven.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "Apache Kafka exited during start-up with {status}; its log:\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            // The listener opens only once the broker is unfenced; then ask for metadata.
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", format!("127.0.0.1:{}", self.port))
+                    .create()
+                    .expect("metadata client");
+                if producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(5))
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "Apache Kafka did not answer metadata requests within 300 s; its log:\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
-
-    /// Starts the broker again on the same port and storage.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
 }
 
-impl Drop for Broker {
+impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
+/// Spawns `cmd` so that it is SIGKILLed when this test process exits, however it exits.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends, so every such
+/// child is forked by one thread that lives as long as the process.
+fn spawn_dying_with_us(cmd: Command) -> Child {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("broker-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+                    // between fork and exec.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawner thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, tx))
+        .expect("spawner thread alive");
+    rx.recv()
+        .expect("spawner reply")
+        .unwrap_or_else(|e| panic!("cannot run scripts/broker.sh: {e}"))
+}
+
+/// Who may run beside whom: any number of shared-lane tests at once, or one exclusive test.
+/// On 2 cores, crash, rebalance and broker-restart tests run with no other broker test.
+pub struct Lane {
+    exclusive: bool,
+}
+
+static LANES: Mutex<(usize, bool)> = Mutex::new((0, false));
+static LANES_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl Lane {
+    fn shared() -> Lane {
+        let mut s = LANES.lock().unwrap_or_else(|e| e.into_inner());
+        while s.1 {
+            s = LANES_CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.0 += 1;
+        Lane { exclusive: false }
+    }
+
+    fn exclusive() -> Lane {
+        let mut s = LANES.lock().unwrap_or_else(|e| e.into_inner());
+        // Claim first, so a stream of shared tests cannot starve this one.
+        while s.1 {
+            s = LANES_CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.1 = true;
+        while s.0 > 0 {
+            s = LANES_CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        Lane { exclusive: true }
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let mut s = LANES.lock().unwrap_or_else(|e| e.into_inner());
+        if self.exclusive {
+            s.1 = false;
+        } else {
+            s.0 -= 1;
+        }
+        LANES_CHANGED.notify_all();
+    }
+}
 /// Runs blocking Kafka client calls without starving the async runtime the test runs on.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
@@ -249,17 +382,27 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    create_topic_with(bootstrap, topic, partitions, &[]).await
+}
+
+/// Creates `topic` with topic-level `configs` (e.g. `cleanup.policy=compact`).
+pub async fn create_topic_with(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
     let res = admin
         .create_topics(
-            [&NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
+            [&new],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await
@@ -275,10 +418,6 @@ pub fn producer(bootstrap: &str) -> FutureProducer {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        // tansu 0.6 cannot serve a fetch that starts inside a record batch (it returns
-        // nothing), which a consumer resuming from a committed offset does. One record per
-        // batch keeps every offset a batch boundary. Real Kafka has no such limit.
-        .set("batch.num.messages", "1")
         .set("message.timeout.ms", "60000")
         .create()
         .expect("producer")
