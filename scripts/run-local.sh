@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's run command: a local broker, a schema registry, the LLM provider simulator,
-# a demo webhook receiver, the ingress (config/ingress-local.toml) and the processor
-# (config/example.toml: LLM classification, then the webhook). First WEBHOOKS (default 200)
+# The README's run command: a local Apache Kafka broker (scripts/broker.sh), a schema
+# registry, the LLM provider simulator, a demo webhook receiver, the ingress
+# (config/ingress-local.toml) and the processor (config/example.toml: LLM classification,
+# then the webhook, then the transactional result topic, with the step journal). First WEBHOOKS (default 200)
 # signed webhooks travel ingress -> Kafka (Avro, Confluent framing) -> processor -> sink,
 # with every tenth one replayed to show replay protection; then a burst of EVENTS (default
 # 2000) demo events produced straight to the topic. Prints what /metrics shows, then stops
@@ -15,6 +16,8 @@ REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PORT="${BROKER_PORT:-19092}"
 export BROKER_PORT="$PORT"
 RUN=.spillway/run; mkdir -p "$RUN"
+# A fresh broker every run, so the counts below are this run's.
+export BROKER_DIR="$RUN/broker"; rm -rf "$BROKER_DIR"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -98,6 +101,9 @@ for _ in $(seq 1 30); do  # the receiver reports once a second
   sleep 0.2
 done
 echo "== the receiver got: $(tail -1 "$RUN/sink.log")"
+
+echo "== the transactional Kafka sink's results ($EVENTS_TOTAL events), as a read_committed consumer sees them:"
+target/release/demo results --brokers "127.0.0.1:$PORT" --topic spillway.results
 
 echo "== SIGTERM: the ingress drains and flushes"
 kill -TERM "$ingress"; wait "$ingress"; echo "ingress exited with $?"

@@ -923,7 +923,10 @@ impl Config {
                 ));
             }
         }
-        if k.group_instance_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+        if k.group_instance_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
             return Err(ConfigError::invalid(
                 "kafka.group_instance_id",
                 "is empty: set a stable id per instance (e.g. the pod name), or leave it unset",

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub pause_events: IntCounterVec,
     /// Rebalance callbacks, by kind (`assign`, `revoke`).
     pub rebalances: IntCounterVec,
+    /// Partitions revoked from this instance by rebalances.
+    pub revoked_partitions: IntCounter,
     /// Partitions currently assigned to this instance.
     pub assigned_partitions: IntGauge,
     /// High watermark minus committed offset, as kafka_consumergroup_lag reports it.
@@ -205,6 +207,11 @@ impl Metrics {
                 "Consumer-group rebalance callbacks.",
                 &["kind"]
             )),
+            revoked_partitions: reg!(IntCounter::new(
+                "spillway_revoked_partitions_total",
+                "Partitions revoked from this instance (eager assignment revokes every partition at each rebalance; incremental only those that move)."
+            )
+            .expect("valid metric")),
             assigned_partitions: reg!(gauge(
                 "spillway_assigned_partitions",
                 "Partitions assigned to this instance."

@@ -148,4 +148,9 @@ fn compose_prometheus_and_kubernetes_agree_on_files_and_ports() {
     assert_eq!(named, 5, "3 resources and 2 config files");
     let processor = read("deploy/k8s/processor.yaml");
     assert!(processor.contains("path: /healthz") && processor.contains("path: /readyz"));
+    // Static membership: a StatefulSet whose pod name is the group instance id.
+    assert!(processor.contains("kind: StatefulSet"));
+    assert!(processor.contains(
+        "- name: SPILLWAY_KAFKA__GROUP_INSTANCE_ID\n              valueFrom: {fieldRef: {fieldPath: metadata.name}}"
+    ));
 }

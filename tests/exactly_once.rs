@@ -447,12 +447,21 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let live = loop {
         for p in 0..PARTITIONS {
-            let probe: FutureRecord<'_, str, [u8]> =
-                FutureRecord::to(&n.journal).key("compaction-probe").partition(p);
-            probes.send(probe, Duration::from_secs(10)).await.expect("probe");
+            let probe: FutureRecord<'_, str, [u8]> = FutureRecord::to(&n.journal)
+                .key("compaction-probe")
+                .partition(p);
+            probes
+                .send(probe, Duration::from_secs(10))
+                .await
+                .expect("probe");
             probes_sent += 1;
         }
-        let entries = read_to_eof(&broker.bootstrap(), &n.journal, PARTITIONS, "read_committed");
+        let entries = read_to_eof(
+            &broker.bootstrap(),
+            &n.journal,
+            PARTITIONS,
+            "read_committed",
+        );
         let mut per_key: HashMap<String, u64> = HashMap::new();
         for e in &entries {
             let key = String::from_utf8_lossy(e.key().unwrap_or_default()).to_string();
@@ -485,7 +494,10 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
     b.terminate();
     let restored = metric_sum(&metrics, "spillway_journal_restored_records_total");
     println!("restore read {restored} records");
-    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64);
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        EVENTS as f64
+    );
     assert_eq!(sim.stats().await.received, EVENTS, "one LLM call per event");
     assert_eq!(received.raw() as u64, EVENTS, "one post per event");
     // The live keys, plus probe tombstones: one per partition in the cleaned segments (a

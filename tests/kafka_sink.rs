@@ -481,26 +481,45 @@ async fn a_fenced_zombie_commits_nothing_visible() {
         &[("SPILLWAY_FAULT", "before_commit:publish:3:stop")],
     );
     zombie
-        .wait_until("the zombie stopped inside a transaction", Duration::from_secs(60), || {
-            zombie
-                .log_text()
-                .contains("fault point before_commit:publish reached; SIGSTOP")
-        })
+        .wait_until(
+            "the zombie stopped inside a transaction",
+            Duration::from_secs(60),
+            || {
+                zombie
+                    .log_text()
+                    .contains("fault point before_commit:publish reached; SIGSTOP")
+            },
+        )
         .await;
-    let open = read_to_eof(&broker.bootstrap(), &n.results, PARTITIONS, "read_uncommitted");
-    assert!(!open.is_empty(), "the zombie wrote its transaction's records");
+    let open = read_to_eof(
+        &broker.bootstrap(),
+        &n.results,
+        PARTITIONS,
+        "read_uncommitted",
+    );
+    assert!(
+        !open.is_empty(),
+        "the zombie wrote its transaction's records"
+    );
 
     // The group gives up on the stopped member after session.timeout.ms; the successor takes
     // every partition, fences the zombie's transactional ids and finishes every event.
     let mut successor = SpillwayProc::spawn(&config);
-    successor.wait_finished(EVENTS, "the successor finished every event").await;
+    successor
+        .wait_finished(EVENTS, "the successor finished every event")
+        .await;
 
     zombie.signal("CONT");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let m = zombie.try_scrape().await.unwrap_or_default();
-        let failed = metric_sum(&m, "spillway_journal_transactions_total{outcome=\"aborted\"")
-            + metric_sum(&m, "spillway_journal_transactions_total{outcome=\"unknown\"");
+        let failed = metric_sum(
+            &m,
+            "spillway_journal_transactions_total{outcome=\"aborted\"",
+        ) + metric_sum(
+            &m,
+            "spillway_journal_transactions_total{outcome=\"unknown\"",
+        );
         if failed >= 1.0 {
             break;
         }
@@ -517,7 +536,12 @@ async fn a_fenced_zombie_commits_nothing_visible() {
 
     let results = committed_results(&broker.bootstrap(), &n);
     let keys = by_key(&results);
-    let all = read_to_eof(&broker.bootstrap(), &n.results, PARTITIONS, "read_uncommitted");
+    let all = read_to_eof(
+        &broker.bootstrap(),
+        &n.results,
+        PARTITIONS,
+        "read_uncommitted",
+    );
     println!(
         "zombie: {} committed results for {EVENTS} events, {} records in the log, {} LLM calls",
         results.len(),

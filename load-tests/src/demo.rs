@@ -8,6 +8,9 @@
 //!   N blog-comment webhooks signed with Standard Webhooks, sent the way a well-behaved
 //!   sender does (retrying 429 and 503 after `Retry-After`), then every tenth one again to
 //!   show that replays are answered 2xx without producing a second record.
+//! * `demo results --brokers .. --topic ..`: reads a result topic to its end as a
+//!   `read_committed` consumer (what the transactional Kafka sink promises its readers) and
+//!   prints how many results and distinct dedup keys it holds.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -51,6 +54,13 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// Count a result topic's committed records and distinct keys.
+    Results {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+    },
 }
 
 #[tokio::main]
@@ -69,7 +79,58 @@ async fn main() {
             count,
             concurrency,
         } => send(&url, &secret, count, concurrency).await,
+        Cmd::Results { brokers, topic } => results(&brokers, &topic),
     }
+}
+
+/// Reads every partition of `topic` to its end with `isolation.level=read_committed`.
+fn results(brokers: &str, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "spillway-demo-results")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let (mut records, mut keys, mut at_end) = (0u64, HashSet::new(), HashSet::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while at_end.len() < partitions && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                at_end.remove(&m.partition());
+                records += 1;
+                keys.insert(m.key().map(<[u8]>::to_vec).unwrap_or_default());
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    println!(
+        "{records} committed results in {topic} (read_committed), {} distinct dedup keys{}",
+        keys.len(),
+        if at_end.len() < partitions {
+            "; the end was not reached within 60 s"
+        } else {
+            ""
+        }
+    );
 }
 
 #[derive(Default)]

@@ -1,5 +1,5 @@
-//! Shared by the load-test binaries: a tansu broker and a rivven-schema registry on free
-//! loopback ports, topic creation and a bulk producer.
+//! Shared by the load-test binaries: an Apache Kafka broker (`scripts/broker.sh run`) and a
+//! rivven-schema registry on free loopback ports, topic creation and a bulk producer.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -12,20 +12,23 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-/// A running tansu broker, killed on drop.
-pub struct Broker(Child);
+/// A running Apache Kafka broker (single KRaft node), killed on drop with its data.
+pub struct Broker {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
 
 impl Broker {
     /// The broker's process id (to charge its CPU in benchmarks).
     pub fn pid(&self) -> u32 {
-        self.0.id()
+        self.child.id()
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -43,10 +46,6 @@ fn tool(env: &str, name: &str) -> PathBuf {
         .expect("run scripts/tools.sh");
     assert!(out.status.success(), "installing {name} failed");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn tansu_bin() -> PathBuf {
-    tool("SPILLWAY_TANSU_BIN", "tansu")
 }
 
 /// A running rivven-schema registry (Confluent-compatible REST API), killed on drop.
@@ -94,38 +93,42 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts tansu (memory storage) on a free port; returns it and its bootstrap address.
+/// Starts Apache Kafka (`scripts/broker.sh run`, which installs it once) on a free port;
+/// returns it and its bootstrap address.
 pub fn start_broker() -> (Broker, String) {
     let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = std::fs::File::create(dir.path().join("broker.log")).expect("broker log");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh");
+    let child = Command::new(script)
+        .arg("run")
+        .env("BROKER_PORT", port.to_string())
+        .env("BROKER_CONTROLLER_PORT", free_port().to_string())
+        .env("BROKER_DIR", dir.path())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
         .spawn()
-        .expect("start tansu");
+        .expect("start scripts/broker.sh run");
     let bootstrap = format!("127.0.0.1:{port}");
     let probe: rdkafka::producer::BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()
         .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while probe
-        .client()
-        .fetch_metadata(None, Duration::from_secs(2))
-        .is_err()
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        || probe
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_err()
     {
-        assert!(Instant::now() < deadline, "tansu did not start");
+        assert!(
+            Instant::now() < deadline,
+            "Apache Kafka did not start; see {}",
+            dir.path().join("broker.log").display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    (Broker(child), bootstrap)
+    (Broker { child, _dir: dir }, bootstrap)
 }
 
 /// Creates `topic` with `partitions` partitions.
@@ -161,8 +164,6 @@ pub async fn produce_records(
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        // tansu 0.6 cannot fetch from inside a batch; see ARCHITECTURE.md.
-        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     let started = Instant::now();
@@ -204,8 +205,7 @@ pub struct Events<'a> {
     pub text_prefix: &'a str,
 }
 
-/// Produces `events` with an idempotent producer, one record per batch (tansu 0.6 cannot
-/// fetch from inside a batch; see ARCHITECTURE.md), and waits for every ack.
+/// Produces `events` with an idempotent producer and waits for every ack.
 pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
     use rdkafka::message::{Header, OwnedHeaders};
     let p: FutureProducer = ClientConfig::new()
@@ -213,7 +213,6 @@ pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     let mut pending = Vec::with_capacity(4096);

@@ -102,6 +102,7 @@ impl ConsumerContext for Context {
             return;
         };
         self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        self.metrics.revoked_partitions.inc_by(tpl.count() as u64);
         if self.closing.load(Ordering::Acquire) {
             return;
         }

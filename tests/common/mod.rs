@@ -306,7 +306,9 @@ fn spawn_dying_with_us(cmd: Command) -> Child {
                     // between fork and exec.
                     unsafe {
                         cmd.pre_exec(|| {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)
+                                != 0
+                            {
                                 return Err(std::io::Error::last_os_error());
                             }
                             Ok(())
