@@ -1300,6 +1300,62 @@ mod tests {
     }
 
     #[test]
+    fn group_settings_map_to_librdkafka_and_bad_ones_name_their_key() {
+        let with = |extra: &str| {
+            MINIMAL.replace(
+                "topics = [\"events\"]",
+                &format!("topics = [\"events\"]\n{extra}"),
+            )
+        };
+        let props = |text: &str| {
+            let c = Config::from_toml(text).unwrap();
+            crate::kafka::consumer_config(&c.kafka, &c.processor).unwrap()
+        };
+        // Incremental by default; static membership only when asked for.
+        let c = props(&with(""));
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(c.get("group.protocol"), Some("classic"));
+        assert_eq!(c.get("group.instance.id"), None);
+        let c = props(&with("group_instance_id = \"pod-1\""));
+        assert_eq!(c.get("group.instance.id"), Some("pod-1"));
+        // KIP-848: librdkafka refuses session.timeout.ms and an assignor there.
+        let c = props(&with("group_protocol = \"consumer\""));
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        assert_eq!(c.get("session.timeout.ms"), None);
+        assert_eq!(c.get("partition.assignment.strategy"), None);
+
+        for (extra, key) in [
+            (
+                "group_protocol = \"consumer\"\npartition_assignment_strategy = \"range\"",
+                "kafka.partition_assignment_strategy",
+            ),
+            (
+                "partition_assignment_strategy = \"sticky\"",
+                "kafka.partition_assignment_strategy",
+            ),
+            (
+                "partition_assignment_strategy = \"range,cooperative-sticky\"",
+                "kafka.partition_assignment_strategy",
+            ),
+            ("group_instance_id = \" \"", "kafka.group_instance_id"),
+            ("group_protocol = \"eager\"", "group_protocol"),
+        ] {
+            let err = Config::from_toml(&with(extra)).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let err = Config::from_toml(&MINIMAL.replace(
+            "[dlq]",
+            "[kafka.properties]\n\"group.instance.id\" = \"x\"\n[dlq]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("group.instance.id"), "{err}");
+    }
+
+    #[test]
     fn rebalance_timeout_must_fit_in_max_poll_interval() {
         let text = MINIMAL.replace(
             "topics = [\"events\"]",
