@@ -66,8 +66,9 @@ kafka() {
   log "installing Apache Kafka $KAFKA_VERSION from Maven Central into $root (one-time; cached afterwards)"
   rm -rf "$root.partial"
   mkdir -p "$root.partial"
-  if ! mvn -B -q -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$root.partial/libs" >&2; then
+  # Maven 3.8 prints colour resets even in batch mode; strip them from its output.
+  if ! mvn -B -q -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$root.partial/libs" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2; then
     log "FAILED: mvn could not fetch Apache Kafka $KAFKA_VERSION (see its output above)"
     return 1
   fi

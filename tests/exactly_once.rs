@@ -397,9 +397,10 @@ async fn a_journal_partition_under_constant_writes_from_others_still_restores() 
     );
 }
 
-/// The journal topic really compacts: once Kafka's log cleaner has run, it holds one entry
-/// per dedup key, and a restore by a new instance reads only those (plus at most the probe
-/// records this test writes to roll segments), yet still skips every redelivered copy.
+/// The journal topic really compacts: the processor creates it compacted, and once Kafka's
+/// log cleaner has run it holds one entry per dedup key; a restore by a new instance reads
+/// only those (plus at most the probe records this test writes to roll segments), yet still
+/// skips every redelivered copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key() {
     use rdkafka::producer::FutureRecord;
@@ -414,24 +415,35 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
     };
     create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &n.dlq, 1).await;
-    // As Spillway creates it (compacted), with segments that roll and get cleaned in seconds.
-    create_topic_with(
-        &broker.bootstrap(),
-        &n.journal,
-        PARTITIONS,
-        &[
-            ("cleanup.policy", "compact"),
-            ("segment.ms", "100"),
-            ("min.cleanable.dirty.ratio", "0.01"),
-        ],
-    )
-    .await;
     let sim = Sim::start(|c| c.latency_ms = 5).await;
     let (sink, received) = receiver().await;
-    let config = toml(&broker, &n, &sim, sink);
+    // The processor creates the journal topic, as in development setups.
+    let config = toml(&broker, &n, &sim, sink).replace(
+        "session_timeout_ms = 6000",
+        &format!("session_timeout_ms = 6000\ncreate_topics_partitions = {PARTITIONS}"),
+    );
     let events = || (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0));
-    produce_all(&broker.bootstrap(), &n.topic, events()).await;
     let mut a = SpillwayProc::spawn(&config);
+    a.wait_until("the processor is ready", Duration::from_secs(60), || {
+        a.log_text().contains("partitions assigned")
+    })
+    .await;
+    assert_eq!(
+        topic_config(&broker.bootstrap(), &n.journal)
+            .await
+            .get("cleanup.policy")
+            .map(String::as_str),
+        Some("compact"),
+        "the journal topic is created compacted"
+    );
+    // Segments that roll and get cleaned within seconds.
+    set_topic_config(
+        &broker.bootstrap(),
+        &n.journal,
+        &[("segment.ms", "100"), ("min.cleanable.dirty.ratio", "0.01")],
+    )
+    .await;
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
     a.wait_finished(EVENTS, "instance A").await;
     a.terminate();
     let appended = records_in(&broker.bootstrap(), &n.journal, PARTITIONS);

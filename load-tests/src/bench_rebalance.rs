@@ -15,7 +15,10 @@
 //!
 //! Printed per mode: the steady rate before the roll, the roll's duration, the events the
 //! roll cost (steady rate × roll time − events completed during it), the lowest 1 s rate
-//! during the roll, partitions revoked across all members, and lost events (must be 0).
+//! during the roll, partitions revoked by rebalances during the roll (from the members that
+//! keep running; a stopping member's own partitions at its SIGTERM are not counted), and lost
+//! events (must be 0).
+//! `BENCH_REPEAT=N` runs each mode N times.
 //!
 //! Usage: `cargo run --release -p spillway-load-tests --bin bench-rebalance -- [eager|cooperative|kip848]...`
 //! (default: all three). Bounded: each mode stops after its events or 10 minutes.
@@ -34,6 +37,7 @@ const EVENTS: u64 = 16_000;
 const IN_FLIGHT: u64 = 32;
 const LLM_MS: u64 = 500;
 const MEMBERS: usize = 3;
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[derive(Default)]
 struct Seen {
@@ -121,7 +125,7 @@ impl Member {
             .sum()
     }
 
-    /// SIGTERM and wait for the exit; returns the partitions it had revoked until then.
+    /// SIGTERM and wait for the exit; returns the partitions revoked from it before the stop.
     async fn stop(mut self) -> f64 {
         let revoked = self.metric("spillway_revoked_partitions_total").await;
         // SAFETY: kill(2) has no memory preconditions.
@@ -146,7 +150,11 @@ async fn run_mode(mode: &str, bootstrap: &str) {
         .await
         .expect("simulator");
     let (sink, seen) = receiver().await;
-    let tag = format!("{}-{mode}", std::process::id());
+    let tag = format!(
+        "{}-{mode}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let (topic, dlq) = (format!("rb-{tag}"), format!("rb-dlq-{tag}"));
     create_topic(bootstrap, &topic, PARTITIONS).await;
     create_topic(bootstrap, &dlq, 1).await;
@@ -244,6 +252,11 @@ requests_per_minute = 10000000
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let roll_end = Instant::now();
+    // Revoked during the roll: each stopped member's count just before its SIGTERM, plus the
+    // live members' now (the final shutdown below is not part of the roll).
+    for m in &members {
+        revoked += m.metric("spillway_revoked_partitions_total").await;
+    }
     let (during, lowest) = {
         let s = seen.lock().unwrap();
         let during = s
@@ -263,7 +276,7 @@ requests_per_minute = 10000000
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for m in members {
-        revoked += m.stop().await;
+        m.stop().await;
     }
     stop.cancel();
     let roll = roll_end.duration_since(roll_start).as_secs_f64();
@@ -271,7 +284,7 @@ requests_per_minute = 10000000
     println!(
         "{mode:>11}: steady {steady:.0} events/s; roll {roll:.1} s; {during} completed during it \
          ({:.0}/s), {cost:.0} events short of the steady rate ({:.0} %); lowest 1 s rate {lowest:.0}/s; \
-         {revoked:.0} partitions revoked; lost {}",
+         {revoked:.0} partitions revoked during the roll; lost {}",
         during as f64 / roll,
         100.0 * cost / (steady * roll).max(1.0),
         EVENTS - done(&seen)
@@ -308,8 +321,14 @@ fn main() {
         println!(
             "# Rolling restart of {MEMBERS} members: {EVENTS} events, {PARTITIONS} partitions, {LLM_MS} ms LLM step, max_in_flight {IN_FLIGHT} per member"
         );
-        for mode in &modes {
-            run_mode(mode, &bootstrap).await;
+        let repeat: usize = std::env::var("BENCH_REPEAT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        for _ in 0..repeat {
+            for mode in &modes {
+                run_mode(mode, &bootstrap).await;
+            }
         }
     });
 }

@@ -414,6 +414,61 @@ pub async fn create_topic_with(
     }
 }
 
+/// A topic's configuration entries that are not broker defaults (e.g. `cleanup.policy`).
+pub async fn topic_config(bootstrap: &str, topic: &str) -> HashMap<String, String> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let res = admin
+        .describe_configs(
+            [&ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("describe_configs request");
+    let resource = res
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .unwrap_or_else(|e| panic!("describe {topic}: {e:?}"));
+    resource
+        .entries
+        .into_iter()
+        .filter(|e| !e.is_default)
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+/// Sets `configs` on `topic`, keeping its other non-default entries (AlterConfigs replaces
+/// the whole set).
+pub async fn set_topic_config(bootstrap: &str, topic: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let mut all = topic_config(bootstrap, topic).await;
+    for (k, v) in configs {
+        all.insert(k.to_string(), v.to_string());
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in &all {
+        alter = alter.set(k, v);
+    }
+    for r in admin
+        .alter_configs(
+            [&alter],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("alter_configs request")
+    {
+        r.unwrap_or_else(|e| panic!("alter {topic}: {e:?}"));
+    }
+}
+
 pub fn producer(bootstrap: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
