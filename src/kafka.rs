@@ -150,7 +150,51 @@ pub async fn ensure_compacted_topic(
             }
         }
     }
-    Ok(())
+    wait_for_topics(&config, &[topic]).await
+}
+
+/// How long a topic just created may take to show up, with a leader for every partition, in
+/// the metadata the clients see.
+const TOPIC_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until every one of `topics` is in the cluster metadata with all its partitions led.
+/// CreateTopics answers once the controller has the topic; brokers learn of it a moment
+/// later, and a client that looks in between sees no partitions.
+async fn wait_for_topics(config: &ClientConfig, topics: &[&str]) -> Result<(), KafkaError> {
+    let client: rdkafka::producer::BaseProducer = config.create()?;
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + TOPIC_VISIBLE_TIMEOUT;
+        loop {
+            let md = client.client().fetch_metadata(None, Duration::from_secs(5));
+            let missing: Vec<&String> = match &md {
+                Ok(md) => topics
+                    .iter()
+                    .filter(|name| {
+                        !md.topics().iter().any(|t| {
+                            t.name() == name.as_str()
+                                && t.error().is_none()
+                                && !t.partitions().is_empty()
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        })
+                    })
+                    .collect(),
+                Err(_) => topics.iter().collect(),
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::error!(topics = ?missing, "created topics did not become visible in time");
+                return Err(md.err().unwrap_or(KafkaError::AdminOp(
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
 }
 
 /// Like [`ensure_topics`], with an explicit client configuration.
@@ -175,7 +219,7 @@ pub async fn create_missing_topics(
             }
         }
     }
-    Ok(())
+    wait_for_topics(config, topics).await
 }
 
 /// Client context for the tools' readers (`dlq`, `status`), which read to the end of

@@ -520,3 +520,44 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
          {appended} appended"
     );
 }
+
+/// On a brand-new cluster, a processor with `create_topics_partitions` creates its input,
+/// DLQ and compacted journal topics and starts: topic creation returns only once the topics
+/// are visible with leaders, so the journal's metadata check right after it finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_on_a_new_cluster_creates_its_topics_and_starts() {
+    let broker = Broker::start_own();
+    let n = Names {
+        topic: unique("fresh"),
+        dlq: unique("fresh-dlq"),
+        group: unique("g"),
+        journal: unique("fresh-journal"),
+    };
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    let config = toml(&broker, &n, &sim, sink).replace(
+        "session_timeout_ms = 6000",
+        &format!("session_timeout_ms = 6000\ncreate_topics_partitions = {PARTITIONS}"),
+    );
+    let mut p = SpillwayProc::spawn(&config);
+    p.wait_until("partitions assigned", Duration::from_secs(60), || {
+        p.log_text().contains("partitions assigned")
+    })
+    .await;
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..5).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    p.wait_finished(5, "events on the new cluster").await;
+    p.terminate();
+    assert_eq!(received.raw(), 5);
+    assert_eq!(
+        topic_config(&broker.bootstrap(), &n.journal)
+            .await
+            .get("cleanup.policy")
+            .map(String::as_str),
+        Some("compact")
+    );
+}
