@@ -161,6 +161,7 @@ const TOPIC_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// CreateTopics answers once the controller has the topic; brokers learn of it a moment
 /// later, and a client that looks in between sees no partitions.
 async fn wait_for_topics(config: &ClientConfig, topics: &[&str]) -> Result<(), KafkaError> {
+    use rdkafka::producer::Producer;
     let client: rdkafka::producer::BaseProducer = config.create()?;
     let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
     tokio::task::spawn_blocking(move || {
