@@ -52,7 +52,7 @@ case "${1:-}" in
     if running; then echo "[broker] already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$PORT" >&2; exit 0; fi
     "$SCRIPTS/tools.sh" kafka >/dev/null   # install (or fail) in the foreground, with its output
     mkdir -p "$DIR"
-    (exec "$0" run >"$DIR/broker.log" 2>&1) &
+    (exec "$SCRIPTS/broker.sh" run >"$DIR/broker.log" 2>&1) &
     echo $! > "$PIDFILE"
     for _ in $(seq 1 600); do
       if ! running; then echo "[broker] Apache Kafka exited; the end of $DIR/broker.log:" >&2; tail -30 "$DIR/broker.log" >&2; exit 1; fi
@@ -63,9 +63,9 @@ case "${1:-}" in
   stop)
     if running; then
       pid=$(cat "$PIDFILE")
-      kill "$pid"
+      kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; echo "[broker] killed (no exit within 30 s)" >&2; else echo "[broker] stopped" >&2; fi
+      if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; echo "[broker] killed (no exit within 30 s)" >&2; else echo "[broker] stopped" >&2; fi
     fi
     rm -f "$PIDFILE" ;;
   status)

@@ -17,7 +17,7 @@ PORT="${BROKER_PORT:-19092}"
 export BROKER_PORT="$PORT"
 RUN=.spillway/run; mkdir -p "$RUN"
 # A fresh broker every run, so the counts below are this run's.
-export BROKER_DIR="$RUN/broker"; rm -rf "$BROKER_DIR"
+export BROKER_DIR="$RUN/broker"; scripts/broker.sh stop; rm -rf "$BROKER_DIR"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done

@@ -24,8 +24,10 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 
-# One summary for the whole run (cargo test prints one line per test binary).
+# One summary for the whole run (cargo test prints one line per test binary; a binary that
+# crashed prints none, only cargo's "error: test failed" line).
 awk -v secs=$(( $(date +%s) - started )) '
+  /^error: test failed/ { crashed_or_failed++ }
   /^test result: / {
     binaries++
     for (i = 1; i <= NF; i++) {
@@ -35,7 +37,7 @@ awk -v secs=$(( $(date +%s) - started )) '
     }
   }
   END {
-    printf "[test] summary: %d tests run: %d passed, %d failed, %d ignored, in %d test binaries; wall time %d s\n",
-      passed + failed, passed, failed, ignored, binaries, secs
+    printf "[test] summary: %d tests run: %d passed, %d failed, %d ignored, in %d test binaries (%d failed or crashed); wall time %d s\n",
+      passed + failed, passed, failed, ignored, binaries, crashed_or_failed, secs
   }' "$log"
 exit "$status"

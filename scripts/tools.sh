@@ -72,8 +72,12 @@ kafka() {
     log "FAILED: mvn could not fetch Apache Kafka $KAFKA_VERSION (see its output above)"
     return 1
   fi
+  # The broker's and the format step's main classes, checked in the jar (a JRE has no
+  # `jar` tool; unzip reads the jar too).
+  local list=(jar tf)
+  command -v jar >/dev/null 2>&1 || list=(unzip -Z1)
   for class in kafka/Kafka.class kafka/tools/StorageTool.class; do
-    jar tf "$root.partial/libs/kafka_2.13-$KAFKA_VERSION.jar" | grep -x "$class" >/dev/null \
+    "${list[@]}" "$root.partial/libs/kafka_2.13-$KAFKA_VERSION.jar" | grep -x "$class" >/dev/null \
       || { log "FAILED: $class is not in kafka_2.13-$KAFKA_VERSION.jar"; return 1; }
   done
   touch "$root.partial/libs/.complete"

@@ -923,6 +923,27 @@ impl Config {
                 ));
             }
         }
+        if k.group_protocol == GroupProtocol::Consumer {
+            // librdkafka refuses these at client creation under KIP-848: say so by key here.
+            for key in ["heartbeat.interval.ms", "group.protocol.type"] {
+                if k.properties.contains_key(key) {
+                    return Err(ConfigError::invalid(
+                        format!("kafka.properties.\"{key}\""),
+                        "cannot be set with group_protocol = \"consumer\" (KIP-848): the \
+                         broker owns group timing",
+                    ));
+                }
+            }
+        }
+        if k.group_instance_id.is_some() && k.group_protocol == GroupProtocol::Consumer {
+            // librdkafka 2.12: after a crash, the restarted member is refused with a fatal
+            // UNRELEASED_INSTANCE_ID until the old session expires.
+            return Err(ConfigError::invalid(
+                "kafka.group_instance_id",
+                "needs group_protocol = \"classic\": under \"consumer\" (KIP-848) a member \
+                 restarted after a crash is refused until its old session expires",
+            ));
+        }
         if k.group_instance_id
             .as_deref()
             .is_some_and(|id| id.trim().is_empty())
@@ -1341,6 +1362,14 @@ mod tests {
                 "kafka.partition_assignment_strategy",
             ),
             ("group_instance_id = \" \"", "kafka.group_instance_id"),
+            (
+                "group_protocol = \"consumer\"\ngroup_instance_id = \"pod-1\"",
+                "kafka.group_instance_id",
+            ),
+            (
+                "group_protocol = \"consumer\"\n[kafka.properties]\n\"heartbeat.interval.ms\" = 500",
+                "heartbeat.interval.ms",
+            ),
             ("group_protocol = \"eager\"", "group_protocol"),
         ] {
             let err = Config::from_toml(&with(extra)).unwrap_err().to_string();

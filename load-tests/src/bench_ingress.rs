@@ -18,7 +18,7 @@
 //! For each, the offered rate climbs until p99 exceeds 20 ms, a request fails or the achieved
 //! rate falls behind (a step that fails only on latency is run once more first), then
 //! bisects. It prints the max sustainable rate at p99 ≤ 20 ms, the latency percentiles
-//! there, CPU µs per request of the serving process, tansu and the load generator (from
+//! there, CPU µs per request of the serving process, the broker and the load generator (from
 //! /proc), the ratios of ingress to min(a, b) and to (c), and checks that every 202'd id is
 //! in Kafka exactly once.
 //!
@@ -109,7 +109,7 @@ struct StepResult {
     p99_ms: f64,
     p999_ms: f64,
     cpu_us: f64,
-    /// CPU µs per request of the broker (tansu) and of this load generator: on 2 cores the
+    /// CPU µs per request of the broker (Apache Kafka) and of this load generator: on 2 cores the
     /// three share the machine, so these say what is left for the serving process.
     broker_cpu_us: f64,
     client_cpu_us: f64,
@@ -374,7 +374,7 @@ where
     let mut rate = opts.rate.unwrap_or(500.0);
     let mut tries = 0;
     println!(
-        "  {name}: offered → achieved req/s, p50 / p99 / p99.9 ms, CPU µs/req (serving; tansu, load generator)"
+        "  {name}: offered → achieved req/s, p50 / p99 / p99.9 ms, CPU µs/req (serving; broker, load generator)"
     );
     let mut retried = false;
     loop {
@@ -909,7 +909,7 @@ fn verify(bootstrap: &str, topic: &str, prefix: &str, what: &str, accepted: &[us
 
 /// `bench-ingress closed-loop`: the ceiling 64 connections put on any ingress that answers
 /// after the ack. 64 tasks each keep one record in flight on a raw producer, as 64 HTTP/1.1
-/// connections do; prints the rate, ack latency and CPU per record of this process and tansu.
+/// connections do; prints the rate, ack latency and CPU per record of this process and the broker.
 async fn closed_loop() {
     let (broker, bootstrap) = start_broker();
     let topic = "bench-closed";
@@ -926,7 +926,7 @@ async fn closed_loop() {
     assert_eq!(warm.failed, 0, "warm-up failed");
     let producer = Arc::new(producer);
     for in_flight in [1usize, 8, 64] {
-        let (cpu0, tansu0) = (self_cpu(), process_cpu(broker.pid()));
+        let (cpu0, broker0) = (self_cpu(), process_cpu(broker.pid()));
         let t0 = Instant::now();
         let run = Duration::from_secs(3);
         let tasks: Vec<_> = (0..in_flight)
@@ -956,14 +956,14 @@ async fn closed_loop() {
         }
         let secs = t0.elapsed().as_secs_f64();
         let n = lat.len() as f64;
-        let (cpu, tansu) = (self_cpu() - cpu0, process_cpu(broker.pid()) - tansu0);
+        let (cpu, broker_cpu) = (self_cpu() - cpu0, process_cpu(broker.pid()) - broker0);
         let (p50, p99, _) = percentiles(lat);
         println!(
-            "{in_flight:>3} in flight, linger.ms {}: {:>7.0} records/s, ack p50 {p50:.2} ms p99 {p99:.2} ms; CPU µs/record: producer {:.1}, tansu {:.1}",
+            "{in_flight:>3} in flight, linger.ms {}: {:>7.0} records/s, ack p50 {p50:.2} ms p99 {p99:.2} ms; CPU µs/record: producer {:.1}, broker {:.1}",
             linger_ms(),
             n / secs,
             cpu * 1e6 / n,
-            tansu * 1e6 / n
+            broker_cpu * 1e6 / n
         );
     }
 }

@@ -4,7 +4,7 @@
 //! * (a) request-bound: 3,000 RPM, 500 ms latency, a backlog larger than the window.
 //! * (b) token-bound: 240,000 output tokens per minute, 200-token answers, `max_tokens` 1,024.
 //!
-//! Spillway runs the real pipeline: a topic on tansu → processor with the LLM step → HTTP
+//! Spillway runs the real pipeline: a topic on Apache Kafka → processor with the LLM step → HTTP
 //! sink, with the account's limits in its provider config. The naive client is what an SDK
 //! user writes: 64 concurrent workers, no local limiter, 2 retries with 0.5–8 s backoff and
 //! jitter, `retry-after` honoured for its own request. Each client gets its own simulator,

@@ -1,4 +1,4 @@
-//! `bench-processor`: throughput and overhead of the processor core on a real broker (tansu).
+//! `bench-processor`: throughput and overhead of the processor core on Apache Kafka.
 //!
 //! 1. Latency-bound: a fixed 500 ms step, 12 partitions, K = 10·N distinct keys, for each
 //!    in-flight limit N. Prints events/s over the steady-state window, the ideal

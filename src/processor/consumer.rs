@@ -47,6 +47,9 @@ pub struct Context {
     /// the scheduler handshake.
     pub(crate) closing: Arc<AtomicBool>,
     revoke_wait: Duration,
+    /// A static member (`group.instance.id`) does not leave the group when it stops, so
+    /// that its restart gets its partitions back without a rebalance.
+    static_member: bool,
 }
 
 impl Context {
@@ -159,6 +162,7 @@ pub fn create(
         closing: Arc::new(AtomicBool::new(false)),
         // Slightly longer than the scheduler's own deadline, so the scheduler decides.
         revoke_wait: Duration::from_millis(config.processor.rebalance_timeout_ms + 2_000),
+        static_member: config.kafka.group_instance_id.is_some(),
     };
     let consumer: KafkaConsumer = crate::kafka::consumer_config(&config.kafka, &config.processor)
         .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
@@ -194,7 +198,7 @@ pub fn spawn_poll_thread(
         .spawn(move || {
             let _exit = Exit {
                 closing: consumer.context().closing.clone(),
-                alive,
+                alive: alive.clone(),
             };
             while !stop.load(Ordering::Acquire) {
                 health.progress();
@@ -222,12 +226,25 @@ pub fn spawn_poll_thread(
                             .kafka_errors
                             .with_label_values(&[&code])
                             .inc();
+                        if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+                            // The consumer can never fetch again (for example another live
+                            // instance took this group.instance.id). Stop, so the scheduler
+                            // shuts down with an error and the process is restarted, instead
+                            // of idling with green probes.
+                            tracing::error!(error = %e, "fatal consumer error; stopping");
+                            alive.store(false, Ordering::Release);
+                            break;
+                        }
                         tracing::warn!(error = %e, "consumer poll error");
                     }
                 }
             }
             consumer.context().closing.store(true, Ordering::Release);
-            consumer.unsubscribe();
+            // Unsubscribing leaves the group; a static member stays in it until its session
+            // times out (closing sends no LeaveGroup for it), so its restart is not a rebalance.
+            if !consumer.context().static_member {
+                consumer.unsubscribe();
+            }
             // Wait until the scheduler has dropped its reference; then dropping ours closes
             // the consumer and leaves the group from this thread.
             let mut consumer = consumer;

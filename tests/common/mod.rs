@@ -144,7 +144,8 @@ impl Broker {
         let port = *SHARED.get_or_init(|| {
             let process = blocking(BrokerProcess::start);
             let port = process.port;
-            // Never stopped: it dies with this process (PR_SET_PDEATHSIG).
+            // Never stopped: it dies with this process (PR_SET_PDEATHSIG); its data directory
+            // is removed by the next test process's `broker_dir`.
             std::mem::forget(process);
             port
         });
@@ -209,7 +210,7 @@ impl BrokerProcess {
             child: None,
             port: free_port(),
             controller_port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir: broker_dir(),
         };
         p.spawn();
         p
@@ -280,6 +281,32 @@ impl BrokerProcess {
             let _ = c.wait();
         }
     }
+}
+
+/// A data directory under cargo's per-target temporary directory, named after this process.
+/// The shared broker's is never removed by its own process (the broker outlives every test),
+/// so each new one first removes those of test processes that are gone.
+fn broker_dir() -> tempfile::TempDir {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("brokers");
+    std::fs::create_dir_all(&base).expect("broker base directory");
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_prefix("broker-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<i32>().ok());
+            // SAFETY: kill(pid, 0) only checks that the process exists.
+            if pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+    tempfile::Builder::new()
+        .prefix(&format!("broker-{}-", std::process::id()))
+        .tempdir_in(&base)
+        .expect("broker data directory")
 }
 
 impl Drop for BrokerProcess {
