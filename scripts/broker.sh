@@ -20,7 +20,13 @@ PIDFILE="$DIR/broker.pid"
 # Fixed, so a data directory formatted once is always accepted again.
 CLUSTER_ID=spillway-test-kafka-01
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# Running: the pid file names a live process that is this script or the broker it became (a
+# stale pid file from a crash may name an unrelated process by now).
+running() {
+  [ -f "$PIDFILE" ] || return 1
+  local pid; pid=$(cat "$PIDFILE")
+  kill -0 "$pid" 2>/dev/null && grep -qaE 'kafka\.Kafka|broker\.sh' "/proc/$pid/cmdline" 2>/dev/null
+}
 
 # The broker answers metadata requests once it is unfenced: its listener opens only then.
 ready() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }

@@ -27,7 +27,7 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # One summary for the whole run (cargo test prints one line per test binary; a binary that
 # crashed prints none, only cargo's "error: test failed" line).
 awk -v secs=$(( $(date +%s) - started )) '
-  /^error: test failed/ { crashed_or_failed++ }
+  /^error: (doc)?test failed/ { crashed_or_failed++ }
   /^test result: / {
     binaries++
     for (i = 1; i <= NF; i++) {

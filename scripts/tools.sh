@@ -75,7 +75,11 @@ kafka() {
   # The broker's and the format step's main classes, checked in the jar (a JRE has no
   # `jar` tool; unzip reads the jar too).
   local list=(jar tf)
-  command -v jar >/dev/null 2>&1 || list=(unzip -Z1)
+  if ! command -v jar >/dev/null 2>&1; then
+    command -v unzip >/dev/null 2>&1 \
+      || { log "FAILED: checking the Kafka jars needs 'jar' (a JDK) or 'unzip'"; return 1; }
+    list=(unzip -Z1)
+  fi
   for class in kafka/Kafka.class kafka/tools/StorageTool.class; do
     "${list[@]}" "$root.partial/libs/kafka_2.13-$KAFKA_VERSION.jar" | grep -x "$class" >/dev/null \
       || { log "FAILED: $class is not in kafka_2.13-$KAFKA_VERSION.jar"; return 1; }

@@ -930,7 +930,7 @@ impl Config {
                     return Err(ConfigError::invalid(
                         format!("kafka.properties.\"{key}\""),
                         "cannot be set with group_protocol = \"consumer\" (KIP-848): the \
-                         broker owns group timing",
+                         broker owns group timing and the protocol",
                     ));
                 }
             }

@@ -545,9 +545,19 @@ async fn a_static_member_restarted_after_sigkill_gets_its_partitions_back_withou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_member_fenced_by_a_duplicate_instance_id_exits_with_an_error() {
     let broker = Broker::start_exclusive();
-    let (topic, dlq, group) = setup(&broker, "fenced", 200, 20).await;
-    let (sink, received) = recording_sink_with(Duration::from_millis(5)).await;
-    let toml = webhook_config(&broker.bootstrap(), &group, &topic, &dlq, sink, "").replace(
+    const EVENTS: u64 = 2_000;
+    // About 160 events/s: the second instance has most of the work left to take over.
+    let (topic, dlq, group) = setup(&broker, "fenced", EVENTS, 50).await;
+    let (sink, received) = recording_sink_with(Duration::from_millis(50)).await;
+    let toml = webhook_config(
+        &broker.bootstrap(),
+        &group,
+        &topic,
+        &dlq,
+        sink,
+        "[processor]\nmax_in_flight = 8",
+    )
+    .replace(
         "session_timeout_ms = 6000",
         "session_timeout_ms = 20000\ngroup_instance_id = \"same-id\"",
     );
@@ -579,10 +589,14 @@ async fn a_static_member_fenced_by_a_duplicate_instance_id_exits_with_an_error()
     second
         .wait_until(
             "the second instance finishes",
-            Duration::from_secs(60),
-            || distinct(&received) >= 200,
+            Duration::from_secs(120),
+            || distinct(&received) as u64 >= EVENTS,
         )
         .await;
+    assert!(
+        second.events_finished().await > 0.0,
+        "the second instance took the work over"
+    );
     let mut second = second;
     second.terminate();
 }

@@ -173,8 +173,8 @@ pub fn create(
 }
 
 /// Runs the poll loop on its own thread until `stop` is set or the scheduler hangs up.
-/// The thread holds the last reference to the consumer and closes it (leaving the group) on
-/// exit, so the close-time revoke runs here, outside the async runtime.
+/// The thread holds the last reference to the consumer and closes it (leaving the group,
+/// unless it is a static member) on exit, so the close-time revoke runs here, outside the async runtime.
 pub fn spawn_poll_thread(
     consumer: Arc<KafkaConsumer>,
     health: Arc<Health>,
@@ -260,7 +260,7 @@ pub fn spawn_poll_thread(
                     }
                 }
             }
-            tracing::info!("consumer closed and left the group");
+            tracing::info!("consumer closed");
         })
 }
 

@@ -220,7 +220,7 @@ impl Processor {
         let result = scheduler
             .run(self.rx, self.shutdown.clone(), stop, alive)
             .await;
-        // The poll thread closes the consumer (leaving the group) once it holds the last
+        // The poll thread closes the consumer (leaving the group, unless static) once it holds the last
         // reference; wait for it off the async threads.
         let _ = tokio::task::spawn_blocking(move || poll.join()).await;
         self.telemetry_stop.cancel();

@@ -297,8 +297,13 @@ fn broker_dir() -> tempfile::TempDir {
                 .strip_prefix("broker-")
                 .and_then(|rest| rest.split('-').next())
                 .and_then(|pid| pid.parse::<i32>().ok());
-            // SAFETY: kill(pid, 0) only checks that the process exists.
-            if pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0) {
+            // SAFETY: kill(pid, 0) only checks that the process exists. Only ESRCH means it
+            // is gone (EPERM: it exists, as another user's).
+            let gone = |pid: i32| {
+                let result = unsafe { libc::kill(pid, 0) };
+                result != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+            };
+            if pid.is_some_and(gone) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
