@@ -62,9 +62,13 @@ pub fn point(point: &str, step: &str) {
             ("SIGKILL", libc::SIGKILL)
         };
         eprintln!("fault point {point}:{step} reached; {name}");
-        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        // raise(3), not kill(getpid()): a signal sent to the process may be taken by another
+        // thread, and this one runs on until that thread stops the group (a SIGSTOP at
+        // `before_commit` was seen to let the commit through). Sent to this thread, it acts
+        // before this thread returns to the step.
+        // SAFETY: raise(3) has no memory-safety preconditions.
         unsafe {
-            libc::kill(libc::getpid(), signal);
+            libc::raise(signal);
         }
     }
 }

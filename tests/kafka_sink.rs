@@ -441,9 +441,17 @@ async fn a_sigkill_at_every_transaction_boundary_leaves_exactly_one_committed_re
             EVENTS,
             "{fault}: no other committed result"
         );
-        // Before the commit, the crash leaves the transaction's records in the log (the
-        // printed count above exceeds the committed one); aborted by the restarted lane's
-        // fence, they are never read: the per-event count above is what proves it.
+        if point == "before_commit" {
+            // The crash left a transaction's records in the log; the restarted lane's fence
+            // aborted them, so the log holds more records than a read_committed reader sees.
+            assert!(
+                written_before_restart > 0 && all.len() > results.len(),
+                "{fault}: the open transaction's records should be in the log but not read: \
+                 {} in the log, {} committed",
+                all.len(),
+                results.len()
+            );
+        }
         assert!(
             calls <= EVENTS + IN_FLIGHT,
             "{fault}: {calls} LLM calls for {EVENTS} events with {IN_FLIGHT} in flight"
@@ -490,8 +498,13 @@ async fn a_fenced_zombie_commits_nothing_visible() {
         "read_uncommitted",
     );
     // Records in the log while the transaction is open, beyond those a read_committed reader
-    // sees (which stops at the open transaction): for the printout.
+    // sees (which stops at the open transaction): the stopped transaction wrote some.
     let behind_open = open.len() - committed_results(&broker.bootstrap(), &n).len();
+    assert!(
+        behind_open > 0,
+        "the zombie stopped inside a transaction that wrote results ({} in the log)",
+        open.len()
+    );
 
     // The group gives up on the stopped member after session.timeout.ms; the successor takes
     // every partition, fences the zombie's transactional ids and finishes every event.
@@ -548,10 +561,13 @@ async fn a_fenced_zombie_commits_nothing_visible() {
         );
     }
     assert_eq!(results.len() as u64, EVENTS, "no other committed result");
-    // The zombie's refused commit is waited on above; whatever it had written stays in the
-    // log, aborted (`all` minus `results`), and is never read. Not asserted as a count: a
-    // read_committed count taken while its transaction was open stops at that transaction,
-    // so the open records cannot be told apart from committed ones behind them.
+    // The zombie's records stay in the log, aborted, and are never read.
+    assert!(
+        all.len() > results.len(),
+        "the zombie's aborted records are in the log ({}) but not read ({})",
+        all.len(),
+        results.len()
+    );
 }
 
 #[test]
