@@ -900,14 +900,41 @@ impl Config {
             ));
         }
         check_properties("kafka", &k.properties)?;
-        if let Some(strategy) = &k.partition_assignment_strategy {
-            if k.group_protocol == GroupProtocol::Consumer {
-                return Err(ConfigError::invalid(
+        if k.group_protocol == GroupProtocol::Consumer {
+            // KIP-848: the broker assigns, times sessions and owns the protocol; librdkafka
+            // refuses these at client creation, so say so here, by key.
+            let refused = [
+                (
+                    k.partition_assignment_strategy.is_some(),
                     "kafka.partition_assignment_strategy",
                     "applies to group_protocol = \"classic\" only: with \"consumer\" (KIP-848) \
                      the broker assigns partitions",
-                ));
+                ),
+                // librdkafka 2.12: after a crash, the restarted member is refused with a fatal
+                // UNRELEASED_INSTANCE_ID until the old session expires.
+                (
+                    k.group_instance_id.is_some(),
+                    "kafka.group_instance_id",
+                    "needs group_protocol = \"classic\": under \"consumer\" (KIP-848) a member \
+                     restarted after a crash is refused until its old session expires",
+                ),
+                (
+                    k.properties.contains_key("heartbeat.interval.ms"),
+                    "kafka.properties.\"heartbeat.interval.ms\"",
+                    "cannot be set with group_protocol = \"consumer\" (KIP-848): the broker \
+                     owns group timing",
+                ),
+                (
+                    k.properties.contains_key("group.protocol.type"),
+                    "kafka.properties.\"group.protocol.type\"",
+                    "cannot be set with group_protocol = \"consumer\" (KIP-848)",
+                ),
+            ];
+            if let Some((_, key, why)) = refused.into_iter().find(|(set, _, _)| *set) {
+                return Err(ConfigError::invalid(key, why));
             }
+        }
+        if let Some(strategy) = &k.partition_assignment_strategy {
             let names: Vec<&str> = strategy.split(',').map(str::trim).collect();
             if names
                 .iter()
@@ -922,27 +949,6 @@ impl Config {
                     ),
                 ));
             }
-        }
-        if k.group_protocol == GroupProtocol::Consumer {
-            // librdkafka refuses these at client creation under KIP-848: say so by key here.
-            for key in ["heartbeat.interval.ms", "group.protocol.type"] {
-                if k.properties.contains_key(key) {
-                    return Err(ConfigError::invalid(
-                        format!("kafka.properties.\"{key}\""),
-                        "cannot be set with group_protocol = \"consumer\" (KIP-848): the \
-                         broker owns group timing and the protocol",
-                    ));
-                }
-            }
-        }
-        if k.group_instance_id.is_some() && k.group_protocol == GroupProtocol::Consumer {
-            // librdkafka 2.12: after a crash, the restarted member is refused with a fatal
-            // UNRELEASED_INSTANCE_ID until the old session expires.
-            return Err(ConfigError::invalid(
-                "kafka.group_instance_id",
-                "needs group_protocol = \"classic\": under \"consumer\" (KIP-848) a member \
-                 restarted after a crash is refused until its old session expires",
-            ));
         }
         if k.group_instance_id
             .as_deref()

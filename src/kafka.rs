@@ -137,20 +137,27 @@ pub async fn ensure_compacted_topic(
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
-    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
         .set("cleanup.policy", "compact");
+    create(&config, &[new]).await
+}
+
+/// Creates `new` where missing (an existing topic is left alone), then waits until every
+/// one is visible with its partitions led.
+async fn create(config: &ClientConfig, new: &[NewTopic<'_>]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &opts).await? {
+    for result in admin.create_topics(new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                tracing::error!(%topic, ?code, "could not create the journal topic");
+                tracing::error!(%topic, ?code, "could not create topic");
                 return Err(KafkaError::AdminOp(code));
             }
         }
     }
-    wait_for_topics(&config, &[topic]).await
+    let names: Vec<&str> = new.iter().map(|t| t.name).collect();
+    wait_for_topics(config, &names, TOPIC_VISIBLE_TIMEOUT).await
 }
 
 /// How long a topic just created may take to show up, with a leader for every partition, in
@@ -160,12 +167,16 @@ const TOPIC_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Waits until every one of `topics` is in the cluster metadata with all its partitions led.
 /// CreateTopics answers once the controller has the topic; brokers learn of it a moment
 /// later, and a client that looks in between sees no partitions.
-async fn wait_for_topics(config: &ClientConfig, topics: &[&str]) -> Result<(), KafkaError> {
+async fn wait_for_topics(
+    config: &ClientConfig,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
     use rdkafka::producer::Producer;
     let client: rdkafka::producer::BaseProducer = config.create()?;
     let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + TOPIC_VISIBLE_TIMEOUT;
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             let md = client.client().fetch_metadata(None, Duration::from_secs(5));
             let missing: Vec<&String> = match &md {
@@ -204,23 +215,11 @@ pub async fn create_missing_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(new.iter(), &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(%topic, ?code, "could not create topic");
-                })
-            }
-        }
-    }
-    wait_for_topics(config, topics).await
+    create(config, &new).await
 }
 
 /// Client context for the tools' readers (`dlq`, `status`), which read to the end of
@@ -244,3 +243,30 @@ impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 /// A consumer for reading partitions to their end, with [`ReaderContext`].
 pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait for created topics is bounded: a topic that never appears fails start-up
+    /// after the timeout, one that is there passes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_topics_ends_at_its_deadline_when_one_never_appears() {
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("present", 3, 1).expect("topic");
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", mock.bootstrap_servers());
+        let bound = Duration::from_millis(800);
+        wait_for_topics(&config, &["present"], bound)
+            .await
+            .expect("an existing topic is visible");
+        let started = std::time::Instant::now();
+        let err = wait_for_topics(&config, &["present", "absent"], bound).await;
+        assert!(err.is_err(), "a missing topic must fail the wait");
+        assert!(
+            started.elapsed() >= bound,
+            "failed only at the deadline: {:?}",
+            started.elapsed()
+        );
+    }
+}
