@@ -224,6 +224,41 @@ async fn results_are_confluent_avro_of_the_result_schema_one_per_event_even_for_
     }
 }
 
+/// One point of a crash sweep: `events` comments produced, the processor killed at `fault`
+/// (`<point>:<step>:<n>`), then restarted without it until every event finished. Returns the
+/// topics, the simulator, and how many records the crashed process left in the result topic,
+/// committed or not.
+async fn crash_and_restart(
+    broker: &Broker,
+    prefix: &str,
+    fault: &str,
+    transactional: bool,
+    events: u64,
+) -> (Names, Sim, usize) {
+    let n = names(broker, prefix).await;
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..events).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
+    )
+    .await;
+    let sim = Sim::start(|c| c.latency_ms = 20).await;
+    let config = toml(&broker.bootstrap(), &n, &sim, "json", None, transactional);
+    crash_at(&config, fault);
+    let left = read_to_eof(
+        &broker.bootstrap(),
+        &n.results,
+        PARTITIONS,
+        "read_uncommitted",
+    )
+    .len();
+    // Restart without the fault; nothing was committed, so everything comes again.
+    let mut p = SpillwayProc::spawn(&config);
+    p.wait_finished(events, fault).await;
+    p.terminate();
+    (n, sim, left)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeats_only_in_flight() {
     const EVENTS: u64 = 24;
@@ -237,23 +272,8 @@ async fn a_sigkill_at_every_sink_boundary_leaves_one_result_per_event_and_repeat
         ("after_done", "publish"),
     ];
     for (point, step) in points {
-        let n = names(&broker, "sinkcrash").await;
-        produce_all(
-            &broker.bootstrap(),
-            &n.topic,
-            (0..EVENTS).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
-        )
-        .await;
-        let sim = Sim::start(|c| c.latency_ms = 20).await;
-        let config = toml(&broker.bootstrap(), &n, &sim, "json", None, false);
         let fault = format!("{point}:{step}:{CRASH_AT}");
-        crash_at(&config, &fault);
-
-        // Restart without the fault; nothing was committed, so everything comes again.
-        let mut p = SpillwayProc::spawn(&config);
-        p.wait_finished(EVENTS, &fault).await;
-        p.terminate();
-
+        let (n, sim, _) = crash_and_restart(&broker, "sinkcrash", &fault, false, EVENTS).await;
         let results = committed_results(&broker.bootstrap(), &n);
         let keys = by_key(&results);
         let calls = sim.stats().await.received;
@@ -390,30 +410,9 @@ async fn a_sigkill_at_every_transaction_boundary_leaves_exactly_one_committed_re
         ("after_done", "publish"),
     ];
     for (point, step) in points {
-        let n = names(&broker, "txncrash").await;
-        produce_all(
-            &broker.bootstrap(),
-            &n.topic,
-            (0..EVENTS).map(|i| comment(&format!("k{}", i % 5), &format!("evt-{i}"))),
-        )
-        .await;
-        let sim = Sim::start(|c| c.latency_ms = 20).await;
-        let config = toml(&broker.bootstrap(), &n, &sim, "json", None, true);
         let fault = format!("{point}:{step}:{CRASH_AT}");
-        crash_at(&config, &fault);
-        // What the crashed process left in the log, committed or not.
-        let written_before_restart = read_to_eof(
-            &broker.bootstrap(),
-            &n.results,
-            PARTITIONS,
-            "read_uncommitted",
-        )
-        .len();
-
-        let mut p = SpillwayProc::spawn(&config);
-        p.wait_finished(EVENTS, &fault).await;
-        p.terminate();
-
+        let (n, sim, written_before_restart) =
+            crash_and_restart(&broker, "txncrash", &fault, true, EVENTS).await;
         let results = committed_results(&broker.bootstrap(), &n);
         let keys = by_key(&results);
         let all = read_to_eof(
@@ -514,26 +513,21 @@ async fn a_fenced_zombie_commits_nothing_visible() {
         .await;
 
     zombie.signal("CONT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let m = zombie.try_scrape().await.unwrap_or_default();
-        let failed = metric_sum(
-            &m,
-            "spillway_journal_transactions_total{outcome=\"aborted\"",
-        ) + metric_sum(
-            &m,
-            "spillway_journal_transactions_total{outcome=\"unknown\"",
-        );
-        if failed >= 1.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the zombie's commit should have failed; its log:\n{}",
-            zombie.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async(
+        "the zombie's commit fails (aborted or unknown outcome)",
+        Duration::from_secs(90),
+        || async {
+            let m = zombie.try_scrape().await.unwrap_or_default();
+            metric_sum(
+                &m,
+                "spillway_journal_transactions_total{outcome=\"aborted\"",
+            ) + metric_sum(
+                &m,
+                "spillway_journal_transactions_total{outcome=\"unknown\"",
+            ) >= 1.0
+        },
+    )
+    .await;
     let mut zombie = zombie;
     successor.terminate();
     zombie.terminate();

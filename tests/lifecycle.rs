@@ -188,21 +188,7 @@ async fn rebalance_when_an_instance_joins_and_leaves_loses_nothing() {
     })
     .await;
     let mut b = SpillwayProc::spawn(&toml);
-    let assigned_to_b = || async {
-        b.try_scrape()
-            .await
-            .and_then(|m| metric_value(&m, "spillway_assigned_partitions"))
-            .unwrap_or(0.0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while assigned_to_b().await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "B never got partitions; log:\n{}",
-            b.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_assigned(&b, "B").await;
     let joined_at = received.len();
     assert_commits_cover_only_finished(&broker.bootstrap(), &group, &topic, PARTITIONS, &received);
     wait_until("both make progress", Duration::from_secs(60), || {
@@ -564,18 +550,7 @@ async fn a_static_member_fenced_by_a_duplicate_instance_id_exits_with_an_error()
     let mut first = SpillwayProc::spawn(&toml);
     wait_assigned(&first, "the first instance").await;
     let second = SpillwayProc::spawn(&toml);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = first.wait_exit_nonblocking() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fenced instance should have stopped; its log:\n{}",
-            first.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = blocking(|| first.wait_exit(Duration::from_secs(60)));
     assert!(
         !status.success(),
         "a fenced instance exits with an error: {status}"

@@ -359,18 +359,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if args.get(1).map(String::as_str) == Some("serve-processor") {
-        let config = spillway::config::Config::load(std::path::Path::new(&args[2]))
-            .expect("processor config");
-        spillway::telemetry::init_logging(config.telemetry.log_format);
-        let result = runtime.block_on(async {
-            let shutdown = spillway::shutdown::on_signal();
-            spillway::processor::run(config, shutdown).await
-        });
-        if let Err(e) = result {
-            eprintln!("processor: {e}");
-            std::process::exit(1);
-        }
+    if spillway_load_tests::serve_processor_if_asked(&runtime, &args) {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -125,6 +125,17 @@ impl Member {
             .sum()
     }
 
+    /// Waits until the member has partitions; panics at `deadline`.
+    async fn wait_assigned(&self, deadline: Instant, mode: &str) {
+        while self.metric("spillway_assigned_partitions").await < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: a member got no partitions"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGTERM and wait for the exit; returns the partitions revoked from it before the stop.
     async fn stop(mut self) -> f64 {
         let revoked = self.metric("spillway_revoked_partitions_total").await;
@@ -223,13 +234,7 @@ requests_per_minute = 10000000
     let done = |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap().firsts.len() as u64;
     let mut members: Vec<Member> = (0..MEMBERS).map(|_| Member::spawn(&config)).collect();
     for m in &members {
-        while m.metric("spillway_assigned_partitions").await < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "{mode}: a member got no partitions"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        m.wait_assigned(deadline, mode).await;
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
     let roll_start = Instant::now();
@@ -242,13 +247,7 @@ requests_per_minute = 10000000
     for i in 0..MEMBERS {
         revoked += members.remove(i).stop().await;
         members.insert(i, Member::spawn(&config));
-        while members[i].metric("spillway_assigned_partitions").await < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "{mode}: a replacement got no partitions"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        members[i].wait_assigned(deadline, mode).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let roll_end = Instant::now();
@@ -297,18 +296,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if args.get(1).map(String::as_str) == Some("serve-processor") {
-        let config = spillway::config::Config::load(std::path::Path::new(&args[2]))
-            .expect("processor config");
-        spillway::telemetry::init_logging(config.telemetry.log_format);
-        let result = runtime.block_on(async {
-            let shutdown = spillway::shutdown::on_signal();
-            spillway::processor::run(config, shutdown).await
-        });
-        if let Err(e) = result {
-            eprintln!("processor: {e}");
-            std::process::exit(1);
-        }
+    if spillway_load_tests::serve_processor_if_asked(&runtime, &args) {
         return;
     }
     let modes: Vec<String> = if args.len() > 1 {

@@ -263,3 +263,24 @@ pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
     p.flush(Timeout::After(Duration::from_secs(30)))
         .expect("flush");
 }
+
+/// `<bench> serve-processor <config>`: the benchmark re-executed as a processor child (so a
+/// SIGKILL or SIGTERM hits only the processor). Runs it to its end and returns true when
+/// asked to; exits 1 if the processor fails.
+pub fn serve_processor_if_asked(runtime: &tokio::runtime::Runtime, args: &[String]) -> bool {
+    if args.get(1).map(String::as_str) != Some("serve-processor") {
+        return false;
+    }
+    let config =
+        spillway::config::Config::load(std::path::Path::new(&args[2])).expect("processor config");
+    spillway::telemetry::init_logging(config.telemetry.log_format);
+    let result = runtime.block_on(async {
+        let shutdown = spillway::shutdown::on_signal();
+        spillway::processor::run(config, shutdown).await
+    });
+    if let Err(e) = result {
+        eprintln!("processor: {e}");
+        std::process::exit(1);
+    }
+    true
+}

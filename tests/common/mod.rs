@@ -184,11 +184,6 @@ impl Broker {
         p.spawn();
     }
 
-    /// The broker's pid (only a broker of the test's own).
-    pub fn pid(&mut self) -> u32 {
-        self.own_process().child.as_ref().expect("running").id()
-    }
-
     fn own_process(&mut self) -> &mut BrokerProcess {
         self.own
             .as_mut()
@@ -416,24 +411,11 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    create_topic_with(bootstrap, topic, partitions, &[]).await
-}
-
-/// Creates `topic` with topic-level `configs` (e.g. `cleanup.policy=compact`).
-pub async fn create_topic_with(
-    bootstrap: &str,
-    topic: &str,
-    partitions: i32,
-    configs: &[(&str, &str)],
-) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for (k, v) in configs {
-        new = new.set(k, v);
-    }
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let res = admin
         .create_topics(
             [&new],
