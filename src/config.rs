@@ -76,8 +76,10 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
-    /// Compacted topic (`cleanup.policy=compact`) holding the entries, keyed by dedup key.
-    /// Input partition `p` writes to journal partition `p mod <its partition count>`.
+    /// The changelog of the local stores: a topic keyed by dedup key with
+    /// `cleanup.policy=compact,delete` and `retention.ms` of at least the longest TTL (see
+    /// [`JournalConfig::retention_ms`]). Input partition `p` writes to journal partition
+    /// `p mod <its partition count>`.
     pub topic: String,
     /// How long an event's entry is kept, and its duplicates skipped, in seconds.
     #[serde(default = "default_journal_ttl_secs")]
@@ -90,22 +92,60 @@ pub struct JournalConfig {
     /// event's data (e.g. `/order/id`) for upstream topics without CloudEvents headers.
     #[serde(default)]
     pub id_field: Option<String>,
-    /// Entries held in memory (older ones are read again from the topic on restore only).
-    #[serde(default = "default_journal_max_entries")]
-    pub max_entries: u64,
-    /// Time allowed to read one journal partition on assignment, in milliseconds.
-    #[serde(default = "default_journal_restore_timeout_ms")]
-    pub restore_timeout_ms: u64,
+    /// Directory of the local stores: one file per assigned journal partition
+    /// (`<state_dir>/<journal topic>-<partition>.redb`). Each instance needs its own; a lost
+    /// or deleted directory is restored from the journal topic.
+    #[serde(default = "default_journal_state_dir")]
+    pub state_dir: std::path::PathBuf,
+    /// Page cache of each open partition store, in bytes. The processor's memory for dedup
+    /// state is this times the journal partitions it holds, whatever the number of keys.
+    #[serde(default = "default_journal_store_cache_bytes")]
+    pub store_cache_bytes: u64,
+    /// A restore whose read position has not moved for this long, in milliseconds, marks the
+    /// processor not ready (`/readyz` 503, `spillway_journal_restore_stalled`). It keeps going.
+    #[serde(default = "default_journal_restore_stall_ms")]
+    pub restore_stall_ms: u64,
+    /// Margin of the journal topic's `retention.ms` over the longest TTL, in seconds: records
+    /// are deleted by retention only once every entry they hold has expired, even with this
+    /// much clock difference between the processors and the brokers.
+    #[serde(default = "default_journal_retention_margin_secs")]
+    pub retention_margin_secs: u64,
+}
+
+impl JournalConfig {
+    /// The longest TTL of any event type.
+    pub fn max_ttl_secs(&self) -> u64 {
+        self.ttl_by_type
+            .values()
+            .copied()
+            .chain([self.ttl_secs])
+            .max()
+            .unwrap_or(self.ttl_secs)
+    }
+
+    /// The journal topic's `retention.ms` (`cleanup.policy=compact,delete`): the longest TTL
+    /// plus the margin.
+    pub fn retention_ms(&self) -> u64 {
+        self.max_ttl_secs()
+            .saturating_add(self.retention_margin_secs)
+            .saturating_mul(1000)
+    }
 }
 
 fn default_journal_ttl_secs() -> u64 {
     86_400
 }
-fn default_journal_max_entries() -> u64 {
-    1_000_000
+fn default_journal_state_dir() -> std::path::PathBuf {
+    ".spillway/state".into()
 }
-fn default_journal_restore_timeout_ms() -> u64 {
-    60_000
+fn default_journal_store_cache_bytes() -> u64 {
+    16 << 20
+}
+fn default_journal_restore_stall_ms() -> u64 {
+    30_000
+}
+fn default_journal_retention_margin_secs() -> u64 {
+    3_600
 }
 
 /// Kafka connection and consumer-group settings.
@@ -1086,11 +1126,27 @@ impl Config {
                 "must be a JSON pointer such as /id",
             ));
         }
-        if j.max_entries == 0 || j.restore_timeout_ms == 0 {
+        const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
+        if j.max_ttl_secs() > TEN_YEARS_SECS || j.retention_margin_secs > TEN_YEARS_SECS {
             return Err(ConfigError::invalid(
-                "journal.max_entries",
-                "max_entries and restore_timeout_ms must be positive",
+                "journal.ttl_secs",
+                "TTLs and retention_margin_secs must be at most ten years",
             ));
+        }
+        if j.store_cache_bytes < (1 << 20) || j.store_cache_bytes > (1 << 40) {
+            return Err(ConfigError::invalid(
+                "journal.store_cache_bytes",
+                "must be between 1 MiB and 1 TiB",
+            ));
+        }
+        if j.restore_stall_ms < 1_000 {
+            return Err(ConfigError::invalid(
+                "journal.restore_stall_ms",
+                "must be at least 1000",
+            ));
+        }
+        if j.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("journal.state_dir", "must not be empty"));
         }
         Ok(())
     }
@@ -1299,7 +1355,9 @@ mod tests {
     fn journal_gets_defaults_and_bad_journal_settings_name_their_key() {
         let cfg = Config::from_toml(&format!("{MINIMAL}\n[journal]\ntopic = \"j\"\n")).unwrap();
         let j = cfg.journal.expect("journal section");
-        assert_eq!((j.ttl_secs, j.id_field), (86_400, None));
+        assert_eq!((j.ttl_secs, j.id_field.clone()), (86_400, None));
+        // Retention outlasts the longest TTL by the margin.
+        assert_eq!(j.retention_ms(), (86_400 + 3_600) * 1000);
         for (extra, key) in [
             ("topic = \"events\"", "journal.topic"),
             ("topic = \"j\"\nttl_secs = 0", "journal.ttl_secs"),
@@ -1308,6 +1366,16 @@ mod tests {
                 "journal.ttl_secs",
             ),
             ("topic = \"j\"\nid_field = \"order.id\"", "journal.id_field"),
+            (
+                "topic = \"j\"\nstore_cache_bytes = 1000",
+                "journal.store_cache_bytes",
+            ),
+            ("topic = \"j\"\nrestore_stall_ms = 5", "journal.restore_stall_ms"),
+            ("topic = \"j\"\nstate_dir = \"\"", "journal.state_dir"),
+            (
+                "topic = \"j\"\nttl_secs = 999999999999",
+                "journal.ttl_secs",
+            ),
         ] {
             let err = Config::from_toml(&format!("{MINIMAL}\n[journal]\n{extra}\n"))
                 .unwrap_err()

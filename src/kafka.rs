@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::config::ingress::ProducerConfig;
 use crate::config::{
-    ConfigError, GroupProtocol, KafkaConfig, ProcessorConfig, PropertyValue,
+    ConfigError, GroupProtocol, JournalConfig, KafkaConfig, ProcessorConfig, PropertyValue,
     DEFAULT_ASSIGNMENT_STRATEGY,
 };
 
@@ -129,16 +129,34 @@ pub async fn ensure_topics(
     create_missing_topics(&config, topics, partitions).await
 }
 
-/// Creates `topic` compacted (`cleanup.policy=compact`) with `partitions` partitions if it
-/// is missing (development convenience, like [`ensure_topics`]).
-pub async fn ensure_compacted_topic(
+/// The journal topic's settings: compacted (one entry per dedup key) and deleted by
+/// retention once every entry a segment holds has expired (`retention.ms` is the longest
+/// TTL plus a margin), with segments that roll often enough for retention to reach them.
+pub fn journal_topic_settings(j: &JournalConfig) -> Vec<(&'static str, String)> {
+    let retention = j.retention_ms();
+    vec![
+        ("cleanup.policy", "compact,delete".into()),
+        ("retention.ms", retention.to_string()),
+        (
+            "segment.ms",
+            (retention / 4).clamp(1_000, 86_400_000).to_string(),
+        ),
+    ]
+}
+
+/// Creates the journal topic with [`journal_topic_settings`] and `partitions` partitions if
+/// it is missing (development convenience, like [`ensure_topics`]).
+pub async fn ensure_journal_topic(
     k: &KafkaConfig,
-    topic: &str,
+    j: &JournalConfig,
     partitions: i32,
 ) -> Result<(), KafkaError> {
     let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", "compact");
+    let settings = journal_topic_settings(j);
+    let mut new = NewTopic::new(&j.topic, partitions, TopicReplication::Fixed(1));
+    for (key, value) in &settings {
+        new = new.set(key, value);
+    }
     create(&config, &[new]).await
 }
 

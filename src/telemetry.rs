@@ -91,10 +91,20 @@ pub struct Metrics {
     pub journal_writes: IntCounterVec,
     /// Time from a journal write to Kafka's acknowledgement.
     pub journal_write_duration: Histogram,
-    /// Time to read one journal partition on assignment.
+    /// Time an event waited for its journal partition's store to catch up with the topic.
     pub journal_restores: Histogram,
-    /// Journal records read by restores (after compaction, about one per live key).
+    /// Journal records read from the changelog (restores and the tail).
     pub journal_restored_records: IntCounter,
+    /// Entries in the open journal partition stores (live or not yet swept).
+    pub journal_store_entries: IntGauge,
+    /// Entries swept from the stores past their TTL.
+    pub journal_expired: IntCounter,
+    /// Records the restores being waited on still have to read.
+    pub journal_restore_remaining: IntGauge,
+    /// Journal partitions whose restore has not moved for `journal.restore_stall_ms`.
+    pub journal_restore_stalled: IntGauge,
+    /// Stores found unusable (unreadable, another layout, ahead of the topic) and rebuilt.
+    pub journal_store_rebuilds: IntCounter,
     /// Events that waited for another copy of themselves to finish.
     pub journal_waits: IntCounter,
     /// Kafka transactions of sink records with their journal entries, by outcome.
@@ -296,14 +306,39 @@ impl Metrics {
             journal_restores: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     "spillway_journal_restore_duration_seconds",
-                    "Time to read one journal partition when its input partition is assigned."
+                    "Time a restore took: from an event asking for its journal partition's store to catch up with the topic's end to the store holding it."
                 )
                 .buckets(latency_buckets.clone())
             )
             .expect("valid metric")),
             journal_restored_records: reg!(IntCounter::new(
                 "spillway_journal_restored_records_total",
-                "Journal records read by restores; once the topic is compacted, about one per live dedup key."
+                "Journal records read from the changelog topic into the local stores (restores, then the tail)."
+            )
+            .expect("valid metric")),
+            journal_store_entries: reg!(IntGauge::new(
+                "spillway_journal_store_entries",
+                "Entries in the open journal partition stores, live or not yet swept."
+            )
+            .expect("valid metric")),
+            journal_expired: reg!(IntCounter::new(
+                "spillway_journal_expired_entries_total",
+                "Journal entries swept from the local stores past their TTL."
+            )
+            .expect("valid metric")),
+            journal_restore_remaining: reg!(IntGauge::new(
+                "spillway_journal_restore_remaining_records",
+                "Offsets the journal restores being waited on still have to read."
+            )
+            .expect("valid metric")),
+            journal_restore_stalled: reg!(IntGauge::new(
+                "spillway_journal_restore_stalled",
+                "Journal partitions whose restore has not moved for journal.restore_stall_ms; the processor is not ready while this is above 0."
+            )
+            .expect("valid metric")),
+            journal_store_rebuilds: reg!(IntCounter::new(
+                "spillway_journal_store_rebuilds_total",
+                "Journal stores found unusable (unreadable, another layout, ahead of the topic) and rebuilt from the topic."
             )
             .expect("valid metric")),
             journal_waits: reg!(IntCounter::new(
@@ -583,6 +618,7 @@ impl Exposition for IngressMetrics {
 pub struct Health {
     last_progress_ms: AtomicU64,
     ready: AtomicBool,
+    restore_stalled: AtomicBool,
     liveness_timeout: Duration,
 }
 
@@ -592,6 +628,7 @@ impl Health {
         let h = Health {
             last_progress_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            restore_stalled: AtomicBool::new(false),
             liveness_timeout,
         };
         h.progress();
@@ -614,9 +651,14 @@ impl Health {
         now_ms().saturating_sub(last) <= self.liveness_timeout.as_millis() as u64
     }
 
-    /// Ready to take work.
+    /// A journal restore stopped making progress (or moves again).
+    pub fn set_restore_stalled(&self, stalled: bool) {
+        self.restore_stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Ready to take work: started, not draining, and no journal restore stalled.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.restore_stalled.load(Ordering::Relaxed)
     }
 }
 

@@ -433,8 +433,8 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
             .await
             .get("cleanup.policy")
             .map(String::as_str),
-        Some("compact"),
-        "the journal topic is created compacted"
+        Some("compact,delete"),
+        "the journal topic is created compacted, with retention past the TTL"
     );
     // Segments that roll and get cleaned within seconds.
     set_topic_config(
@@ -564,4 +564,247 @@ async fn a_processor_on_a_new_cluster_creates_its_topics_and_starts() {
             .map(String::as_str),
         Some("compact")
     );
+}
+
+/// `toml` with the journal's state in `state` (one disk kept across restarts) and `extra`
+/// journal settings.
+fn toml_on_disk(
+    broker: &Broker,
+    n: &Names,
+    sim: &Sim,
+    sink: SocketAddr,
+    state: &std::path::Path,
+    extra: &str,
+) -> String {
+    toml(broker, n, sim, sink).replace(
+        "[journal]\n",
+        &format!("[journal]\nstate_dir = \"{}\"\n{extra}\n", state.display()),
+    )
+}
+
+async fn scrape_sum(p: &SpillwayProc, series: &str) -> f64 {
+    p.try_scrape()
+        .await
+        .map(|m| metric_sum(&m, series))
+        .unwrap_or(-1.0)
+}
+
+/// Waits until `p`'s changelog reader has read every record of the journal topic, so the
+/// stores' checkpoints are at the log end.
+async fn wait_changelog_read(p: &SpillwayProc, broker: &Broker, journal: &str, partitions: i32) {
+    let end = records_in(&broker.bootstrap(), journal, partitions) as f64;
+    wait_until_async("the changelog reader reached the log end", Duration::from_secs(60), || async {
+        scrape_sum(p, "spillway_journal_restored_records_total").await >= end
+    })
+    .await;
+}
+
+/// The stores are the dedup state and the topic their changelog: a restart on the same disk
+/// reads only the tail past the checkpoint (nothing, here), a deleted state directory
+/// restores everything from the topic, and a store file with a corrupted header is rebuilt
+/// from the topic. Every time, each upstream copy is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_is_rebuilt() {
+    const EVENTS: u64 = 12;
+    let broker = Broker::start();
+    let n = names(&broker, "ondisk").await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    let state = tempfile::tempdir().unwrap();
+    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "");
+    let events = || (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0));
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    let mut a = SpillwayProc::spawn(&config);
+    a.wait_finished(EVENTS, "first run").await;
+    wait_changelog_read(&a, &broker, &n.journal, PARTITIONS).await;
+    a.terminate();
+    let journal_records = records_in(&broker.bootstrap(), &n.journal, PARTITIONS);
+
+    // Same disk: the checkpoint is at the log end, so the restore reads nothing.
+    let mut b = SpillwayProc::spawn(&config);
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    b.wait_finished(EVENTS, "restart on the same disk").await;
+    let metrics = b.try_scrape().await.unwrap_or_default();
+    b.terminate();
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "spillway_journal_restored_records_total"),
+        0.0,
+        "a restart on the same disk reads only the tail past the checkpoint ({journal_records} records in the topic)\n{}",
+        b.log_text()
+    );
+
+    // A lost disk: everything is read from the topic again.
+    std::fs::remove_dir_all(state.path()).unwrap();
+    let mut c = SpillwayProc::spawn(&config);
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    c.wait_finished(EVENTS, "restart on an empty disk").await;
+    let metrics = c.try_scrape().await.unwrap_or_default();
+    c.terminate();
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert!(
+        metric_sum(&metrics, "spillway_journal_restored_records_total") >= journal_records as f64,
+        "an empty disk restores the whole topic ({journal_records} records): {metrics}"
+    );
+
+    // A corrupted file: rebuilt from the topic, never trusted.
+    let mut corrupted = 0;
+    for f in std::fs::read_dir(state.path()).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|e| e == "redb") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            for b in bytes.iter_mut().take(4096) {
+                *b ^= 0x5A;
+            }
+            std::fs::write(&path, bytes).unwrap();
+            corrupted += 1;
+        }
+    }
+    assert_eq!(corrupted, PARTITIONS, "one store file per journal partition");
+    let mut d = SpillwayProc::spawn(&config);
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    d.wait_finished(EVENTS, "restart on corrupted stores").await;
+    let metrics = d.try_scrape().await.unwrap_or_default();
+    d.terminate();
+    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "spillway_journal_store_rebuilds_total"),
+        PARTITIONS as f64,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(&metrics, "spillway_journal_restored_records_total") >= journal_records as f64,
+        "a rebuilt store restores the whole topic: {metrics}"
+    );
+    assert_eq!(sim.stats().await.received, EVENTS, "one LLM call per event in all");
+    assert_eq!(received.raw() as u64, EVENTS, "one post per event in all");
+}
+
+/// The bug the stores fix: with a capped in-memory cache, upstream copies of events that
+/// finished long ago were called and posted again once more keys had arrived than the cache
+/// held. Here the journal has one partition and the smallest page cache (1 MiB), and more
+/// events finish than that holds; then every one comes again upstream, across three SIGKILLs
+/// and a restart. None costs an LLM call or a post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_events_finished_long_ago_cost_nothing_with_more_keys_than_memory_holds() {
+    const EVENTS: u64 = 4_000;
+    let broker = Broker::start_exclusive();
+    let n = Names {
+        topic: unique("manykeys"),
+        dlq: unique("manykeys-dlq"),
+        group: unique("g"),
+        journal: unique("manykeys-journal"),
+    };
+    create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
+    create_topic(&broker.bootstrap(), &n.journal, 1).await;
+    let sim = Sim::start(|c| c.latency_ms = 0).await;
+    let (sink, received) = receiver().await;
+    let state = tempfile::tempdir().unwrap();
+    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "store_cache_bytes = 1048576")
+        .replace(&format!("max_in_flight = {IN_FLIGHT}"), "max_in_flight = 64");
+    let events = || (0..EVENTS).map(|i| comment(&format!("k{}", i % 97), &format!("evt-{i}"), i));
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    let mut first = SpillwayProc::spawn(&config);
+    wait_until_async("every original finished", Duration::from_secs(300), || async {
+        first.events_finished().await >= EVENTS as f64
+    })
+    .await;
+    wait_changelog_read(&first, &broker, &n.journal, 1).await;
+    first.terminate();
+    let calls = sim.stats().await.received;
+    assert_eq!(calls, EVENTS, "one LLM call per original");
+    assert_eq!(received.raw() as u64, EVENTS, "one post per original");
+    let file = std::fs::metadata(spillway::journal::store::Store::path(state.path(), &n.journal, 0))
+        .expect("store file")
+        .len();
+    assert!(
+        file > 1_048_576,
+        "the store ({file} bytes) holds more than its 1 MiB page cache"
+    );
+
+    // Every event again, upstream; offsets are committed once a minute, so each SIGKILL
+    // redelivers all the copies since the start.
+    produce_all(&broker.bootstrap(), &n.topic, events()).await;
+    for kill in 1..=3u64 {
+        let mut p = SpillwayProc::spawn(&config);
+        let at = kill * EVENTS / 4;
+        wait_until_async("copies being skipped", Duration::from_secs(300), || async {
+            scrape_sum(&p, "spillway_duplicates_total").await >= at as f64
+        })
+        .await;
+        p.kill9();
+    }
+    let mut last = SpillwayProc::spawn(&config);
+    wait_until_async("every copy skipped", Duration::from_secs(300), || async {
+        scrape_sum(&last, "spillway_duplicates_total").await >= EVENTS as f64
+    })
+    .await;
+    last.terminate();
+    assert_eq!(sim.stats().await.received, EVENTS, "no copy called the LLM");
+    assert_eq!(received.raw() as u64, EVENTS, "no copy was posted");
+}
+
+/// Entries past their TTL leave the stores (swept) and, on Apache Kafka, the topic (deleted
+/// by retention, `retention.ms` = TTL + margin): state does not grow with time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_past_their_ttl_leave_the_store_and_the_topic() {
+    use rdkafka::Message;
+    const EVENTS: u64 = 10;
+    let broker = Broker::start();
+    let n = Names {
+        topic: unique("ttl"),
+        dlq: unique("ttl-dlq"),
+        group: unique("g"),
+        journal: unique("ttl-journal"),
+    };
+    create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    let state = tempfile::tempdir().unwrap();
+    // The processor creates the journal topic with the retention the TTL needs.
+    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "retention_margin_secs = 1")
+        .replace("ttl_secs = 86400", "ttl_secs = 3")
+        .replace("ttl_by_type = { \"com.example.presence\" = 3600 }", "")
+        .replace(
+            "session_timeout_ms = 6000",
+            &format!("session_timeout_ms = 6000\ncreate_topics_partitions = {PARTITIONS}"),
+        );
+    let mut p = SpillwayProc::spawn(&config);
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    p.wait_finished(EVENTS, "events").await;
+    let settings = topic_config(&broker.bootstrap(), &n.journal).await;
+    assert_eq!(settings.get("cleanup.policy").map(String::as_str), Some("compact,delete"));
+    assert_eq!(settings.get("retention.ms").map(String::as_str), Some("4000"));
+    let keys_in_topic = || {
+        read_to_eof(&broker.bootstrap(), &n.journal, PARTITIONS, "read_committed")
+            .iter()
+            .filter(|m| m.key().is_some_and(|k| k.starts_with(b"/test|evt-")))
+            .count()
+    };
+    assert!(keys_in_topic() >= EVENTS as usize, "the entries are in the topic");
+    // The stores sweep them once their deadline has passed.
+    wait_until_async("expired entries swept from the stores", Duration::from_secs(30), || async {
+        let m = p.try_scrape().await.unwrap_or_default();
+        metric_sum(&m, "spillway_journal_expired_entries_total") >= EVENTS as f64
+            && metric_sum(&m, "spillway_journal_store_entries") == 0.0
+    })
+    .await;
+    // Kafka deletes them by retention (checked every second on the test broker).
+    wait_until("expired entries deleted from the topic", Duration::from_secs(60), || {
+        keys_in_topic() == 0
+    })
+    .await;
+    // A copy after the TTL is a new event: the TTL is the dedup window, by design.
+    produce_all(&broker.bootstrap(), &n.topic, [comment("k0", "evt-0", 1)]).await;
+    p.wait_finished(EVENTS + 1, "a copy after the TTL").await;
+    p.terminate();
+    assert_eq!(sim.stats().await.received, EVENTS + 1);
+    assert_eq!(received.raw() as u64, EVENTS + 1);
 }

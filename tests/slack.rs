@@ -165,6 +165,10 @@ async fn pipeline(slack: SocketAddr, channel: &str) -> Pipeline {
     create_topic(&broker.bootstrap(), &topic, 1).await;
     create_topic(&broker.bootstrap(), &dlq, 1).await;
     create_topic(&broker.bootstrap(), &journal, 1).await;
+    let state = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("state")
+        .join(&journal);
+    let state = state.display();
     let toml = config_toml(
         &broker.bootstrap(),
         &group,
@@ -179,6 +183,7 @@ max_backoff_ms = 200
 
 [journal]
 topic = "{journal}"
+state_dir = "{state}"
 
 [[steps]]
 type = "slack"

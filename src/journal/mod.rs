@@ -6,39 +6,44 @@
 //!   or, with `journal.id_field`, a JSON pointer into the event's data (upstream topics).
 //! - **Entries** record each finished step's output (the LLM answer with its usage; a sink's
 //!   receipt) and whether the whole event is done. They expire with the event type's TTL.
-//! - **Durable store.** A compacted Kafka topic keyed by dedup key, Kafka Streams changelog
-//!   style: an input partition `p` writes to journal partition `p mod J`, and when `p` is
-//!   assigned, the first record of it waits until that journal partition has been read from
-//!   the beginning to its end. Entries are written with `acks=all` and awaited
-//!   before the event moves on, so an entry is durable before the step after it starts and
-//!   before any offset past it is committed.
-//! - **Fast layer.** A moka cache in front, bounded by `max_entries`, expiring each entry at
-//!   its own deadline.
+//! - **State on disk, the topic as its changelog** (Kafka Streams' model). An input partition
+//!   `p` writes to journal partition `p mod J`. Each journal partition this instance holds has
+//!   a local store ([`store`]), the source of truth for skip decisions: no key within its TTL
+//!   is forgotten because memory is short. The [`changelog`] reader keeps each store in step
+//!   with the topic from its checkpoint on, so a restart on the same disk reads only the tail
+//!   and an empty disk restores from the topic.
+//! - **Write ahead.** Entries are produced with `acks=all` and awaited, then recorded in the
+//!   store, before the event moves on: an entry is durable before the step after it starts
+//!   and before any offset past it is committed.
+//! - **A bounded topic.** The topic is `cleanup.policy=compact,delete` with `retention.ms` the
+//!   longest TTL plus a margin; the stores sweep expired entries themselves.
 //! - **In flight.** Two copies of one event running at once (duplicates with different Kafka
 //!   keys) would both miss the journal; the second waits for the first to finish instead.
 //! - **Transactions** ([`txn`]). A step whose effect is a Kafka record (the result-topic
 //!   sink) hands its records to the worker, which writes them and the step's entry in one
-//!   transaction. Restores read `read_committed`, so an aborted result never counts as done.
+//!   transaction. The changelog is read `read_committed`, so an aborted result never counts
+//!   as done.
 
+mod changelog;
+pub mod store;
 pub mod txn;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::sync::Cache;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{Notify, OnceCell};
 
 use crate::codec::Event;
 use crate::config::{JournalConfig, KafkaConfig};
-use crate::telemetry::{now_ms, Metrics};
+use crate::telemetry::{now_ms, Health, Metrics};
+use store::{Opened, Store, StoreError};
 
 /// Journal failures. All are transient for the event: it waits and tries again.
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +51,13 @@ pub enum JournalError {
     /// Producing or reading the journal topic failed.
     #[error("journal topic: {0}")]
     Kafka(#[from] KafkaError),
-    /// Restoring a partition did not reach its high watermark in time.
-    #[error("restoring journal partition {partition} did not finish within {timeout_ms} ms")]
-    RestoreTimeout {
-        /// The journal partition.
-        partition: i32,
-        /// `journal.restore_timeout_ms`.
-        timeout_ms: u64,
-    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The journal partition's store is not open (it was revoked meanwhile, or not yet
+    /// restored): restore it first.
+    #[error("journal partition {0} is not open here")]
+    NotOpen(i32),
     /// A transaction (a Kafka sink's records with the journal entry) did not commit.
     #[error("journal transaction: {0}")]
     Transaction(String),
@@ -103,44 +107,26 @@ impl Entry {
 /// One shared read of a journal partition.
 type RestoreCell = Arc<OnceCell<()>>;
 
-struct ByDeadline;
-
-impl moka::Expiry<String, Arc<Entry>> for ByDeadline {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        value: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_millis(
-            value.expires_at_ms.saturating_sub(now_ms()),
-        ))
-    }
-
-    fn expire_after_update(
-        &self,
-        key: &String,
-        value: &Arc<Entry>,
-        updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, value, updated_at)
-    }
-}
-
-/// The journal: cache, durable topic, restore state and in-flight claims.
+/// The journal: the partition stores, the changelog reader, restores and in-flight claims.
 pub struct Journal {
     config: JournalConfig,
     producer: FutureProducer,
-    /// Client properties for the restore consumers (`read_committed`).
-    restore_client: rdkafka::ClientConfig,
-    /// A `read_uncommitted` client for the log end (a `read_committed` ListOffsets answers
-    /// the last stable offset, which stops before an open transaction). Created once: a new
-    /// client costs a connection per restore.
+    /// A `read_uncommitted` client for the log ends (a `read_committed` ListOffsets answers
+    /// the last stable offset, which stops before an open transaction).
     ends: Arc<crate::kafka::Reader>,
     partitions: i32,
-    cache: Cache<String, Arc<Entry>>,
-    /// One restore per journal partition per assignment and fence generation; reset on
+    /// The open store of each journal partition held here.
+    stores: Mutex<HashMap<i32, Arc<Store>>>,
+    /// Opening a store is one at a time (a second open of a file is refused by redb).
+    opening: tokio::sync::Mutex<()>,
+    /// The input partitions assigned here; a journal partition stays open while one of them
+    /// maps to it.
+    owned: Mutex<HashSet<(String, i32)>>,
+    /// Commands to the changelog reader thread.
+    changelog: Mutex<std::sync::mpsc::Sender<changelog::Command>>,
+    changelog_stop: Arc<AtomicBool>,
+    changelog_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// One catch-up per journal partition per assignment and fence generation; reset on
     /// assign. The `u64` is the fence generation the read was made for.
     restored: Mutex<HashMap<i32, (u64, RestoreCell)>>,
     /// Per journal partition, how many lanes writing to it have fenced a previous owner. A
@@ -174,29 +160,30 @@ impl Drop for Claim<'_> {
 }
 
 impl Journal {
-    /// Connects to the journal topic and reads its partition count. With `transactional`,
-    /// entries that carry a sink's records are written in Kafka transactions
-    /// ([`Journal::write_atomic`]).
+    /// Connects to the journal topic, reads its partition count and starts the changelog
+    /// reader. With `transactional`, entries that carry a sink's records are written in Kafka
+    /// transactions ([`Journal::write_atomic`]). A restore that stalls marks `health` not ready.
     pub async fn new(
         config: &JournalConfig,
         kafka: &KafkaConfig,
         transactional: bool,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Result<Journal, JournalError> {
         let producer: FutureProducer = crate::kafka::producer_config(kafka)
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
             .create()?;
-        let mut restore_client = crate::kafka::base_config(kafka)
+        let mut reader_client = crate::kafka::base_config(kafka)
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
-        restore_client
+        reader_client
             .set("group.id", format!("{}-journal-restore", kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "50")
+            .set("fetch.wait.max.ms", "100")
             // Entries of aborted transactions (a result-topic sink's) must never count.
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
-        let mut end_client = restore_client.clone();
+        let mut end_client = reader_client.clone();
         end_client.set("isolation.level", "read_uncommitted");
         let ends = Arc::new(end_client.create_with_context(crate::kafka::ReaderContext)?);
         let topic = config.topic.clone();
@@ -217,17 +204,41 @@ impl Journal {
         if partitions == 0 {
             return Err(JournalError::MissingTopic(config.topic.clone()));
         }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let min_ttl = config
+            .ttl_by_type
+            .values()
+            .copied()
+            .chain([config.ttl_secs])
+            .min()
+            .unwrap_or(config.ttl_secs);
+        let reader = changelog::Reader {
+            consumer: reader_client.create_with_context(crate::kafka::ReaderContext)?,
+            topic: config.topic.clone(),
+            stall_after: Duration::from_millis(config.restore_stall_ms),
+            // Expired entries leave the store within a quarter of the shortest TTL.
+            sweep_every: Duration::from_secs((min_ttl / 4).clamp(1, 60)),
+            metrics: metrics.clone(),
+            health,
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("spillway-changelog".into())
+            .spawn(move || reader.run(rx))
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let fences: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
         Ok(Journal {
             config: config.clone(),
             producer,
-            restore_client,
             ends,
             partitions,
-            cache: Cache::builder()
-                .max_capacity(config.max_entries)
-                .expire_after(ByDeadline)
-                .build(),
+            stores: Mutex::new(HashMap::new()),
+            opening: tokio::sync::Mutex::new(()),
+            owned: Mutex::new(HashSet::new()),
+            changelog: Mutex::new(tx),
+            changelog_stop: stop,
+            changelog_thread: Mutex::new(Some(thread)),
             restored: Mutex::new(HashMap::new()),
             fences: fences.clone(),
             inflight: Mutex::new(HashMap::new()),
@@ -278,9 +289,18 @@ impl Journal {
         input_partition.rem_euclid(self.partitions)
     }
 
-    /// Input partitions were (re)assigned: their journal partitions are read again before
-    /// their next record, because another instance may have written to them meanwhile, and
-    /// their transactional lanes start over (fencing the previous owner).
+    fn send(&self, command: changelog::Command) {
+        // The reader only stops when the journal is closed.
+        let _ = self
+            .changelog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(command);
+    }
+
+    /// Input partitions were (re)assigned: their journal partitions catch up with the topic
+    /// again before their next record, because another instance may have written to them
+    /// meanwhile, and their transactional lanes start over (fencing the previous owner).
     pub fn assigned(&self, input_partitions: &[(String, i32)]) {
         {
             let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
@@ -288,8 +308,12 @@ impl Journal {
                 restored.remove(&self.journal_partition(*p));
             }
         }
-        self.revoked(input_partitions);
+        self.owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(input_partitions.iter().cloned());
         if let Some(t) = &self.txns {
+            t.reset(input_partitions.iter().map(|(t, p)| (t.as_str(), *p)));
             // Fence every previous owner now, not at each partition's first record: a
             // crashed owner's open transaction holds back `read_committed` reads of its
             // journal partition, which other input partitions may share.
@@ -297,18 +321,117 @@ impl Journal {
         }
     }
 
-    /// Input partitions were revoked: their transactional producers are closed.
+    /// Input partitions were revoked: their transactional producers are closed, and the
+    /// stores of journal partitions no assigned input partition maps to any more are closed
+    /// (made durable at their checkpoint; a later assignment catches up from it).
     pub fn revoked(&self, input_partitions: &[(String, i32)]) {
         if let Some(t) = &self.txns {
             t.reset(input_partitions.iter().map(|(t, p)| (t.as_str(), *p)));
         }
+        let still: HashSet<i32> = {
+            let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+            for ip in input_partitions {
+                owned.remove(ip);
+            }
+            owned
+                .iter()
+                .map(|(_, p)| self.journal_partition(*p))
+                .collect()
+        };
+        let closing: Vec<i32> = {
+            let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+            let closing: Vec<i32> = stores
+                .keys()
+                .copied()
+                .filter(|jp| !still.contains(jp))
+                .collect();
+            for jp in &closing {
+                stores.remove(jp);
+            }
+            closing
+        };
+        let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+        for jp in closing {
+            restored.remove(&jp);
+            self.send(changelog::Command::Close { partition: jp });
+        }
     }
 
-    /// Resolves once the journal partition of `input_partition` has been read to its end in
-    /// this assignment, after the last fence of a lane writing to it; returns that fence
-    /// generation. Concurrent callers share one read. With transactions, the partition's lane
-    /// first fences its previous owner, which settles any transaction a crashed owner left
-    /// open (a `read_committed` read stops at it).
+    fn store(&self, jp: i32) -> Option<Arc<Store>> {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&jp)
+            .cloned()
+    }
+
+    /// The store of journal partition `jp`, opened (and handed to the changelog reader) if it
+    /// is not open yet. A store whose checkpoint is past the topic's end (the topic was
+    /// recreated) is rebuilt.
+    async fn open_store(&self, jp: i32) -> Result<Arc<Store>, JournalError> {
+        if let Some(s) = self.store(jp) {
+            return Ok(s);
+        }
+        let _one = self.opening.lock().await;
+        if let Some(s) = self.store(jp) {
+            return Ok(s);
+        }
+        let path = Store::path(&self.config.state_dir, &self.config.topic, jp);
+        let cache = self.config.store_cache_bytes;
+        let (ends, topic) = (self.ends.clone(), self.config.topic.clone());
+        let (store, opened, from) = tokio::task::spawn_blocking(move || {
+            let (low, high) = ends.fetch_watermarks(&topic, jp, Duration::from_secs(10))?;
+            let (mut store, mut opened) = Store::open(&path, cache)?;
+            let mut checkpoint = store.checkpoint()?;
+            if checkpoint.is_some_and(|c| c > high) {
+                drop(store);
+                std::fs::remove_file(&path)
+                    .map_err(|e| StoreError::Db {
+                        path: path.clone(),
+                        source: e.into(),
+                    })?;
+                (store, _) = Store::open(&path, cache)?;
+                opened = Opened::Rebuilt(format!(
+                    "its checkpoint {} is past the topic's end {high} (the topic was recreated)",
+                    checkpoint.unwrap_or_default()
+                ));
+                checkpoint = None;
+            }
+            // Records below the log start were deleted by retention: every entry in them
+            // had expired.
+            let from = checkpoint.unwrap_or(low).max(low);
+            Ok::<_, JournalError>((store, opened, from))
+        })
+        .await
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        match &opened {
+            Opened::Rebuilt(why) => {
+                self.metrics.journal_store_rebuilds.inc();
+                tracing::warn!(journal_partition = jp, file = %store.file().display(), reason = %why,
+                    "journal store unusable; rebuilding it from the topic");
+            }
+            how => tracing::info!(journal_partition = jp, file = %store.file().display(), from, opened = ?how,
+                "journal store open; reading the changelog from its checkpoint"),
+        }
+        let store = Arc::new(store);
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(jp, store.clone());
+        self.send(changelog::Command::Open {
+            partition: jp,
+            store: store.clone(),
+            from,
+        });
+        Ok(store)
+    }
+
+    /// Resolves once the store of the journal partition of `input_partition` holds the topic
+    /// up to its end, as of after the last fence of a lane writing to it; returns that fence
+    /// generation. Concurrent callers share one catch-up. With transactions, the partition's
+    /// lane first fences its previous owner, which settles any transaction a crashed owner
+    /// left open (a `read_committed` read stops at it). There is no deadline: a catch-up that
+    /// does not move is reported (not ready), and the event waits.
     pub async fn restore(&self, topic: &str, input_partition: i32) -> Result<u64, JournalError> {
         let jp = self.journal_partition(input_partition);
         if let Some(t) = &self.txns {
@@ -316,6 +439,7 @@ impl Journal {
                 .await
                 .map_err(JournalError::Transaction)?;
         }
+        self.open_store(jp).await?;
         let generation = self
             .fences
             .lock()
@@ -336,55 +460,21 @@ impl Journal {
             (slot.0, slot.1.clone())
         };
         cell.get_or_try_init(|| async {
-            let started = Instant::now();
-            let (client, end) = (self.restore_client.clone(), self.ends.clone());
-            let topic = self.config.topic.clone();
-            let timeout = Duration::from_millis(self.config.restore_timeout_ms);
-            let records = tokio::task::spawn_blocking(move || {
-                read_partition(&client, &end, &topic, jp, timeout)
+            let (ends, topic) = (self.ends.clone(), self.config.topic.clone());
+            // The end as of now, `read_uncommitted`: past every transaction already open, so
+            // a result committed by a fenced owner is not missed.
+            let (_, high) = tokio::task::spawn_blocking(move || {
+                ends.fetch_watermarks(&topic, jp, Duration::from_secs(10))
             })
             .await
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
-            let (mut loaded, now) = (0u64, now_ms());
-            for m in &records {
-                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    continue;
-                };
-                match m.payload() {
-                    None => self.cache.invalidate(key),
-                    Some(bytes) => match serde_json::from_slice::<Entry>(bytes) {
-                        Ok(e) if e.expires_at_ms > now => {
-                            loaded += 1;
-                            // Entries only grow: a read that began before this process
-                            // wrote a newer entry must not replace it with an older one.
-                            let merged = match self.cache.get(key) {
-                                Some(current) => current.merged(&e),
-                                None => e,
-                            };
-                            self.cache.insert(key.to_string(), Arc::new(merged));
-                        }
-                        // Expired: leave the cache alone (it expires its own copy).
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(%key, error = %e, "unreadable journal entry ignored")
-                        }
-                    },
-                }
-            }
-            self.metrics
-                .journal_restores
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics
-                .journal_restored_records
-                .inc_by(records.len() as u64);
-            tracing::info!(
-                journal_partition = jp,
-                records = records.len(),
-                live_entries = loaded,
-                ms = started.elapsed().as_millis() as u64,
-                "journal partition restored"
-            );
-            Ok::<(), JournalError>(())
+            let (reply, done) = tokio::sync::oneshot::channel();
+            self.send(changelog::Command::CatchUp {
+                partition: jp,
+                target: high,
+                reply,
+            });
+            done.await.map_err(|_| JournalError::NotOpen(jp))
         })
         .await
         .map(|_| generation)
@@ -400,9 +490,29 @@ impl Journal {
         })
     }
 
-    /// The live entry for `key`, if any.
-    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        self.cache.get(key).filter(|e| e.expires_at_ms > now_ms())
+    /// The live entry for `key` of an event from `input_partition`, if any. The partition's
+    /// store must be open ([`Journal::restore`]).
+    pub async fn get(&self, input_partition: i32, key: &str) -> Result<Option<Entry>, JournalError> {
+        let jp = self.journal_partition(input_partition);
+        let store = self.store(jp).ok_or(JournalError::NotOpen(jp))?;
+        let key = key.to_string();
+        let found = tokio::task::spawn_blocking(move || store.get(&key, now_ms()))
+            .await
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        Ok(found)
+    }
+
+    /// Records an entry Kafka acknowledged in the store of its journal partition. A store
+    /// closed meanwhile (the partition was revoked) is left alone: the entry is on the topic.
+    async fn record(&self, jp: i32, key: &str, entry: Entry) -> Result<(), JournalError> {
+        let Some(store) = self.store(jp) else {
+            return Ok(());
+        };
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || store.record(&key, &entry, now_ms()))
+            .await
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        Ok(())
     }
 
     /// Claims `key` for this task. If another copy of the event is running, waits for it to
@@ -440,7 +550,7 @@ impl Journal {
     }
 
     /// Writes `entry` for `key` (to the journal partition of `input_partition`) and waits for
-    /// Kafka's acknowledgement; only then is it visible in the cache.
+    /// Kafka's acknowledgement; only then is it recorded in the store.
     pub async fn write(
         &self,
         input_partition: i32,
@@ -449,10 +559,11 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let value = serde_json::to_vec(&entry).unwrap_or_default();
         let started = Instant::now();
+        let jp = self.journal_partition(input_partition);
         let record = FutureRecord::to(&self.config.topic)
             .key(key)
             .payload(&value)
-            .partition(self.journal_partition(input_partition));
+            .partition(jp);
         let result = self
             .producer
             .send(record, Duration::from_secs(0))
@@ -467,8 +578,7 @@ impl Journal {
             .journal_write_duration
             .observe(started.elapsed().as_secs_f64());
         result?;
-        self.cache.insert(key.to_string(), Arc::new(entry));
-        Ok(())
+        self.record(jp, key, entry).await
     }
 
     /// Writes `entry` together with a sink's `records` in one Kafka transaction of the lane of
@@ -487,16 +597,21 @@ impl Journal {
             ));
         };
         // After a lane closed (fenced, or a commit with an unknown outcome), the new lane's
-        // fence settles the old transaction and the restore reads the partition again: a
+        // fence settles the old transaction and the store catches up with the topic again: a
         // step it shows as committed is not written twice.
         let generation = self.restore(input.0, input.1).await?;
-        if self.get(key).is_some_and(|e| e.steps.contains_key(step)) {
+        if self
+            .get(input.1, key)
+            .await?
+            .is_some_and(|e| e.steps.contains_key(step))
+        {
             return Ok(());
         }
+        let jp = self.journal_partition(input.1);
         let mut all = records.to_vec();
         all.push(txn::OutRecord {
             topic: self.config.topic.clone(),
-            partition: Some(self.journal_partition(input.1)),
+            partition: Some(jp),
             key: key.to_string(),
             payload: serde_json::to_vec(&entry).unwrap_or_default(),
             headers: Vec::new(),
@@ -510,86 +625,30 @@ impl Journal {
             .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
             .inc();
         result?;
-        self.cache.insert(key.to_string(), Arc::new(entry));
-        Ok(())
+        self.record(jp, key, entry).await
     }
 
-    /// Waits for queued journal writes (shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
+    /// Stops the changelog reader and makes every open store durable at its checkpoint
+    /// (shutdown). Blocks for as long as the reader's current batch takes.
+    pub fn close(&self) {
+        self.changelog_stop.store(true, Ordering::Release);
+        let thread = self
+            .changelog_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "journal flush did not finish");
         }
     }
 }
 
-/// Reads `partition` of `topic` (at `read_committed`) from the beginning to its end. The end
-/// is the log end taken at the start through `ends` (`read_uncommitted`: past every
-/// transaction already open then, so a result committed by a fenced owner is not missed),
-/// and it is reached when the consumer's position has passed it *and* a fetch has come back
-/// empty. The position, not the last record, because transaction markers and aborted
-/// records take offsets but are never delivered; the empty fetch because some
-/// Kafka-protocol brokers (tansu 0.6, the earlier test broker) answer ListOffsets with the
-/// base offset of the last batch. `PartitionEOF` is not relied on: librdkafka may report it as a client-level error.
-fn read_partition(
-    client: &rdkafka::ClientConfig,
-    ends: &crate::kafka::Reader,
-    topic: &str,
-    partition: i32,
-    timeout: Duration,
-) -> Result<Vec<OwnedMessage>, JournalError> {
-    const IDLE: Duration = Duration::from_millis(300);
-    let started = Instant::now();
-    let deadline = started + timeout;
-    let (low, high) = ends.fetch_watermarks(topic, partition, timeout)?;
-    let at_watermarks = started.elapsed();
-    let mut first_record = None;
-    let consumer: crate::kafka::Reader = client.create_with_context(crate::kafka::ReaderContext)?;
-    let mut tpl = TopicPartitionList::new();
-    // From the low watermark itself: `Offset::Beginning` costs an offset lookup first.
-    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
-    consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    let (mut next, mut last_record) = (low, Instant::now());
-    loop {
-        if Instant::now() >= deadline {
-            return Err(JournalError::RestoreTimeout {
-                partition,
-                timeout_ms: timeout.as_millis() as u64,
-            });
-        }
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                next = m.offset() + 1;
-                // Only records below the end taken at the start hold the read open: on a
-                // journal partition that other instances keep writing to, newer records
-                // never stop arriving (they are merged all the same).
-                if m.offset() < high {
-                    last_record = Instant::now();
-                }
-                first_record.get_or_insert_with(|| started.elapsed());
-                out.push(m.detach());
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {
-                if let Some(Offset::Offset(at)) = consumer
-                    .position()
-                    .ok()
-                    .and_then(|tpl| tpl.find_partition(topic, partition).map(|e| e.offset()))
-                {
-                    next = next.max(at);
-                }
-                if next >= high && last_record.elapsed() >= IDLE {
-                    tracing::debug!(
-                        partition,
-                        watermarks_ms = at_watermarks.as_millis() as u64,
-                        first_record_ms = first_record.map(|d| d.as_millis() as u64),
-                        last_record_ms = (last_record - started).as_millis() as u64,
-                        "journal partition read"
-                    );
-                    return Ok(out);
-                }
-            }
-            Some(Err(e)) => return Err(e.into()),
-        }
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.changelog_stop.store(true, Ordering::Release);
     }
 }
 

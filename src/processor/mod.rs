@@ -131,7 +131,7 @@ impl Processor {
             }
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
             if let Some(j) = &config.journal {
-                crate::kafka::ensure_compacted_topic(&config.kafka, &j.topic, partitions).await?;
+                crate::kafka::ensure_journal_topic(&config.kafka, j, partitions).await?;
             }
         }
         let journal = match &config.journal {
@@ -143,6 +143,7 @@ impl Processor {
                         |s| matches!(s, crate::config::StepConfig::Kafka(k) if k.transactional),
                     ),
                     metrics.clone(),
+                    health.clone(),
                 )
                 .await?,
             )),

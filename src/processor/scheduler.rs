@@ -801,6 +801,11 @@ impl Scheduler {
         }
         self.commit_all();
         tokio::task::block_in_place(|| self.worker.dlq.flush(Duration::from_secs(5)));
+        if let Some(j) = &self.worker.journal {
+            // The stores become durable at their checkpoints, so the next start reads only
+            // the changelog's tail.
+            tokio::task::block_in_place(|| j.close());
+        }
         tracing::info!("final offsets committed");
         stop.store(true, Ordering::Release);
         // Hang up so a poll thread blocked on a full channel wakes, answer any revoke it

@@ -182,7 +182,13 @@ impl Worker {
             claim = journal.claim(&key) => claim,
             _ = self.drain.cancelled() => return Outcome::Abandoned,
         };
-        let prior = journal.get(&key);
+        let prior = match self
+            .journal_retry("journal_read", || journal.get(partition, &key))
+            .await
+        {
+            Ok(prior) => prior,
+            Err(o) => return o,
+        };
         if prior.as_ref().is_some_and(|e| e.done) {
             self.metrics
                 .duplicates
@@ -191,7 +197,7 @@ impl Worker {
             tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
             return Outcome::Skipped;
         }
-        let mut entry = prior.map(|e| (*e).clone()).unwrap_or_else(|| Entry {
+        let mut entry = prior.unwrap_or_else(|| Entry {
             v: 1,
             expires_at_ms: now_ms() + journal.ttl(&ctx.event.event_type).as_millis() as u64,
             done: false,
@@ -204,10 +210,10 @@ impl Worker {
 
     /// Retries a journal operation until it succeeds (it is never a reason to dead-letter),
     /// or gives the record up unfinished when shutdown begins.
-    async fn journal_retry<F, Fut>(&self, what: &'static str, mut op: F) -> Result<(), Outcome>
+    async fn journal_retry<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, Outcome>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), JournalError>>,
+        Fut: std::future::Future<Output = Result<T, JournalError>>,
     {
         let mut attempt = 0u32;
         loop {
@@ -217,7 +223,10 @@ impl Worker {
                 _ = self.drain.cancelled() => return Err(Outcome::Abandoned),
                 r = op() => r,
             };
-            let Err(e) = result else { return Ok(()) };
+            let e = match result {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
             self.metrics
                 .retries
                 .with_label_values(&[what, "kafka"])

@@ -890,6 +890,20 @@ impl SpillwayProc {
     ) -> SpillwayProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("spillway.toml");
+        // Each process gets its own journal state directory unless the test gives one (to
+        // restart on the same disk): two processes cannot share a store file.
+        let toml = if toml.contains("[journal]\n") && !toml.contains("state_dir") {
+            toml.replacen(
+                "[journal]\n",
+                &format!(
+                    "[journal]\nstate_dir = \"{}\"\n",
+                    dir.path().join("state").display()
+                ),
+                1,
+            )
+        } else {
+            toml.to_string()
+        };
         std::fs::write(&cfg, toml).expect("write config");
         let log = dir.path().join("spillway.log");
         let out = std::fs::File::create(&log).expect("log file");
