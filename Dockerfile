@@ -11,7 +11,8 @@ RUN cargo build --release --locked -p spillway --bin spillway \
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 libsasl2-2 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 spillway
+    && useradd --system --uid 10001 spillway \
+    && mkdir -p /var/lib/spillway/state && chown -R 10001 /var/lib/spillway
 COPY --from=build /usr/local/bin/spillway /usr/local/bin/spillway
 COPY config /etc/spillway/examples
 COPY deploy/compose /etc/spillway

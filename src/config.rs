@@ -1146,7 +1146,10 @@ impl Config {
             ));
         }
         if j.state_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("journal.state_dir", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "journal.state_dir",
+                "must not be empty",
+            ));
         }
         Ok(())
     }
@@ -1370,12 +1373,12 @@ mod tests {
                 "topic = \"j\"\nstore_cache_bytes = 1000",
                 "journal.store_cache_bytes",
             ),
-            ("topic = \"j\"\nrestore_stall_ms = 5", "journal.restore_stall_ms"),
-            ("topic = \"j\"\nstate_dir = \"\"", "journal.state_dir"),
             (
-                "topic = \"j\"\nttl_secs = 999999999999",
-                "journal.ttl_secs",
+                "topic = \"j\"\nrestore_stall_ms = 5",
+                "journal.restore_stall_ms",
             ),
+            ("topic = \"j\"\nstate_dir = \"\"", "journal.state_dir"),
+            ("topic = \"j\"\nttl_secs = 999999999999", "journal.ttl_secs"),
         ] {
             let err = Config::from_toml(&format!("{MINIMAL}\n[journal]\n{extra}\n"))
                 .unwrap_err()

@@ -144,6 +144,84 @@ pub fn journal_topic_settings(j: &JournalConfig) -> Vec<(&'static str, String)> 
     ]
 }
 
+/// What is wrong with the existing journal topic's cleanup settings for `j`'s TTLs, one
+/// sentence each; empty when they hold every entry for its TTL and delete it after.
+/// `processor --check` prints these, and the processor logs them at start-up.
+pub async fn journal_topic_warnings(
+    k: &KafkaConfig,
+    j: &JournalConfig,
+) -> Result<Vec<String>, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&j.topic)], &opts)
+        .await?;
+    let entries = match described.into_iter().next() {
+        Some(Ok(resource)) => resource.entries,
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => {
+            return Ok(vec![format!(
+                "journal topic {} does not exist: create it with {}",
+                j.topic,
+                settings_text(j)
+            )])
+        }
+        Some(Err(code)) => return Err(KafkaError::AdminOp(code)),
+    };
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    Ok(policy_warnings(
+        j,
+        get("cleanup.policy").as_deref().unwrap_or("delete"),
+        get("retention.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(604_800_000),
+    ))
+}
+
+fn settings_text(j: &JournalConfig) -> String {
+    journal_topic_settings(j)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The warnings for a journal topic with `policy` and `retention_ms`.
+fn policy_warnings(j: &JournalConfig, policy: &str, retention_ms: i64) -> Vec<String> {
+    let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
+    let mut out = Vec::new();
+    let ttl_ms = j.max_ttl_secs().saturating_mul(1000);
+    if policies.contains(&"delete") && retention_ms >= 0 && (retention_ms as u64) < ttl_ms {
+        out.push(format!(
+            "journal topic {}: retention.ms={retention_ms} is shorter than the longest TTL ({} s): entries still within their TTL would be deleted and their events run again after a restore; set retention.ms to at least {} (journal.retention_margin_secs over the TTL)",
+            j.topic,
+            j.max_ttl_secs(),
+            j.retention_ms()
+        ));
+    }
+    if !policies.contains(&"compact") {
+        out.push(format!(
+            "journal topic {}: cleanup.policy={policy} does not compact, so a restore reads every version of every entry; use {}",
+            j.topic,
+            settings_text(j)
+        ));
+    }
+    if !policies.contains(&"delete") || retention_ms < 0 {
+        out.push(format!(
+            "journal topic {}: cleanup.policy={policy} with retention.ms={retention_ms} never deletes expired entries, so the topic and every cold restore grow for ever; use {}",
+            j.topic,
+            settings_text(j)
+        ));
+    }
+    out
+}
+
 /// Creates the journal topic with [`journal_topic_settings`] and `partitions` partitions if
 /// it is missing (development convenience, like [`ensure_topics`]).
 pub async fn ensure_journal_topic(
@@ -265,6 +343,32 @@ pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_topic_settings_that_cannot_hold_the_ttl_or_grow_for_ever_are_named() {
+        let j: JournalConfig =
+            serde_json::from_value(serde_json::json!({ "topic": "j", "ttl_secs": 3600 })).unwrap();
+        let fine = policy_warnings(&j, "compact,delete", j.retention_ms() as i64);
+        assert!(fine.is_empty(), "{fine:?}");
+        let short = policy_warnings(&j, "compact,delete", 60_000);
+        assert_eq!(short.len(), 1);
+        assert!(
+            short[0].contains("shorter than the longest TTL"),
+            "{short:?}"
+        );
+        let forever = policy_warnings(&j, "compact", 604_800_000);
+        assert!(
+            forever[0].contains("never deletes expired entries"),
+            "{forever:?}"
+        );
+        let infinite = policy_warnings(&j, "compact,delete", -1);
+        assert!(infinite[0].contains("never deletes"), "{infinite:?}");
+        let delete_only = policy_warnings(&j, "delete", j.retention_ms() as i64);
+        assert!(
+            delete_only[0].contains("does not compact"),
+            "{delete_only:?}"
+        );
+    }
 
     /// The wait for created topics is bounded: a topic that never appears fails start-up
     /// after the timeout, one that is there passes at once.

@@ -357,6 +357,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
                 println!("configuration is valid");
+                if let Some(j) = &config.journal {
+                    let Some(runtime) = runtime() else {
+                        return ExitCode::FAILURE;
+                    };
+                    match runtime
+                        .block_on(spillway::kafka::journal_topic_warnings(&config.kafka, j))
+                    {
+                        Ok(warnings) => {
+                            for w in warnings {
+                                eprintln!("warning: {w}");
+                            }
+                        }
+                        Err(e) => eprintln!(
+                            "note: the journal topic's settings were not checked (Kafka: {e})"
+                        ),
+                    }
+                }
                 return ExitCode::SUCCESS;
             }
             spillway::telemetry::init_logging(config.telemetry.log_format);

@@ -154,3 +154,32 @@ fn compose_prometheus_and_kubernetes_agree_on_files_and_ports() {
         "- name: SPILLWAY_KAFKA__GROUP_INSTANCE_ID\n              valueFrom: {fieldRef: {fieldPath: metadata.name}}"
     ));
 }
+
+/// The compose file creates the journal topic with the settings the processor would create it
+/// with for the TTLs of deploy/compose/processor.toml, and gives the stores a volume.
+#[test]
+fn compose_creates_the_journal_topic_with_the_retention_its_ttls_need() {
+    let config = spillway::config::Config::from_toml(&read("deploy/compose/processor.toml"))
+        .expect("valid config");
+    let journal = config.journal.expect("the compose processor has a journal");
+    let compose = read("docker-compose.yml");
+    for (key, value) in spillway::kafka::journal_topic_settings(&journal) {
+        assert!(
+            compose.contains(&format!("--config {key}={value}"))
+                || compose.contains(&format!("--config cleanup.policy={value}")),
+            "docker-compose.yml creates {} without {key}={value}",
+            journal.topic
+        );
+    }
+    assert!(
+        compose.contains(&format!("processor-state:{}", journal.state_dir.display())),
+        "the state directory {} is a volume",
+        journal.state_dir.display()
+    );
+    let k8s = read("deploy/k8s/processor.yaml");
+    assert!(
+        k8s.contains("volumeClaimTemplates")
+            && k8s.contains(&format!("mountPath: {}", journal.state_dir.display())),
+        "the StatefulSet gives the state directory a volume claim"
+    );
+}

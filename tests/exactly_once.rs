@@ -562,7 +562,7 @@ async fn a_processor_on_a_new_cluster_creates_its_topics_and_starts() {
             .await
             .get("cleanup.policy")
             .map(String::as_str),
-        Some("compact")
+        Some("compact,delete")
     );
 }
 
@@ -593,9 +593,11 @@ async fn scrape_sum(p: &SpillwayProc, series: &str) -> f64 {
 /// stores' checkpoints are at the log end.
 async fn wait_changelog_read(p: &SpillwayProc, broker: &Broker, journal: &str, partitions: i32) {
     let end = records_in(&broker.bootstrap(), journal, partitions) as f64;
-    wait_until_async("the changelog reader reached the log end", Duration::from_secs(60), || async {
-        scrape_sum(p, "spillway_journal_restored_records_total").await >= end
-    })
+    wait_until_async(
+        "the changelog reader reached the log end",
+        Duration::from_secs(60),
+        || async { scrape_sum(p, "spillway_journal_restored_records_total").await >= end },
+    )
     .await;
 }
 
@@ -626,7 +628,11 @@ async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_i
     b.wait_finished(EVENTS, "restart on the same disk").await;
     let metrics = b.try_scrape().await.unwrap_or_default();
     b.terminate();
-    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        EVENTS as f64,
+        "{metrics}"
+    );
     assert_eq!(
         metric_sum(&metrics, "spillway_journal_restored_records_total"),
         0.0,
@@ -641,7 +647,11 @@ async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_i
     c.wait_finished(EVENTS, "restart on an empty disk").await;
     let metrics = c.try_scrape().await.unwrap_or_default();
     c.terminate();
-    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        EVENTS as f64,
+        "{metrics}"
+    );
     assert!(
         metric_sum(&metrics, "spillway_journal_restored_records_total") >= journal_records as f64,
         "an empty disk restores the whole topic ({journal_records} records): {metrics}"
@@ -660,13 +670,20 @@ async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_i
             corrupted += 1;
         }
     }
-    assert_eq!(corrupted, PARTITIONS, "one store file per journal partition");
+    assert_eq!(
+        corrupted, PARTITIONS,
+        "one store file per journal partition"
+    );
     let mut d = SpillwayProc::spawn(&config);
     produce_all(&broker.bootstrap(), &n.topic, events()).await;
     d.wait_finished(EVENTS, "restart on corrupted stores").await;
     let metrics = d.try_scrape().await.unwrap_or_default();
     d.terminate();
-    assert_eq!(metric_sum(&metrics, "spillway_duplicates_total"), EVENTS as f64, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        EVENTS as f64,
+        "{metrics}"
+    );
     assert_eq!(
         metric_sum(&metrics, "spillway_journal_store_rebuilds_total"),
         PARTITIONS as f64,
@@ -676,7 +693,11 @@ async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_i
         metric_sum(&metrics, "spillway_journal_restored_records_total") >= journal_records as f64,
         "a rebuilt store restores the whole topic: {metrics}"
     );
-    assert_eq!(sim.stats().await.received, EVENTS, "one LLM call per event in all");
+    assert_eq!(
+        sim.stats().await.received,
+        EVENTS,
+        "one LLM call per event in all"
+    );
     assert_eq!(received.raw() as u64, EVENTS, "one post per event in all");
 }
 
@@ -701,23 +722,39 @@ async fn copies_of_events_finished_long_ago_cost_nothing_with_more_keys_than_mem
     let sim = Sim::start(|c| c.latency_ms = 0).await;
     let (sink, received) = receiver().await;
     let state = tempfile::tempdir().unwrap();
-    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "store_cache_bytes = 1048576")
-        .replace(&format!("max_in_flight = {IN_FLIGHT}"), "max_in_flight = 64");
+    let config = toml_on_disk(
+        &broker,
+        &n,
+        &sim,
+        sink,
+        state.path(),
+        "store_cache_bytes = 1048576",
+    )
+    .replace(
+        &format!("max_in_flight = {IN_FLIGHT}"),
+        "max_in_flight = 64",
+    );
     let events = || (0..EVENTS).map(|i| comment(&format!("k{}", i % 97), &format!("evt-{i}"), i));
     produce_all(&broker.bootstrap(), &n.topic, events()).await;
     let mut first = SpillwayProc::spawn(&config);
-    wait_until_async("every original finished", Duration::from_secs(300), || async {
-        first.events_finished().await >= EVENTS as f64
-    })
+    wait_until_async(
+        "every original finished",
+        Duration::from_secs(300),
+        || async { first.events_finished().await >= EVENTS as f64 },
+    )
     .await;
     wait_changelog_read(&first, &broker, &n.journal, 1).await;
     first.terminate();
     let calls = sim.stats().await.received;
     assert_eq!(calls, EVENTS, "one LLM call per original");
     assert_eq!(received.raw() as u64, EVENTS, "one post per original");
-    let file = std::fs::metadata(spillway::journal::store::Store::path(state.path(), &n.journal, 0))
-        .expect("store file")
-        .len();
+    let file = std::fs::metadata(spillway::journal::store::Store::path(
+        state.path(),
+        &n.journal,
+        0,
+    ))
+    .expect("store file")
+    .len();
     assert!(
         file > 1_048_576,
         "the store ({file} bytes) holds more than its 1 MiB page cache"
@@ -764,13 +801,20 @@ async fn entries_past_their_ttl_leave_the_store_and_the_topic() {
     let (sink, received) = receiver().await;
     let state = tempfile::tempdir().unwrap();
     // The processor creates the journal topic with the retention the TTL needs.
-    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "retention_margin_secs = 1")
-        .replace("ttl_secs = 86400", "ttl_secs = 3")
-        .replace("ttl_by_type = { \"com.example.presence\" = 3600 }", "")
-        .replace(
-            "session_timeout_ms = 6000",
-            &format!("session_timeout_ms = 6000\ncreate_topics_partitions = {PARTITIONS}"),
-        );
+    let config = toml_on_disk(
+        &broker,
+        &n,
+        &sim,
+        sink,
+        state.path(),
+        "retention_margin_secs = 1",
+    )
+    .replace("ttl_secs = 86400", "ttl_secs = 3")
+    .replace("ttl_by_type = { \"com.example.presence\" = 3600 }", "")
+    .replace(
+        "session_timeout_ms = 6000",
+        &format!("session_timeout_ms = 6000\ncreate_topics_partitions = {PARTITIONS}"),
+    );
     let mut p = SpillwayProc::spawn(&config);
     produce_all(
         &broker.bootstrap(),
@@ -780,26 +824,46 @@ async fn entries_past_their_ttl_leave_the_store_and_the_topic() {
     .await;
     p.wait_finished(EVENTS, "events").await;
     let settings = topic_config(&broker.bootstrap(), &n.journal).await;
-    assert_eq!(settings.get("cleanup.policy").map(String::as_str), Some("compact,delete"));
-    assert_eq!(settings.get("retention.ms").map(String::as_str), Some("4000"));
+    assert_eq!(
+        settings.get("cleanup.policy").map(String::as_str),
+        Some("compact,delete")
+    );
+    assert_eq!(
+        settings.get("retention.ms").map(String::as_str),
+        Some("4000")
+    );
     let keys_in_topic = || {
-        read_to_eof(&broker.bootstrap(), &n.journal, PARTITIONS, "read_committed")
-            .iter()
-            .filter(|m| m.key().is_some_and(|k| k.starts_with(b"/test|evt-")))
-            .count()
+        read_to_eof(
+            &broker.bootstrap(),
+            &n.journal,
+            PARTITIONS,
+            "read_committed",
+        )
+        .iter()
+        .filter(|m| m.key().is_some_and(|k| k.starts_with(b"/test|evt-")))
+        .count()
     };
-    assert!(keys_in_topic() >= EVENTS as usize, "the entries are in the topic");
+    assert!(
+        keys_in_topic() >= EVENTS as usize,
+        "the entries are in the topic"
+    );
     // The stores sweep them once their deadline has passed.
-    wait_until_async("expired entries swept from the stores", Duration::from_secs(30), || async {
-        let m = p.try_scrape().await.unwrap_or_default();
-        metric_sum(&m, "spillway_journal_expired_entries_total") >= EVENTS as f64
-            && metric_sum(&m, "spillway_journal_store_entries") == 0.0
-    })
+    wait_until_async(
+        "expired entries swept from the stores",
+        Duration::from_secs(30),
+        || async {
+            let m = p.try_scrape().await.unwrap_or_default();
+            metric_sum(&m, "spillway_journal_expired_entries_total") >= EVENTS as f64
+                && metric_sum(&m, "spillway_journal_store_entries") == 0.0
+        },
+    )
     .await;
     // Kafka deletes them by retention (checked every second on the test broker).
-    wait_until("expired entries deleted from the topic", Duration::from_secs(60), || {
-        keys_in_topic() == 0
-    })
+    wait_until(
+        "expired entries deleted from the topic",
+        Duration::from_secs(60),
+        || keys_in_topic() == 0,
+    )
     .await;
     // A copy after the TTL is a new event: the TTL is the dedup window, by design.
     produce_all(&broker.bootstrap(), &n.topic, [comment("k0", "evt-0", 1)]).await;

@@ -53,6 +53,9 @@ pub(super) enum Command {
     },
 }
 
+/// One partition's records of a poll batch (`None`: a tombstone), and the offset after them.
+type Batch = (Vec<(String, Option<Entry>)>, i64);
+
 struct Open {
     store: Arc<Store>,
     /// Next offset to read (the consumer's position, applied to the store).
@@ -187,7 +190,7 @@ impl Reader {
     /// One poll batch, applied to the stores; then positions moved past transaction markers
     /// and aborted records, which take offsets but are never delivered.
     fn read(&self, open: &mut HashMap<i32, Open>) {
-        let mut batches: HashMap<i32, (Vec<(String, Option<Entry>)>, i64)> = HashMap::new();
+        let mut batches: HashMap<i32, Batch> = HashMap::new();
         let mut count = 0usize;
         let mut wait = Duration::from_millis(100);
         while count < BATCH {
@@ -258,10 +261,12 @@ impl Reader {
     }
 
     fn assign_one(&self, partition: i32, offset: i64) {
-        if let Err(e) = self
-            .consumer
-            .seek(&self.topic, partition, Offset::Offset(offset), Duration::from_secs(5))
-        {
+        if let Err(e) = self.consumer.seek(
+            &self.topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
             tracing::warn!(journal_partition = partition, error = %e, "seeking the journal changelog failed");
         }
     }
@@ -302,7 +307,11 @@ impl Reader {
                         "journal restore is not making progress; the processor reports not ready until it does"
                     );
                 } else {
-                    tracing::info!(journal_partition = p, position, "journal restore moving again");
+                    tracing::info!(
+                        journal_partition = p,
+                        position,
+                        "journal restore moving again"
+                    );
                 }
             }
             stalled += i64::from(o.stalled);

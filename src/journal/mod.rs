@@ -385,11 +385,10 @@ impl Journal {
             let mut checkpoint = store.checkpoint()?;
             if checkpoint.is_some_and(|c| c > high) {
                 drop(store);
-                std::fs::remove_file(&path)
-                    .map_err(|e| StoreError::Db {
-                        path: path.clone(),
-                        source: e.into(),
-                    })?;
+                std::fs::remove_file(&path).map_err(|e| StoreError::Db {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
                 (store, _) = Store::open(&path, cache)?;
                 opened = Opened::Rebuilt(format!(
                     "its checkpoint {} is past the topic's end {high} (the topic was recreated)",
@@ -410,8 +409,10 @@ impl Journal {
                 tracing::warn!(journal_partition = jp, file = %store.file().display(), reason = %why,
                     "journal store unusable; rebuilding it from the topic");
             }
-            how => tracing::info!(journal_partition = jp, file = %store.file().display(), from, opened = ?how,
-                "journal store open; reading the changelog from its checkpoint"),
+            how => {
+                tracing::info!(journal_partition = jp, file = %store.file().display(), from, opened = ?how,
+                "journal store open; reading the changelog from its checkpoint")
+            }
         }
         let store = Arc::new(store);
         self.stores
@@ -491,14 +492,40 @@ impl Journal {
     }
 
     /// The live entry for `key` of an event from `input_partition`, if any. The partition's
-    /// store must be open ([`Journal::restore`]).
-    pub async fn get(&self, input_partition: i32, key: &str) -> Result<Option<Entry>, JournalError> {
+    /// store must be open ([`Journal::restore`]). The other open stores are asked too, so a
+    /// copy of an event that arrived under another Kafka key (another input partition held
+    /// here) finds it as well.
+    pub async fn get(
+        &self,
+        input_partition: i32,
+        key: &str,
+    ) -> Result<Option<Entry>, JournalError> {
         let jp = self.journal_partition(input_partition);
-        let store = self.store(jp).ok_or(JournalError::NotOpen(jp))?;
+        let own = self.store(jp).ok_or(JournalError::NotOpen(jp))?;
+        let others: Vec<Arc<Store>> = self
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| **p != jp)
+            .map(|(_, s)| s.clone())
+            .collect();
         let key = key.to_string();
-        let found = tokio::task::spawn_blocking(move || store.get(&key, now_ms()))
-            .await
-            .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        let found = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let mut found: Option<Entry> = None;
+            for store in std::iter::once(&own).chain(&others) {
+                if let Some(e) = store.get(&key, now)? {
+                    found = Some(match found {
+                        Some(f) => f.merged(&e),
+                        None => e,
+                    });
+                }
+            }
+            Ok::<_, StoreError>(found)
+        })
+        .await
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
         Ok(found)
     }
 

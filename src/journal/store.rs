@@ -23,8 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
 use super::Entry;
@@ -459,10 +458,7 @@ mod tests {
             .record("k", &entry(true, 9_000, &["classify", "notify"]), 0)
             .unwrap();
         let older = entry(false, 9_000, &["classify"]);
-        assert_eq!(
-            store.apply(&[("k".into(), Some(older))], 10, 0).unwrap(),
-            0
-        );
+        assert_eq!(store.apply(&[("k".into(), Some(older))], 10, 0).unwrap(), 0);
         assert!(store.get("k", 0).unwrap().unwrap().done);
         // A tombstone does remove it.
         assert_eq!(store.apply(&[("k".into(), None)], 11, 0).unwrap(), 1);

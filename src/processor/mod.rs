@@ -134,6 +134,18 @@ impl Processor {
                 crate::kafka::ensure_journal_topic(&config.kafka, j, partitions).await?;
             }
         }
+        if let Some(j) = &config.journal {
+            match crate::kafka::journal_topic_warnings(&config.kafka, j).await {
+                Ok(warnings) => {
+                    for w in warnings {
+                        tracing::warn!("{w}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not check the journal topic's settings")
+                }
+            }
+        }
         let journal = match &config.journal {
             Some(j) => Some(Arc::new(
                 crate::journal::Journal::new(
