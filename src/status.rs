@@ -54,6 +54,12 @@ pub struct ProcessorStatus {
     pub paused_partitions: f64,
     /// Breaker state by provider: `closed`, `half_open` or `open`.
     pub breakers: Vec<(String, String)>,
+    /// Offsets the journal restores being waited on still have to read.
+    pub journal_restore_remaining: f64,
+    /// Journal partitions whose restore is not making progress (the processor is not ready).
+    pub journal_restores_stalled: f64,
+    /// Entries in the processor's journal stores.
+    pub journal_entries: f64,
 }
 
 /// The whole picture.
@@ -268,6 +274,9 @@ fn scrape(url: &str) -> Result<ProcessorStatus, String> {
         in_flight: value("spillway_inflight_events"),
         paused_partitions: value("spillway_paused_partitions"),
         breakers,
+        journal_restore_remaining: value("spillway_journal_restore_remaining_records"),
+        journal_restores_stalled: value("spillway_journal_restore_stalled"),
+        journal_entries: value("spillway_journal_store_entries"),
     })
 }
 
@@ -308,6 +317,20 @@ impl std::fmt::Display for Status {
                 for (provider, state) in &p.breakers {
                     writeln!(f, "breaker {provider}: {state}")?;
                 }
+                writeln!(
+                    f,
+                    "journal: {} entries stored, {} records left to restore{}",
+                    p.journal_entries,
+                    p.journal_restore_remaining,
+                    if p.journal_restores_stalled > 0.0 {
+                        format!(
+                            ", {} restores STALLED (not ready)",
+                            p.journal_restores_stalled
+                        )
+                    } else {
+                        String::new()
+                    }
+                )?;
             }
             (None, Some(e)) => writeln!(f, "processor: metrics unavailable ({e})")?,
             (None, None) => {}

@@ -872,3 +872,112 @@ async fn entries_past_their_ttl_leave_the_store_and_the_topic() {
     assert_eq!(sim.stats().await.received, EVENTS + 1);
     assert_eq!(received.raw() as u64, EVENTS + 1);
 }
+
+async fn readyz(p: &SpillwayProc) -> Option<u16> {
+    reqwest::get(format!("http://{}/readyz", p.metrics))
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// A restore that cannot move (here: another producer's transaction left open on every
+/// journal partition, which a `read_committed` read cannot pass) has no deadline that fails
+/// it: the processor reports not ready, `spillway status` shows the stall, and once the
+/// transaction ends the restore finishes and every event runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_cannot_progress_marks_the_processor_not_ready_until_it_moves() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    const EVENTS: u64 = 6;
+    let broker = Broker::start();
+    let n = names(&broker, "stall").await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    let state = tempfile::tempdir().unwrap();
+    let config = toml_on_disk(
+        &broker,
+        &n,
+        &sim,
+        sink,
+        state.path(),
+        "restore_stall_ms = 1000",
+    );
+    // A transaction that stays open on every journal partition.
+    let foreign: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("transactional.id", unique("foreign"))
+        .set("transaction.timeout.ms", "120000")
+        .create()
+        .expect("transactional producer");
+    let f = foreign.clone();
+    tokio::task::spawn_blocking(move || {
+        f.init_transactions(Duration::from_secs(30))?;
+        f.begin_transaction()
+    })
+    .await
+    .unwrap()
+    .expect("transaction begins");
+    for p in 0..PARTITIONS {
+        let value = r#"{"v":1,"expires_at_ms":1,"done":true,"steps":{}}"#;
+        foreign
+            .send(
+                FutureRecord::to(&n.journal)
+                    .key("/other|x")
+                    .payload(value)
+                    .partition(p),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("write inside the open transaction");
+    }
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    let p = SpillwayProc::spawn(&config);
+    wait_until_async(
+        "the stalled restore is reported",
+        Duration::from_secs(60),
+        || async {
+            scrape_sum(&p, "spillway_journal_restore_stalled").await >= 1.0
+                && readyz(&p).await == Some(503)
+        },
+    )
+    .await;
+    assert_eq!(
+        p.events_finished().await,
+        0.0,
+        "no event ran past an unfinished restore"
+    );
+    let file = p.log.with_file_name("spillway.toml");
+    let metrics = p.metrics;
+    let status = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(["status", "--config"])
+            .arg(&file)
+            .arg("--metrics-url")
+            .arg(format!("http://{metrics}/metrics"))
+            .output()
+            .expect("spillway status")
+    });
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("STALLED"), "status shows the stall:\n{text}");
+
+    // The transaction ends: the restore moves, the processor is ready and finishes its work.
+    let f = foreign.clone();
+    tokio::task::spawn_blocking(move || f.commit_transaction(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("commit");
+    p.wait_finished(EVENTS, "events after the restore moved")
+        .await;
+    wait_until_async("ready again", Duration::from_secs(30), || async {
+        readyz(&p).await == Some(200)
+            && scrape_sum(&p, "spillway_journal_restore_stalled").await == 0.0
+    })
+    .await;
+    let mut p = p;
+    p.terminate();
+    assert_eq!(received.raw() as u64, EVENTS);
+}
