@@ -10,6 +10,9 @@
 //! - `before_commit`: a transaction's records (a Kafka sink's result and its journal entry)
 //!   are written, the transaction is not committed.
 //!
+//! `SPILLWAY_FAULT=journal_write:<step>:<n>:fatal` instead raises a fatal librdkafka error on
+//! the journal producer before the `n`-th entry write after `<step>` ([`fatal_at`]).
+//!
 //! Testing only; never set it in production. Unset, a check is one relaxed atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +22,17 @@ struct Fault {
     point: String,
     step: String,
     at: u64,
-    /// SIGSTOP instead of SIGKILL.
-    stop: bool,
+    mode: Mode,
     hits: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Kill,
+    /// SIGSTOP instead of SIGKILL.
+    Stop,
+    /// The caller raises a fatal librdkafka error on its producer.
+    Fatal,
 }
 
 fn fault() -> Option<&'static Fault> {
@@ -32,9 +43,10 @@ fn fault() -> Option<&'static Fault> {
             let mut parts = spec.splitn(4, ':');
             let (point, step, at) = (parts.next()?, parts.next()?, parts.next()?);
             let at = at.parse().ok()?;
-            let stop = match parts.next() {
-                None => false,
-                Some("stop") => true,
+            let mode = match parts.next() {
+                None => Mode::Kill,
+                Some("stop") => Mode::Stop,
+                Some("fatal") => Mode::Fatal,
                 Some(_) => return None,
             };
             tracing::warn!(%spec, "fault injection armed (testing only)");
@@ -42,7 +54,7 @@ fn fault() -> Option<&'static Fault> {
                 point: point.to_string(),
                 step: step.to_string(),
                 at,
-                stop,
+                mode,
                 hits: AtomicU64::new(0),
             })
         })
@@ -52,11 +64,11 @@ fn fault() -> Option<&'static Fault> {
 /// Passes crash point `point` of `step`; kills the process if the armed fault says so.
 pub fn point(point: &str, step: &str) {
     let Some(f) = fault() else { return };
-    if f.point != point || f.step != step {
+    if f.point != point || f.step != step || f.mode == Mode::Fatal {
         return;
     }
     if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
-        let (name, signal) = if f.stop {
+        let (name, signal) = if f.mode == Mode::Stop {
             ("SIGSTOP", libc::SIGSTOP)
         } else {
             ("SIGKILL", libc::SIGKILL)
@@ -71,4 +83,18 @@ pub fn point(point: &str, step: &str) {
             libc::raise(signal);
         }
     }
+}
+
+/// Whether `SPILLWAY_FAULT=<point>:<step>:<n>:fatal` asks for a fatal producer error here, at
+/// the `n`th time (the caller raises it with `rd_kafka_test_fatal_error`).
+pub fn fatal_at(point: &str, step: &str) -> bool {
+    let Some(f) = fault() else { return false };
+    if f.point != point || f.step != step || f.mode != Mode::Fatal {
+        return false;
+    }
+    let hit = f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at;
+    if hit {
+        eprintln!("fault point {point}:{step} reached; raising a fatal producer error");
+    }
+    hit
 }

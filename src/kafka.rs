@@ -119,6 +119,32 @@ pub fn ingress_producer_config(k: &ProducerConfig) -> Result<ClientConfig, Confi
     Ok(c)
 }
 
+/// The fatal error `producer` raised, if any: after it the producer refuses every record,
+/// and retrying can never succeed (librdkafka's idempotence guarantee is gone).
+pub fn fatal_error<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+) -> Option<String> {
+    client
+        .fatal_error()
+        .map(|(code, reason)| format!("{code:?}: {reason}"))
+}
+
+/// Raises a fatal error on `producer`, as librdkafka would on lost idempotence state
+/// (`SPILLWAY_FAULT=...:fatal`; tests only).
+pub fn raise_fatal_for_test(producer: &rdkafka::producer::FutureProducer) {
+    use rdkafka::producer::Producer;
+    let reason = std::ffi::CString::new("injected by SPILLWAY_FAULT").unwrap_or_default();
+    // SAFETY: the client pointer is valid for the producer's lifetime; librdkafka's test API
+    // only records the error and its reason.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            producer.client().native_ptr(),
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
+}
+
 /// Creates `topics` with `partitions` partitions where missing. Existing topics are left alone.
 pub async fn ensure_topics(
     k: &KafkaConfig,

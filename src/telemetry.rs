@@ -619,6 +619,7 @@ pub struct Health {
     last_progress_ms: AtomicU64,
     ready: AtomicBool,
     restore_stalled: AtomicBool,
+    fatal: std::sync::Mutex<Option<String>>,
     liveness_timeout: Duration,
 }
 
@@ -629,6 +630,7 @@ impl Health {
             last_progress_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             restore_stalled: AtomicBool::new(false),
+            fatal: std::sync::Mutex::new(None),
             liveness_timeout,
         };
         h.progress();
@@ -645,8 +647,30 @@ impl Health {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Live while the poll loop made progress recently. Never depends on Kafka reachability.
+    /// A client failed in a way it cannot recover from (a fatal producer error): liveness
+    /// fails from now on and the processor stops with an error. The first reason is kept.
+    pub fn set_fatal(&self, why: &str) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            tracing::error!(
+                reason = why,
+                "fatal client error; the processor stops and /healthz fails"
+            );
+            *fatal = Some(why.to_string());
+        }
+    }
+
+    /// The fatal error, if one happened.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Live while the poll loop made progress recently and no client failed fatally. Never
+    /// depends on Kafka reachability.
     pub fn is_live(&self) -> bool {
+        if self.fatal().is_some() {
+            return false;
+        }
         let last = self.last_progress_ms.load(Ordering::Relaxed);
         now_ms().saturating_sub(last) <= self.liveness_timeout.as_millis() as u64
     }

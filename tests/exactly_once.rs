@@ -981,3 +981,95 @@ async fn a_restore_that_cannot_progress_marks_the_processor_not_ready_until_it_m
     p.terminate();
     assert_eq!(received.raw() as u64, EVENTS);
 }
+
+/// A fatal error of the journal producer (librdkafka's lost idempotence state, raised here
+/// through its test API) is not retried for ever: `/healthz` fails, the processor exits
+/// non-zero, and no committed offset passes an event whose effect did not happen. A restart
+/// finishes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_fails_liveness_and_exits_non_zero_committing_nothing_unfinished() {
+    use rdkafka::Message;
+    const EVENTS: u64 = 12;
+    let broker = Broker::start();
+    let n = names(&broker, "fatal").await;
+    let sim = Sim::start(|c| c.latency_ms = 20).await;
+    let (sink, received) = receiver().await;
+    // Offsets stored often, so a commit past unfinished work would show.
+    let config = toml(&broker, &n, &sim, sink)
+        .replace("commit_interval_ms = 60000", "commit_interval_ms = 100");
+    produce_all(
+        &broker.bootstrap(),
+        &n.topic,
+        (0..EVENTS).map(|i| comment(&format!("k{i}"), &format!("evt-{i}"), 0)),
+    )
+    .await;
+    let mut p = SpillwayProc::spawn_with_env(
+        &config,
+        &[("SPILLWAY_FAULT", "journal_write:classify:6:fatal")],
+    );
+    let metrics = p.metrics;
+    let mut saw_unhealthy = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = p.wait_exit_nonblocking() {
+            break status;
+        }
+        if let Ok(r) = reqwest::get(format!("http://{metrics}/healthz")).await {
+            saw_unhealthy |= r.status().as_u16() == 503;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the processor did not exit:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let log = p.log_text();
+    assert!(!status.success(), "exits non-zero: {status:?}\n{log}");
+    assert!(saw_unhealthy, "/healthz failed before the exit\n{log}");
+    assert!(log.contains("fatal"), "{log}");
+
+    // Every record below a committed offset had its effect.
+    let committed = committed(&broker.bootstrap(), &n.group, &n.topic, PARTITIONS);
+    let effects = received.effects();
+    let inputs = read_to_eof(
+        &broker.bootstrap(),
+        &n.topic,
+        PARTITIONS,
+        "read_uncommitted",
+    );
+    let mut below = 0;
+    for m in &inputs {
+        if committed
+            .get(&m.partition())
+            .is_some_and(|c| m.offset() < *c)
+        {
+            below += 1;
+            let id = spillway::codec::header_str(m, "ce_id").unwrap_or_default();
+            assert!(
+                effects.contains_key(&format!("/test|{id}")),
+                "offset {} of partition {} is committed but {id} never finished: {effects:?}",
+                m.offset(),
+                m.partition()
+            );
+        }
+    }
+    assert!(
+        below < EVENTS as usize,
+        "the failed event is not committed: {committed:?}"
+    );
+
+    let mut again = SpillwayProc::spawn(&config);
+    wait_until(
+        "every event took effect after the restart",
+        Duration::from_secs(60),
+        || received.effects().len() as u64 == EVENTS,
+    )
+    .await;
+    again.terminate();
+    assert!(
+        received.effects().values().all(|c| *c == 1),
+        "{:?}",
+        received.effects()
+    );
+}

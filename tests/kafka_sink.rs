@@ -578,3 +578,55 @@ fn the_kafka_sink_without_a_journal_is_a_config_error() {
         .to_string();
     assert!(err.contains("[journal]"), "{err}");
 }
+
+/// A result too large for its topic (the broker's `max.message.bytes`) cannot ever be
+/// written: its event goes to the DLQ with `record_too_large`, and the other events, whose
+/// results were in the same group-committed transactions, commit exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_result_goes_to_the_dlq_and_the_rest_of_its_lane_commits() {
+    const EVENTS: usize = 12;
+    const BIG: usize = 5;
+    let broker = Broker::start();
+    let n = names(&broker, "oversized").await;
+    set_topic_config(
+        &broker.bootstrap(),
+        &n.results,
+        &[("max.message.bytes", "8000")],
+    )
+    .await;
+    let mut recs: Vec<Rec> = (0..EVENTS)
+        .map(|i| comment(&format!("k{i}"), &format!("evt-{i}")))
+        .collect();
+    // The result carries the event's data: 12 KB of text makes it too large for the topic.
+    recs[BIG].value = format!(r#"{{"text":"{}"}}"#, "x".repeat(12_000)).into_bytes();
+    produce_all(&broker.bootstrap(), &n.topic, recs).await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let config = toml(&broker.bootstrap(), &n, &sim, "json", None, true).replace(
+        &format!("max_in_flight = {IN_FLIGHT}"),
+        "max_in_flight = 12",
+    );
+    let mut p = SpillwayProc::spawn(&config);
+    p.wait_finished(EVENTS as u64, "every event finished").await;
+    let metrics = p.try_scrape().await.unwrap_or_default();
+    p.terminate();
+    let dlq = read_to_eof(&broker.bootstrap(), &n.dlq, 1, "read_uncommitted");
+    assert_eq!(
+        dlq.len(),
+        1,
+        "only the oversized event is dead-lettered\n{}",
+        p.log_text()
+    );
+    assert_eq!(header(&dlq[0], "dlq.reason"), Some("record_too_large"));
+    assert_eq!(header(&dlq[0], "dlq.attempts"), Some("1"));
+    let results = by_key(&committed_results(&broker.bootstrap(), &n));
+    assert_eq!(results.len(), EVENTS - 1, "{results:?}");
+    assert!(results.values().all(|c| *c == 1), "{results:?}");
+    assert!(!results.contains_key(&format!("/test|evt-{BIG}")));
+    assert!(
+        metric_sum(
+            &metrics,
+            "spillway_journal_transactions_total{outcome=\"too_large\""
+        ) >= 1.0,
+        "{metrics}"
+    );
+}

@@ -45,7 +45,8 @@ use crate::config::{JournalConfig, KafkaConfig};
 use crate::telemetry::{now_ms, Health, Metrics};
 use store::{Opened, Store, StoreError};
 
-/// Journal failures. All are transient for the event: it waits and tries again.
+/// Journal failures. All but [`JournalError::TooLarge`] are transient for the event: it waits
+/// and tries again.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// Producing or reading the journal topic failed.
@@ -61,9 +62,46 @@ pub enum JournalError {
     /// A transaction (a Kafka sink's records with the journal entry) did not commit.
     #[error("journal transaction: {0}")]
     Transaction(String),
+    /// A record (a sink's result or the entry itself) is too large for Kafka: it never fits,
+    /// so the event goes to the DLQ.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The journal producer failed fatally: it refuses every record from now on. The
+    /// processor stops (liveness fails) without finishing the event.
+    #[error("the journal producer failed fatally: {0}")]
+    Fatal(String),
     /// The journal topic is missing or has no partitions.
     #[error("journal topic {0} does not exist or has no partitions; create it compacted (cleanup.policy=compact)")]
     MissingTopic(String),
+}
+
+impl JournalError {
+    /// Whether writing again can never succeed (the event goes to the DLQ).
+    pub fn is_deterministic(&self) -> bool {
+        matches!(self, JournalError::TooLarge(_))
+    }
+
+    /// Whether the process cannot go on (the event is left unfinished).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, JournalError::Fatal(_))
+    }
+
+    /// Stable reason for metrics and DLQ headers.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            JournalError::TooLarge(_) => "record_too_large",
+            _ => "journal_unavailable",
+        }
+    }
+}
+
+impl From<txn::LaneError> for JournalError {
+    fn from(e: txn::LaneError) -> Self {
+        match e {
+            txn::LaneError::TooLarge(why) => JournalError::TooLarge(why),
+            txn::LaneError::Failed(why) => JournalError::Transaction(why),
+        }
+    }
 }
 
 /// What an event has done so far. Serialized as JSON on the journal topic.
@@ -137,6 +175,7 @@ pub struct Journal {
     /// Transactional lanes, when a step writes Kafka records with its entry.
     txns: Option<txn::Transactions>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 /// Held while an event runs; dropping it lets a waiting copy re-check the journal.
@@ -220,7 +259,7 @@ impl Journal {
             // Expired entries leave the store within a quarter of the shortest TTL.
             sweep_every: Duration::from_secs((min_ttl / 4).clamp(1, 60)),
             metrics: metrics.clone(),
-            health,
+            health: health.clone(),
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -255,6 +294,7 @@ impl Journal {
                 None
             },
             metrics,
+            health,
         })
     }
 
@@ -436,9 +476,7 @@ impl Journal {
     pub async fn restore(&self, topic: &str, input_partition: i32) -> Result<u64, JournalError> {
         let jp = self.journal_partition(input_partition);
         if let Some(t) = &self.txns {
-            t.prepare(topic, input_partition)
-                .await
-                .map_err(JournalError::Transaction)?;
+            t.prepare(topic, input_partition).await?;
         }
         self.open_store(jp).await?;
         let generation = self
@@ -596,7 +634,20 @@ impl Journal {
             .send(record, Duration::from_secs(0))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| JournalError::Kafka(e));
+            .map_err(|(e, _)| {
+                if let Some(why) = crate::kafka::fatal_error(self.producer.client()) {
+                    self.health.set_fatal(&format!("journal producer: {why}"));
+                    JournalError::Fatal(why)
+                } else if txn::is_too_large(&e) {
+                    JournalError::TooLarge(format!(
+                        "the journal entry of {} bytes for topic {}: {e}",
+                        key.len() + value.len(),
+                        self.config.topic
+                    ))
+                } else {
+                    JournalError::Kafka(e)
+                }
+            });
         self.metrics
             .journal_writes
             .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
@@ -646,13 +697,18 @@ impl Journal {
         let result = txns
             .write(input.0, input.1, generation, step, all)
             .await
-            .map_err(JournalError::Transaction);
+            .map_err(JournalError::from);
         self.metrics
             .journal_writes
             .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
             .inc();
         result?;
         self.record(jp, key, entry).await
+    }
+
+    /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=journal_write:<step>:<n>:fatal`).
+    pub fn raise_fatal_for_test(&self) {
+        crate::kafka::raise_fatal_for_test(&self.producer);
     }
 
     /// Stops the changelog reader and makes every open store durable at its checkpoint

@@ -17,6 +17,10 @@
 //!   before answering), and the journal partition is read again before anything is written
 //!   ([`crate::journal::Journal::write_atomic`] skips a step the re-read shows as committed).
 //!   So every commit follows a read of the journal made after that producer's fence.
+//! - **Records too large for Kafka.** A record the producer or the broker refuses for its size
+//!   aborts the transaction cleanly; the lane then commits the batch's requests one by one, so
+//!   only the request that is too large on its own fails, with [`LaneError::TooLarge`] (a
+//!   deterministic error: the event goes to the DLQ), and the others commit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,11 +78,22 @@ impl OutRecord {
     }
 }
 
+/// Why a lane did not commit a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LaneError {
+    /// Nothing of it is visible; writing it again may succeed.
+    #[error("{0}")]
+    Failed(String),
+    /// One of its records is too large for Kafka, alone in its transaction: it never fits.
+    #[error("a record is too large for Kafka: {0}")]
+    TooLarge(String),
+}
+
 struct Request {
     /// The step whose records these are (for the `before_commit` crash point).
     step: String,
     records: Vec<OutRecord>,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<(), LaneError>>,
 }
 
 /// Called by a lane once its `init_transactions` fenced the previous owner, with the lane's
@@ -169,7 +184,7 @@ impl Transactions {
     /// Makes sure the lane of `(topic, partition)` has fenced the partition's previous owner
     /// and settled its open transaction. Until then a `read_committed` read of the journal
     /// cannot get past that transaction.
-    pub async fn prepare(&self, topic: &str, partition: i32) -> Result<(), String> {
+    pub async fn prepare(&self, topic: &str, partition: i32) -> Result<(), LaneError> {
         let lane = self.lane(topic, partition);
         if lane.ready.load(Ordering::Acquire) && !lane.closed.load(Ordering::Acquire) {
             return Ok(());
@@ -200,20 +215,21 @@ impl Transactions {
         read_generation: u64,
         step: &str,
         records: Vec<OutRecord>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LaneError> {
         let lane = self.lane(topic, partition);
         if !lane.ready.load(Ordering::Acquire)
             || lane.closed.load(Ordering::Acquire)
             || lane.generation.load(Ordering::Acquire) > read_generation
         {
-            return Err(
+            return Err(LaneError::Failed(
                 "transaction lane changed since the journal was read; reading again".into(),
-            );
+            ));
         }
         Self::send(lane, step.to_string(), records).await
     }
 
-    async fn send(lane: Lane, step: String, records: Vec<OutRecord>) -> Result<(), String> {
+    async fn send(lane: Lane, step: String, records: Vec<OutRecord>) -> Result<(), LaneError> {
+        let stopped = || LaneError::Failed("transaction lane stopped".into());
         let (reply, rx) = oneshot::channel();
         lane.tx
             .send(Request {
@@ -222,9 +238,8 @@ impl Transactions {
                 reply,
             })
             .await
-            .map_err(|_| "transaction lane stopped".to_string())?;
-        rx.await
-            .map_err(|_| "transaction lane stopped".to_string())?
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -246,6 +261,8 @@ enum Ended {
     Committed,
     /// Aborted cleanly: nothing of it is visible; the lane can go on.
     Aborted(String),
+    /// Aborted cleanly because a record was too large for Kafka.
+    TooLarge(String),
     /// Fenced, fatal, or a commit whose outcome is unknown: the lane must close.
     Broken(String),
 }
@@ -269,31 +286,76 @@ impl LaneTask {
                 fail(batch, "transaction lane closed");
                 break;
             }
-            match self.transaction(&batch).await {
-                Ended::Committed => {
-                    for r in batch {
-                        let _ = r.reply.send(Ok(()));
+            let ended = self.transaction(&batch).await;
+            if let Ended::TooLarge(e) = &ended {
+                if batch.len() > 1 {
+                    // Which request is too large on its own? Each commits alone.
+                    tracing::warn!(transactional_id = %self.id, error = %e, requests = batch.len(),
+                        "a record was too large for Kafka; committing the batch's requests one by one");
+                    if !self.one_by_one(batch).await {
+                        break;
                     }
+                    continue;
                 }
-                Ended::Aborted(e) => fail(batch, &e),
-                Ended::Broken(e) => {
-                    // Closed before anyone hears of the failure, so a retry cannot find
-                    // this lane still ready.
-                    self.close();
-                    fail(batch, &e);
-                    break;
-                }
+            }
+            if !self.answer(batch, ended) {
+                break;
             }
         }
         // Closed (reset, or broken) or every sender gone: fail what is still queued, and
         // close the producer off the runtime's threads (it joins librdkafka threads).
         rx.close();
         while let Ok(r) = rx.try_recv() {
-            let _ = r.reply.send(Err("transaction lane closed".into()));
+            let _ = r
+                .reply
+                .send(Err(LaneError::Failed("transaction lane closed".into())));
         }
         if let Some(p) = self.producer.take() {
             tokio::task::spawn_blocking(move || drop(p));
         }
+    }
+
+    /// Answers `batch` with how its transaction ended; false when the lane must stop.
+    fn answer(&self, batch: Vec<Request>, ended: Ended) -> bool {
+        match ended {
+            Ended::Committed => {
+                for r in batch {
+                    let _ = r.reply.send(Ok(()));
+                }
+                true
+            }
+            Ended::Aborted(e) => {
+                fail(batch, &e);
+                true
+            }
+            Ended::TooLarge(e) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(LaneError::TooLarge(e.clone())));
+                }
+                true
+            }
+            Ended::Broken(e) => {
+                // Closed before anyone hears of the failure, so a retry cannot find this
+                // lane still ready.
+                self.close();
+                fail(batch, &e);
+                false
+            }
+        }
+    }
+
+    /// Commits each request of `batch` in a transaction of its own; false when the lane must
+    /// stop (the requests not yet tried fail and retry on a new lane).
+    async fn one_by_one(&mut self, batch: Vec<Request>) -> bool {
+        let mut rest = batch.into_iter();
+        while let Some(request) = rest.next() {
+            let ended = self.transaction(std::slice::from_ref(&request)).await;
+            if !self.answer(vec![request], ended) {
+                fail(rest.collect(), "transaction lane closed");
+                return false;
+            }
+        }
+        true
     }
 
     /// Marks the lane closed and removes it from the map if it is still the current one, so
@@ -357,6 +419,10 @@ impl LaneTask {
                 tracing::warn!(transactional_id = %self.id, error = %e, "transaction aborted; its events retry");
                 "aborted"
             }
+            Ended::TooLarge(e) => {
+                tracing::warn!(transactional_id = %self.id, error = %e, "transaction aborted: a record is too large for Kafka");
+                "too_large"
+            }
             Ended::Broken(e) => {
                 if e.contains("not supported by broker") {
                     tracing::error!(transactional_id = %self.id, error = %e,
@@ -388,26 +454,38 @@ impl LaneTask {
             return Ended::Broken(format!("begin_transaction: {e}"));
         }
         let mut failed = None;
+        let mut too_large = None;
         let mut deliveries = Vec::with_capacity(batch.len());
         for r in batch.iter().flat_map(|r| r.records.iter()) {
             match producer.send_result(r.to_future_record()) {
-                Ok(delivery) => deliveries.push(delivery),
+                Ok(delivery) => deliveries.push((delivery, r)),
                 Err((e, _)) => {
+                    if is_too_large(&e) {
+                        too_large = Some(too_large_message(&e, r));
+                    }
                     failed = Some(format!("enqueue: {e}"));
                     break;
                 }
             }
         }
-        for d in deliveries {
+        for (d, r) in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failed = failed.or(Some(format!("delivery: {e}"))),
+                Ok(Err((e, _))) => {
+                    if is_too_large(&e) {
+                        too_large = too_large.or(Some(too_large_message(&e, r)));
+                    }
+                    failed = failed.or(Some(format!("delivery: {e}")));
+                }
                 Err(_) => failed = failed.or(Some("delivery report lost".to_string())),
             }
         }
         if let Some(e) = failed {
             // Nothing was committed yet, so a clean abort leaves nothing visible.
-            return self.abort(producer, e).await;
+            return match (self.abort(producer, e).await, too_large) {
+                (Ended::Aborted(_), Some(why)) => Ended::TooLarge(why),
+                (ended, _) => ended,
+            };
         }
         if let Some(first) = batch.first() {
             crate::fault::point("before_commit", &first.step);
@@ -442,8 +520,27 @@ impl LaneTask {
 
 fn fail(batch: Vec<Request>, why: &str) {
     for r in batch {
-        let _ = r.reply.send(Err(why.to_string()));
+        let _ = r.reply.send(Err(LaneError::Failed(why.to_string())));
     }
+}
+
+/// Whether the producer (`message.max.bytes`) or the broker (the topic's
+/// `max.message.bytes`) refused a record for its size.
+pub fn is_too_large(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
+fn too_large_message(e: &KafkaError, r: &OutRecord) -> String {
+    format!(
+        "{} bytes for topic {}: {e}",
+        r.key.len()
+            + r.payload.len()
+            + r.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>(),
+        r.topic
+    )
 }
 
 async fn blocking(

@@ -43,6 +43,7 @@ pub struct DlqWriter {
     group: String,
     retry: RetryConfig,
     metrics: Arc<Metrics>,
+    health: Arc<crate::telemetry::Health>,
 }
 
 impl DlqWriter {
@@ -52,6 +53,7 @@ impl DlqWriter {
         topic: &str,
         retry: RetryConfig,
         metrics: Arc<Metrics>,
+        health: Arc<crate::telemetry::Health>,
     ) -> Result<Self, KafkaError> {
         let producer: FutureProducer = crate::kafka::producer_config(kafka)
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
@@ -62,12 +64,15 @@ impl DlqWriter {
             group: kafka.group_id.clone(),
             retry,
             metrics,
+            health,
         })
     }
 
-    /// Writes `record` to the DLQ, retrying until Kafka acknowledges it. Cancel by dropping
-    /// the future (the record then stays unfinished and is redelivered).
-    pub async fn write(&self, record: &OwnedMessage, failure: &Failure) {
+    /// Writes `record` to the DLQ, retrying until Kafka acknowledges it; true once it has.
+    /// Cancel by dropping the future (the record then stays unfinished and is redelivered).
+    /// A fatal producer error ends the retries: health is marked failed, and the answer is
+    /// false (the record stays unfinished).
+    pub async fn write(&self, record: &OwnedMessage, failure: &Failure) -> bool {
         let mut headers = dlq_headers(record, failure, &self.group);
         let mut with_value = true;
         let mut attempt = 0u32;
@@ -87,11 +92,15 @@ impl DlqWriter {
                         .dlq_records
                         .with_label_values(&[failure.reason])
                         .inc();
-                    return;
+                    return true;
                 }
                 Err((e, _)) => e,
             };
             self.metrics.dlq_write_errors.inc();
+            if let Some(why) = crate::kafka::fatal_error(self.producer.client()) {
+                self.health.set_fatal(&format!("DLQ producer: {why}"));
+                return false;
+            }
             if with_value && too_large(&e) {
                 // Retrying the same bytes can never succeed and would stall the partition for
                 // good. Dead-letter the record without its value instead: its coordinates

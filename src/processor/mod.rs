@@ -166,6 +166,7 @@ impl Processor {
             &config.dlq.topic,
             config.processor.retry.clone(),
             metrics.clone(),
+            health.clone(),
         )?;
         let worker = Arc::new(Worker {
             codec: Codec::new(&config.codec)?,

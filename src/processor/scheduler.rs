@@ -156,6 +156,9 @@ impl Scheduler {
     ) -> Result<(), &'static str> {
         let mut commit_tick = tokio::time::interval(self.cfg.commit_interval());
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // How soon a dead poll thread or a fatal client error stops the processor.
+        let mut health_tick = tokio::time::interval(Duration::from_millis(500));
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut drain_deadline = far;
         let mut result = Ok(());
@@ -179,14 +182,19 @@ impl Scheduler {
                 }
                 _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
                 Ok(()) = self.gate_rx.changed() => self.on_gate(),
-                _ = commit_tick.tick() => {
+                _ = health_tick.tick() => {
                     if !poll_alive.load(Ordering::Acquire) {
                         tracing::error!("poll thread died; shutting down");
                         result = Err("poll thread died");
                         break;
                     }
-                    self.store_offsets();
+                    if let Some(why) = self.health.fatal() {
+                        tracing::error!(reason = %why, "a Kafka client failed fatally; shutting down without finishing its work");
+                        result = Err("a Kafka client failed fatally");
+                        break;
+                    }
                 }
+                _ = commit_tick.tick() => self.store_offsets(),
                 input = rx.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => {

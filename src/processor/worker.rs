@@ -169,7 +169,7 @@ impl Worker {
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
         if let Err(o) = self
-            .journal_retry("journal_restore", || async {
+            .journal_retry(record, "journal_restore", || async {
                 journal.restore(topic, partition).await.map(|_| ())
             })
             .await
@@ -183,7 +183,7 @@ impl Worker {
             _ = self.drain.cancelled() => return Outcome::Abandoned,
         };
         let prior = match self
-            .journal_retry("journal_read", || journal.get(partition, &key))
+            .journal_retry(record, "journal_read", || journal.get(partition, &key))
             .await
         {
             Ok(prior) => prior,
@@ -208,9 +208,15 @@ impl Worker {
             .await
     }
 
-    /// Retries a journal operation until it succeeds (it is never a reason to dead-letter),
-    /// or gives the record up unfinished when shutdown begins.
-    async fn journal_retry<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, Outcome>
+    /// Retries a journal operation until it succeeds, or gives the record up unfinished when
+    /// shutdown begins. Only a deterministic failure (a record too large for Kafka) sends it
+    /// to the DLQ: an unavailable journal never does.
+    async fn journal_retry<T, F, Fut>(
+        &self,
+        record: &OwnedMessage,
+        what: &'static str,
+        mut op: F,
+    ) -> Result<T, Outcome>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, JournalError>>,
@@ -227,6 +233,20 @@ impl Worker {
                 Ok(value) => return Ok(value),
                 Err(e) => e,
             };
+            if e.is_fatal() {
+                // Health is marked failed; the scheduler stops. Unfinished, never committed.
+                return Err(Outcome::Abandoned);
+            }
+            if e.is_deterministic() {
+                let failure = Attempts::new().failure(
+                    e.error_code(),
+                    what.to_string(),
+                    "spillway::journal::JournalError",
+                    e.to_string(),
+                    attempt,
+                );
+                return Err(self.dead_letter(record, failure).await);
+            }
             self.metrics
                 .retries
                 .with_label_values(&[what, "kafka"])
@@ -256,7 +276,7 @@ impl Worker {
         entry: &Entry,
     ) -> Result<(), Outcome> {
         let partition = record.partition();
-        self.journal_retry("journal_write", || {
+        self.journal_retry(record, "journal_write", || {
             journal.write(partition, key, entry.clone())
         })
         .await
@@ -408,6 +428,9 @@ impl Worker {
                 return self.dead_letter(record, failure).await;
             }
             if let Some((j, entry)) = journal.as_mut() {
+                if fault::fatal_at("journal_write", step.name()) {
+                    j.raise_fatal_for_test();
+                }
                 let done = index + 1 == count;
                 let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
                 entry.steps.insert(step.name().to_string(), output);
@@ -418,7 +441,7 @@ impl Worker {
                 } else {
                     // The step's records and its entry commit in one transaction.
                     let input = (record.topic(), record.partition());
-                    self.journal_retry("journal_transaction", || {
+                    self.journal_retry(record, "journal_transaction", || {
                         j.write_atomic(input, &ctx.dedup_key, entry.clone(), step.name(), &staged)
                     })
                     .await
@@ -481,7 +504,11 @@ impl Worker {
             attempts = failure.attempts,
             "dead-lettering record"
         );
-        self.dlq.write(record, &failure).await;
-        Outcome::DeadLettered
+        if self.dlq.write(record, &failure).await {
+            Outcome::DeadLettered
+        } else {
+            // The DLQ producer failed fatally: the record stays unfinished.
+            Outcome::Abandoned
+        }
     }
 }

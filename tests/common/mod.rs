@@ -892,18 +892,7 @@ impl SpillwayProc {
         let cfg = dir.path().join("spillway.toml");
         // Each process gets its own journal state directory unless the test gives one (to
         // restart on the same disk): two processes cannot share a store file.
-        let toml = if toml.contains("[journal]\n") && !toml.contains("state_dir") {
-            toml.replacen(
-                "[journal]\n",
-                &format!(
-                    "[journal]\nstate_dir = \"{}\"\n",
-                    dir.path().join("state").display()
-                ),
-                1,
-            )
-        } else {
-            toml.to_string()
-        };
+        let toml = with_state_dir(toml, &dir.path().join("state"));
         std::fs::write(&cfg, toml).expect("write config");
         let log = dir.path().join("spillway.log");
         let out = std::fs::File::create(&log).expect("log file");
@@ -1169,6 +1158,21 @@ impl Drop for Registry {
 }
 
 /// Starts an in-process processor whose steps are built from the config (LLM steps, sinks).
+/// `toml` with its journal state in `dir`, unless it names a `state_dir` itself.
+pub fn with_state_dir(toml: &str, dir: &Path) -> String {
+    if toml.contains("[journal]\n") && !toml.contains("state_dir") {
+        toml.replacen(
+            "[journal]\n",
+            &format!("[journal]\nstate_dir = \"{}\"\n", dir.display()),
+            1,
+        )
+    } else {
+        toml.to_string()
+    }
+}
+
+/// Starts a processor in this process on `toml` (its journal state, if any, in a directory
+/// of its own under the test target's temporary directory).
 pub async fn start_configured(
     toml: &str,
     shutdown: tokio_util::sync::CancellationToken,
@@ -1176,7 +1180,11 @@ pub async fn start_configured(
     SocketAddr,
     tokio::task::JoinHandle<Result<(), spillway::processor::ProcessorError>>,
 ) {
-    let config = spillway::config::Config::from_toml(toml).expect("test config is valid");
+    let state = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("state")
+        .join(unique("processor"));
+    let config = spillway::config::Config::from_toml(&with_state_dir(toml, &state))
+        .expect("test config is valid");
     let p = spillway::processor::Processor::from_config(config, shutdown)
         .await
         .expect("processor starts");
