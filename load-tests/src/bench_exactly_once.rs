@@ -13,10 +13,17 @@
 //! recovery time after each kill (from the kill until the 1 s rate of new effects is back at
 //! 80 % of the rate before it).
 //!
-//! Usage: `cargo run --release -p spillway-load-tests --bin bench-exactly-once -- [--quick] [--static-membership]`
+//! Usage: `cargo run --release -p spillway-load-tests --bin bench-exactly-once -- [--quick] [--static-membership] [--scale [N]]`
 //! (`--quick`: 20,000 events, one run; default 100,000 events, two runs;
 //! `--static-membership`: the processor has a `group_instance_id`, so its restart rejoins as
 //! the same member instead of waiting for the killed one's session to time out).
+//!
+//! `--scale [N]` (default 1,000,000): N distinct events, a day of the 1.2M/day deployment,
+//! with an upstream copy of a random earlier event after every tenth one, so copies of events
+//! that finished long ago arrive over the whole run; 3 SIGKILLs. It also prints the
+//! processor's RSS at 100k and at N keys, then stops it (SIGTERM) and times two restarts
+//! that must skip copies of old events: on the same state directory (restore from the
+//! checkpoint) and on an empty one (a cold restore of the whole journal).
 //! `BENCH_PROCESSOR_LOG=<file>` keeps the processor's log, `BENCH_PROCESSOR_RUST_LOG=info`
 //! makes it show the timeline of each recovery.
 
@@ -124,7 +131,175 @@ async fn sim_calls(base: &str) -> u64 {
     stats["received"].as_u64().unwrap_or(0)
 }
 
-async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: bool) {
+/// The processor's resident set size in MiB.
+fn rss_mib(child: &Child) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Produces `events` events, and after every tenth a copy (same key, id and data) of a
+/// uniformly random earlier one. Returns the number of copies.
+async fn produce_with_copies(bootstrap: &str, topic: &str, events: u64) -> u64 {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer");
+    let mut rng = rand::rng();
+    let mut pending = std::collections::VecDeque::with_capacity(8192);
+    let mut copies = 0;
+    let send = |i: u64, pending: &mut std::collections::VecDeque<_>| {
+        let key = format!("k{}", i % KEYS);
+        let value = format!(
+            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
+            i / KEYS
+        );
+        let id = format!("evt-{i}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "ce_source",
+                value: Some("/bench"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("com.example.comment"),
+            })
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            });
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        // At most 8192 records wait for their ack, far below the producer's queue.
+        pending.push_back(p.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+    };
+    for i in 0..events {
+        send(i, &mut pending);
+        if i % 10 == 9 {
+            send(rng.random_range(0..i), &mut pending);
+            copies += 1;
+        }
+        while pending.len() >= 8192 {
+            if let Some(d) = pending.pop_front() {
+                d.await.expect("delivery").expect("produce");
+            }
+        }
+    }
+    for d in pending {
+        d.await.expect("delivery").expect("produce");
+    }
+    copies
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Starts the processor on `config` after copies of `probes` old events were produced, and
+/// times how long it takes to skip them all: the restore of the journal partitions they need
+/// plus the start and the group join. Prints the figures; returns the child.
+async fn time_restart(
+    what: &str,
+    bootstrap: &str,
+    topic: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    metrics: SocketAddr,
+    probes: &[u64],
+) -> Child {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("producer");
+    for i in probes {
+        let key = format!("k{}", i % KEYS);
+        let value = format!(
+            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
+            i / KEYS
+        );
+        let id = format!("evt-{i}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "ce_source",
+                value: Some("/bench"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("com.example.comment"),
+            })
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            });
+        p.send(
+            FutureRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("probe");
+    }
+    let started = Instant::now();
+    let child = spawn_processor(config, log);
+    let deadline = started + Duration::from_secs(600);
+    let text = loop {
+        let text = scrape(metrics).await;
+        if metric(&text, "spillway_duplicates_total") >= probes.len() as f64 {
+            break text;
+        }
+        if Instant::now() > deadline {
+            println!("  {what}: the copies were not all skipped within 600 s");
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "  {what}: {} copies of old events skipped {:.1} s after the start; {} journal records read; \
+         restores: {} in {:.2} s in all (the wait of the first record of each partition); rebuilt stores {}",
+        probes.len(),
+        started.elapsed().as_secs_f64(),
+        metric(&text, "spillway_journal_restored_records_total"),
+        metric(&text, "spillway_journal_restore_duration_seconds_count"),
+        metric(&text, "spillway_journal_restore_duration_seconds_sum"),
+        metric(&text, "spillway_journal_store_rebuilds_total"),
+    );
+    child
+}
+
+async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: bool, scale: bool) {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut sim_config =
         spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -144,21 +319,26 @@ async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: 
     create_topic(bootstrap, &journal, PARTITIONS).await;
     create_topic(bootstrap, &dlq, 1).await;
     let started = Instant::now();
-    produce_events(
-        bootstrap,
-        &topic,
-        &Events {
-            count: events,
-            keys: KEYS,
-            key_prefix: "k",
-            id_prefix: "evt-",
-            source: "/bench",
-            text_prefix: "comment ",
-        },
-    )
-    .await;
+    let copies = if scale {
+        produce_with_copies(bootstrap, &topic, events).await
+    } else {
+        produce_events(
+            bootstrap,
+            &topic,
+            &Events {
+                count: events,
+                keys: KEYS,
+                key_prefix: "k",
+                id_prefix: "evt-",
+                source: "/bench",
+                text_prefix: "comment ",
+            },
+        )
+        .await;
+        0
+    };
     println!(
-        "run {run}: produced {events} events over {KEYS} keys in {:.1} s",
+        "run {run}: produced {events} events and {copies} upstream copies over {KEYS} keys in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -174,6 +354,8 @@ async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: 
     let log = std::env::var("BENCH_PROCESSOR_LOG")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| dir.path().join("processor.log"));
+    let state = dir.path().join("state");
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], spillway_load_tests::free_port()));
     std::fs::write(
         &config,
         format!(
@@ -193,8 +375,9 @@ commit_interval_ms = 1000
 topic = "{dlq}"
 [journal]
 topic = "{journal}"
+state_dir = "{state}"
 [telemetry]
-metrics_addr = "127.0.0.1:0"
+metrics_addr = "{metrics_addr}"
 log_format = "text"
 
 [[steps]]
@@ -218,7 +401,8 @@ api = "openai"
 base_url = "{sim}"
 api_key = "bench"
 requests_per_minute = 10000000
-"#
+"#,
+            state = state.display(),
         ),
     )
     .expect("config");
@@ -254,10 +438,14 @@ requests_per_minute = 10000000
             _ => 0.0,
         }
     };
+    let mut rss_at_100k = None;
     for (k, at) in points.iter().enumerate() {
         while effects(&seen) < *at {
             tokio::time::sleep(Duration::from_millis(50)).await;
             rate_samples.push((Instant::now(), effects(&seen)));
+            if rss_at_100k.is_none() && effects(&seen) >= 100_000 {
+                rss_at_100k = Some(rss_mib(&child));
+            }
         }
         let steady = rate_over(&rate_samples, Duration::from_secs(3));
         // SAFETY: kill(2) has no memory preconditions.
@@ -320,14 +508,66 @@ requests_per_minute = 10000000
         recoveries.push(recovery);
         rate_samples = samples;
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(if scale { 3_600 } else { 600 });
     while effects(&seen) < events && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if rss_at_100k.is_none() && effects(&seen) >= 100_000 {
+            rss_at_100k = Some(rss_mib(&child));
+        }
+    }
+    // The copies behind the last original are skipped too before the figures are read.
+    let settle = Instant::now() + Duration::from_secs(60);
+    while scale && Instant::now() < settle {
+        let text = scrape(metrics_addr).await;
+        if metric(&text, "spillway_consumer_lag") == 0.0 && !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = t0.elapsed();
+    let rss_at_end = rss_mib(&child);
     // SAFETY: as above; SIGTERM lets it drain and commit.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
+    if scale {
+        println!(
+            "  processor RSS: {:.0} MiB at 100k effects, {rss_at_end:.0} MiB at {} (ratio {:.2}); store files {:.0} MiB",
+            rss_at_100k.unwrap_or(0.0),
+            effects(&seen),
+            rss_at_end / rss_at_100k.unwrap_or(f64::NAN),
+            dir_mib(&state)
+        );
+        // Copies of old events, on 48 keys (every partition, most likely).
+        let probes: Vec<u64> = (0..48).map(|k| k + KEYS * (events / KEYS / 3)).collect();
+        let mut warm = time_restart(
+            "restart on the same state directory (restore from the checkpoint)",
+            bootstrap,
+            &topic,
+            &config,
+            &log,
+            metrics_addr,
+            &probes,
+        )
+        .await;
+        // SAFETY: kill(2) has no memory preconditions.
+        unsafe { libc::kill(warm.id() as i32, libc::SIGTERM) };
+        let _ = warm.wait();
+        std::fs::remove_dir_all(&state).expect("delete the state directory");
+        let probes: Vec<u64> = (0..48).map(|k| k + KEYS * (events / KEYS / 2)).collect();
+        let mut cold = time_restart(
+            "restart on an empty state directory (cold restore of the whole journal)",
+            bootstrap,
+            &topic,
+            &config,
+            &log,
+            metrics_addr,
+            &probes,
+        )
+        .await;
+        // SAFETY: as above.
+        unsafe { libc::kill(cold.id() as i32, libc::SIGTERM) };
+        let _ = cold.wait();
+    }
     let calls = sim_calls(&sim).await;
     stop.cancel();
 
@@ -353,6 +593,18 @@ requests_per_minute = 10000000
     );
 }
 
+fn dir_mib(dir: &std::path::Path) -> f64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len() as f64)
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0)
+        / (1024.0 * 1024.0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -364,7 +616,16 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let static_id = args.iter().any(|a| a == "--static-membership");
-    let (events, runs) = if quick { (20_000, 1) } else { (100_000, 2) };
+    let scale = args.iter().position(|a| a == "--scale").map(|i| {
+        args.get(i + 1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1_000_000)
+    });
+    let (events, runs) = match (scale, quick) {
+        (Some(n), _) => (n, 1),
+        (None, true) => (20_000, 1),
+        (None, false) => (100_000, 2),
+    };
     runtime.block_on(async {
         let (_broker, bootstrap) = start_broker();
         println!(
@@ -372,7 +633,7 @@ fn main() {
             if static_id { "on" } else { "off" }
         );
         for r in 1..=runs {
-            run(r, events, &bootstrap, 3, static_id).await;
+            run(r, events, &bootstrap, 3, static_id, scale.is_some()).await;
         }
     });
 }
