@@ -619,7 +619,9 @@ pub struct Health {
     last_progress_ms: AtomicU64,
     ready: AtomicBool,
     restore_stalled: AtomicBool,
+    store_unavailable: AtomicBool,
     fatal: std::sync::Mutex<Option<String>>,
+    fatal_flag: AtomicBool,
     liveness_timeout: Duration,
 }
 
@@ -630,7 +632,9 @@ impl Health {
             last_progress_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             restore_stalled: AtomicBool::new(false),
+            store_unavailable: AtomicBool::new(false),
             fatal: std::sync::Mutex::new(None),
+            fatal_flag: AtomicBool::new(false),
             liveness_timeout,
         };
         h.progress();
@@ -657,7 +661,18 @@ impl Health {
                 "fatal client error; the processor stops and /healthz fails"
             );
             *fatal = Some(why.to_string());
+            self.fatal_flag.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether a fatal error happened (one atomic load: checked before starting work).
+    pub fn is_fatal(&self) -> bool {
+        self.fatal_flag.load(Ordering::Acquire)
+    }
+
+    /// A journal store cannot be opened (another process holds its file) or opens again.
+    pub fn set_store_unavailable(&self, unavailable: bool) {
+        self.store_unavailable.store(unavailable, Ordering::Relaxed);
     }
 
     /// The fatal error, if one happened.
@@ -680,9 +695,13 @@ impl Health {
         self.restore_stalled.store(stalled, Ordering::Relaxed);
     }
 
-    /// Ready to take work: started, not draining, and no journal restore stalled.
+    /// Ready to take work: started, not draining, no journal restore stalled, every journal
+    /// store available, no fatal error.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.restore_stalled.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed)
+            && !self.restore_stalled.load(Ordering::Relaxed)
+            && !self.store_unavailable.load(Ordering::Relaxed)
+            && !self.is_fatal()
     }
 }
 

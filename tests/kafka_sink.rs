@@ -587,7 +587,13 @@ async fn an_oversized_result_goes_to_the_dlq_and_the_rest_of_its_lane_commits() 
     const EVENTS: usize = 12;
     const BIG: usize = 5;
     let broker = Broker::start();
-    let n = names(&broker, "oversized").await;
+    // One input partition, so every event shares one transactional lane and its group
+    // commits put the oversized result in a batch with others.
+    let n = new_names("oversized");
+    create_topic(&broker.bootstrap(), &n.topic, 1).await;
+    create_topic(&broker.bootstrap(), &n.results, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.journal, PARTITIONS).await;
+    create_topic(&broker.bootstrap(), &n.dlq, 1).await;
     set_topic_config(
         &broker.bootstrap(),
         &n.results,
@@ -628,5 +634,9 @@ async fn an_oversized_result_goes_to_the_dlq_and_the_rest_of_its_lane_commits() 
             "spillway_journal_transactions_total{outcome=\"too_large\""
         ) >= 1.0,
         "{metrics}"
+    );
+    println!(
+        "the oversized result shared a transaction with others: {}",
+        p.log_text().contains("one by one")
     );
 }

@@ -99,11 +99,15 @@ impl Reader {
                 let Some(command) = next else { break };
                 changed |= self.command(&mut open, command);
             }
-            if open.is_empty() {
-                continue;
-            }
             if changed {
                 self.assign(&open);
+            }
+            if open.is_empty() {
+                if changed {
+                    // Nothing held: nothing can be stalled or left to restore.
+                    self.answer(&mut open);
+                }
+                continue;
             }
             self.read(&mut open);
             self.answer(&mut open);
@@ -156,6 +160,8 @@ impl Reader {
             } => {
                 match open.get_mut(&partition) {
                     Some(o) if o.position >= target => {
+                        // Already there (a store opened at a checkpoint at the log end).
+                        self.metrics.journal_restores.observe(0.0);
                         let _ = reply.send(());
                     }
                     Some(o) => {
@@ -228,6 +234,7 @@ impl Reader {
         self.metrics.journal_restored_records.inc_by(count as u64);
         let positions = self.consumer.position().ok();
         let now = now_ms();
+        let mut failed = false;
         for (p, o) in open.iter_mut() {
             let (records, mut next) = batches.remove(p).unwrap_or_default();
             if let Some(Offset::Offset(at)) = positions
@@ -250,24 +257,18 @@ impl Reader {
                     }
                 }
                 Err(e) => {
-                    // Read again from the checkpoint, after a pause.
+                    // Read again from the checkpoint: nothing past it was applied.
                     tracing::warn!(journal_partition = p, error = %e, "applying journal records to the store failed; reading them again");
-                    std::thread::sleep(Duration::from_millis(500));
                     o.position = o.checkpoint;
-                    self.assign_one(*p, o.checkpoint);
+                    failed = true;
                 }
             }
         }
-    }
-
-    fn assign_one(&self, partition: i32, offset: i64) {
-        if let Err(e) = self.consumer.seek(
-            &self.topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(5),
-        ) {
-            tracing::warn!(journal_partition = partition, error = %e, "seeking the journal changelog failed");
+        if failed {
+            // A new assignment at every partition's applied position: unlike a seek, it cannot
+            // half-fail and leave the consumer past records the store never got.
+            std::thread::sleep(Duration::from_millis(500));
+            self.assign(open);
         }
     }
 

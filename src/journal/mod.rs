@@ -262,9 +262,16 @@ impl Journal {
             health: health.clone(),
             stop: stop.clone(),
         };
+        let on_panic = health.clone();
         let thread = std::thread::Builder::new()
             .name("spillway-changelog".into())
-            .spawn(move || reader.run(rx))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| reader.run(rx));
+                if std::panic::catch_unwind(run).is_err() {
+                    // Nothing would answer a restore again: stop rather than wait for ever.
+                    on_panic.set_fatal("the journal changelog reader panicked");
+                }
+            })
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let fences: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
         Ok(Journal {
@@ -442,7 +449,14 @@ impl Journal {
             Ok::<_, JournalError>((store, opened, from))
         })
         .await
-        .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
+        .inspect_err(|e| {
+            if matches!(e, JournalError::Store(StoreError::InUse(_))) {
+                tracing::error!(journal_partition = jp, error = %e, "journal store held by another process; not ready until it is free");
+                self.health.set_store_unavailable(true);
+            }
+        })?;
+        self.health.set_store_unavailable(false);
         match &opened {
             Opened::Rebuilt(why) => {
                 self.metrics.journal_store_rebuilds.inc();
@@ -704,6 +718,11 @@ impl Journal {
             .inc();
         result?;
         self.record(jp, key, entry).await
+    }
+
+    /// Whether a Kafka client failed fatally: no new work should start.
+    pub fn is_fatal(&self) -> bool {
+        self.health.is_fatal()
     }
 
     /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=journal_write:<step>:<n>:fatal`).

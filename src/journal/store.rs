@@ -323,10 +323,19 @@ impl Store {
                 expiry
                     .remove((deadline, key.as_str()))
                     .map_err(|e| self.err(e.into()))?;
-                entries
-                    .remove(key.as_str())
-                    .map_err(|e| self.err(e.into()))?;
-                removed += 1;
+                // The index row may be stale (an entry that could not be decoded when it was
+                // replaced): only an entry past its own deadline goes.
+                let live = entries
+                    .get(key.as_str())
+                    .map_err(|e| self.err(e.into()))?
+                    .and_then(|v| decode(&key, v.value()))
+                    .is_some_and(|e| e.expires_at_ms > now_ms);
+                if !live {
+                    entries
+                        .remove(key.as_str())
+                        .map_err(|e| self.err(e.into()))?;
+                    removed += 1;
+                }
             }
         }
         w.commit().map_err(|e| self.err(e.into()))?;

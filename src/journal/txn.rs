@@ -349,6 +349,17 @@ impl LaneTask {
     async fn one_by_one(&mut self, batch: Vec<Request>) -> bool {
         let mut rest = batch.into_iter();
         while let Some(request) = rest.next() {
+            if request.reply.is_closed() {
+                // Its requester is gone (aborted on revoke): it wants nothing written.
+                continue;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                fail(
+                    std::iter::once(request).chain(rest).collect(),
+                    "transaction lane closed",
+                );
+                return false;
+            }
             let ended = self.transaction(std::slice::from_ref(&request)).await;
             if !self.answer(vec![request], ended) {
                 fail(rest.collect(), "transaction lane closed");

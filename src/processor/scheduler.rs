@@ -447,7 +447,9 @@ impl Scheduler {
 
     /// Starts ready records while there is room in the in-flight window.
     fn dispatch(&mut self) {
-        if self.gate_closed && !self.draining {
+        if (self.gate_closed && !self.draining) || self.health.is_fatal() {
+            // A fatal client error stops the processor within the health tick; nothing new
+            // starts meanwhile (it could call the LLM and then not record it).
             return;
         }
         while self.tasks.len() < self.cfg.max_in_flight {

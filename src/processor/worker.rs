@@ -168,6 +168,10 @@ impl Worker {
         ctx: &mut EventContext,
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
+        if journal.is_fatal() {
+            // The processor is stopping on a fatal client error: start nothing.
+            return Outcome::Abandoned;
+        }
         if let Err(o) = self
             .journal_retry(record, "journal_restore", || async {
                 journal.restore(topic, partition).await.map(|_| ())
@@ -183,7 +187,11 @@ impl Worker {
             _ = self.drain.cancelled() => return Outcome::Abandoned,
         };
         let prior = match self
-            .journal_retry(record, "journal_read", || journal.get(partition, &key))
+            .journal_retry(record, "journal_read", || async {
+                // The restore again (a no-op once done), in case the store was reopened.
+                journal.restore(topic, partition).await?;
+                journal.get(partition, &key).await
+            })
             .await
         {
             Ok(prior) => prior,
