@@ -27,8 +27,9 @@ use super::store::Store;
 use super::Entry;
 use crate::telemetry::{now_ms, Health, Metrics};
 
-/// Records applied to a store in one transaction at most.
-const BATCH: usize = 2_000;
+/// Records read per round; each partition's share is applied in one transaction. Larger
+/// rounds mean fewer commits during a cold restore (about 4 MB of records at most).
+const BATCH: usize = 10_000;
 /// Entries swept from one store per transaction.
 const SWEEP_BATCH: usize = 10_000;
 /// How often a restore in progress logs how far it has come.

@@ -178,6 +178,95 @@ pub struct Journal {
     health: Arc<Health>,
 }
 
+/// How an event starts with the journal ([`Journal::session`]).
+pub enum Begin<'a> {
+    /// The event is done within its TTL: a duplicate, to skip.
+    Duplicate,
+    /// Run the steps the session does not hold as finished, recording each.
+    Run(Session<'a>),
+}
+
+/// One event's whole use of the journal, from its claim to its last entry: which steps are
+/// already done (and their outputs), which intents were recorded, and the writes that record
+/// a step (with a sink's records in a transaction). Entries only grow, so every write is
+/// idempotent and may be retried. Dropping it releases the claim.
+pub struct Session<'a> {
+    journal: &'a Journal,
+    topic: String,
+    partition: i32,
+    key: String,
+    /// The entry as written last (shared references record steps, so the worker's retry
+    /// closures can each borrow the session).
+    entry: Mutex<Entry>,
+    _claim: Claim<'a>,
+}
+
+impl Session<'_> {
+    fn entry(&self) -> std::sync::MutexGuard<'_, Entry> {
+        self.entry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The recorded output of `step` if it finished before (`null` for steps without one).
+    pub fn finished(&self, step: &str) -> Option<Json> {
+        self.entry().steps.get(step).cloned()
+    }
+
+    /// Whether `step` recorded an intent before (it may have acted without a result).
+    pub fn intent_recorded(&self, step: &str) -> bool {
+        self.entry().intents.iter().any(|i| i == step)
+    }
+
+    /// Records that `step` is about to act, durably, before its first attempt.
+    pub async fn record_intent(&self, step: &str) -> Result<(), JournalError> {
+        let mut entry = self.entry().clone();
+        if !entry.intents.iter().any(|i| i == step) {
+            entry.intents.push(step.to_string());
+        }
+        self.journal
+            .write(self.partition, &self.key, entry.clone())
+            .await?;
+        *self.entry() = entry;
+        Ok(())
+    }
+
+    /// Records that `step` finished with `output` (`done` when it is the event's last step),
+    /// together with `staged` records in one transaction when the step produced any. Once
+    /// this returns, the step's result is durable and the next step may start.
+    pub async fn record(
+        &self,
+        step: &str,
+        output: Json,
+        last: bool,
+        staged: &[txn::OutRecord],
+    ) -> Result<(), JournalError> {
+        let mut entry = self.entry().clone();
+        entry.steps.insert(step.to_string(), output);
+        entry.done = last;
+        if staged.is_empty() {
+            self.journal
+                .write(self.partition, &self.key, entry.clone())
+                .await?;
+        } else {
+            self.journal
+                .write_atomic(
+                    (&self.topic, self.partition),
+                    &self.key,
+                    entry.clone(),
+                    step,
+                    staged,
+                )
+                .await?;
+        }
+        *self.entry() = entry;
+        Ok(())
+    }
+
+    /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=...:fatal`; tests only).
+    pub fn raise_fatal_for_test(&self) {
+        self.journal.raise_fatal_for_test();
+    }
+}
+
 /// Held while an event runs; dropping it lets a waiting copy re-check the journal.
 pub struct Claim<'a> {
     journal: &'a Journal,
@@ -219,6 +308,9 @@ impl Journal {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "100")
+            // What librdkafka prefetches for the changelog reader is bounded, like the main
+            // consumer's queue: memory does not grow with the journal.
+            .set("queued.max.messages.kbytes", "16384")
             // Entries of aborted transactions (a result-topic sink's) must never count.
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
@@ -594,6 +686,41 @@ impl Journal {
         Ok(())
     }
 
+    /// Starts an event with dedup key `key` from `(topic, partition)`: waits until its
+    /// journal partition has caught up with the topic, claims the key (a copy of the event
+    /// running at once is waited for), and reads its entry. A new entry expires after `ttl`.
+    pub async fn session(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Begin<'_>, JournalError> {
+        self.restore(topic, partition).await?;
+        let claim = self.claim(key).await;
+        // Again, in case the store was reopened while the claim waited (a no-op otherwise).
+        self.restore(topic, partition).await?;
+        let entry = match self.get(partition, key).await? {
+            Some(e) if e.done => return Ok(Begin::Duplicate),
+            Some(e) => e,
+            None => Entry {
+                v: 1,
+                expires_at_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+                done: false,
+                steps: Map::new(),
+                intents: Vec::new(),
+            },
+        };
+        Ok(Begin::Run(Session {
+            journal: self,
+            topic: topic.to_string(),
+            partition,
+            key: key.to_string(),
+            entry: Mutex::new(entry),
+            _claim: claim,
+        }))
+    }
+
     /// Claims `key` for this task. If another copy of the event is running, waits for it to
     /// finish first (the caller then re-reads the journal).
     pub async fn claim(&self, key: &str) -> Claim<'_> {
@@ -718,11 +845,6 @@ impl Journal {
             .inc();
         result?;
         self.record(jp, key, entry).await
-    }
-
-    /// Whether a Kafka client failed fatally: no new work should start.
-    pub fn is_fatal(&self) -> bool {
-        self.health.is_fatal()
     }
 
     /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=journal_write:<step>:<n>:fatal`).

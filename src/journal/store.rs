@@ -18,6 +18,7 @@
 //!   are in the changelog past the last durable checkpoint, so the next start reads them
 //!   again.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -225,15 +226,31 @@ impl Store {
         next_offset: i64,
         now_ms: u64,
     ) -> Result<usize, StoreError> {
-        let w = self.begin(false)?;
-        let mut changed = 0;
+        // The records of one key are merged here first (an event's entries are usually
+        // close together in the log), so each key costs the store one read and one write.
+        // Per key: whether a tombstone came (the stored entry goes), and what came after it.
+        let mut by_key: HashMap<&str, (bool, Option<Entry>)> = HashMap::new();
         for (key, entry) in records {
+            let slot = by_key.entry(key.as_str()).or_default();
             match entry {
                 Some(e) if e.expires_at_ms > now_ms => {
-                    changed += usize::from(self.merge_in(&w, key, e, now_ms)?);
+                    slot.1 = Some(match slot.1.take() {
+                        Some(before) => before.merged(e),
+                        None => e.clone(),
+                    });
                 }
                 Some(_) => {}
-                None => changed += usize::from(self.remove_in(&w, key)?),
+                None => *slot = (true, None),
+            }
+        }
+        let w = self.begin(false)?;
+        let mut changed = 0;
+        for (key, (tombstoned, entry)) in by_key {
+            if tombstoned {
+                changed += usize::from(self.remove_in(&w, key)?);
+            }
+            if let Some(e) = entry {
+                changed += usize::from(self.merge_in(&w, key, &e, now_ms)?);
             }
         }
         {

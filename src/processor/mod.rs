@@ -176,6 +176,7 @@ impl Processor {
             metrics: metrics.clone(),
             drain: CancellationToken::new(),
             journal,
+            health: health.clone(),
         });
         let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;

@@ -38,6 +38,9 @@ pub enum Action {
     DeadLetter,
     /// Nothing to do for this event (a duplicate, a filtered event): finish it as skipped.
     Skip,
+    /// The step's client failed for good (a fatal producer error): no event can succeed in
+    /// this process. The event stays unfinished, liveness fails and the processor stops.
+    Fatal,
 }
 
 /// A classified step error.
@@ -67,6 +70,15 @@ impl StepError {
     pub fn retry_after(code: &'static str, message: impl Into<String>, after: Duration) -> Self {
         StepError {
             action: Action::Retry { after: Some(after) },
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The step's client failed for good; the processor stops with this event unfinished.
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        StepError {
+            action: Action::Fatal,
             code,
             message: message.into(),
         }

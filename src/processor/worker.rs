@@ -19,7 +19,7 @@ use super::step::{Action, EventContext, Pipeline, Spend, StepError};
 use crate::codec::{Codec, CodecError};
 use crate::config::RetryConfig;
 use crate::fault;
-use crate::journal::{Entry, Journal, JournalError};
+use crate::journal::{Begin, Journal, JournalError, Session};
 use crate::telemetry::{now_ms, Metrics};
 
 /// How a record finished.
@@ -65,6 +65,8 @@ pub struct Worker {
     pub(crate) drain: CancellationToken,
     /// Dedup and the step journal, when configured.
     pub(crate) journal: Option<Arc<Journal>>,
+    /// Liveness: a step's fatal client error marks it failed (the processor stops).
+    pub(crate) health: Arc<crate::telemetry::Health>,
 }
 
 /// Failure bookkeeping across the attempts of one stage.
@@ -127,6 +129,11 @@ impl Worker {
     }
 
     async fn process_inner(&self, record: Arc<OwnedMessage>) -> Outcome {
+        if self.health.is_fatal() {
+            // The processor is stopping on a fatal client error: start nothing (an LLM call
+            // now could not be recorded).
+            return Outcome::Abandoned;
+        }
         let event = match self.decode(&record).await {
             Ok(event) => event,
             Err(outcome) => return outcome,
@@ -168,52 +175,25 @@ impl Worker {
         ctx: &mut EventContext,
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
-        if journal.is_fatal() {
-            // The processor is stopping on a fatal client error: start nothing.
-            return Outcome::Abandoned;
-        }
-        if let Err(o) = self
-            .journal_retry(record, "journal_restore", || async {
-                journal.restore(topic, partition).await.map(|_| ())
-            })
-            .await
-        {
-            return o;
-        }
         let key = ctx.dedup_key.clone();
-        let _claim = tokio::select! {
-            biased;
-            claim = journal.claim(&key) => claim,
-            _ = self.drain.cancelled() => return Outcome::Abandoned,
-        };
-        let prior = match self
-            .journal_retry(record, "journal_read", || async {
-                // The restore again (a no-op once done), in case the store was reopened.
-                journal.restore(topic, partition).await?;
-                journal.get(partition, &key).await
+        let ttl = journal.ttl(&ctx.event.event_type);
+        let begun = self
+            .journal_retry(record, "journal_session", || {
+                journal.session(topic, partition, &key, ttl)
             })
-            .await
-        {
-            Ok(prior) => prior,
-            Err(o) => return o,
-        };
-        if prior.as_ref().is_some_and(|e| e.done) {
-            self.metrics
-                .duplicates
-                .with_label_values(&[record.topic()])
-                .inc();
-            tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
-            return Outcome::Skipped;
+            .await;
+        match begun {
+            Err(o) => o,
+            Ok(Begin::Duplicate) => {
+                self.metrics
+                    .duplicates
+                    .with_label_values(&[record.topic()])
+                    .inc();
+                tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
+                Outcome::Skipped
+            }
+            Ok(Begin::Run(session)) => self.run_steps(record, ctx, Some(&session)).await,
         }
-        let mut entry = prior.unwrap_or_else(|| Entry {
-            v: 1,
-            expires_at_ms: now_ms() + journal.ttl(&ctx.event.event_type).as_millis() as u64,
-            done: false,
-            steps: Map::new(),
-            intents: Vec::new(),
-        });
-        self.run_steps(record, ctx, Some((journal, &mut entry)))
-            .await
     }
 
     /// Retries a journal operation until it succeeds, or gives the record up unfinished when
@@ -274,32 +254,16 @@ impl Worker {
         }
     }
 
-    /// Writes `entry` to the journal partition of `record`'s partition, retrying until Kafka
-    /// acknowledges it (or shutdown abandons the record).
-    async fn write_entry(
-        &self,
-        journal: &Journal,
-        record: &OwnedMessage,
-        key: &str,
-        entry: &Entry,
-    ) -> Result<(), Outcome> {
-        let partition = record.partition();
-        self.journal_retry(record, "journal_write", || {
-            journal.write(partition, key, entry.clone())
-        })
-        .await
-    }
-
     async fn run_steps(
         &self,
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
-        mut journal: Option<(&Journal, &mut Entry)>,
+        journal: Option<&Session<'_>>,
     ) -> Outcome {
         let count = self.steps.len();
         for (index, step) in self.steps.iter().enumerate() {
-            if let Some((_, entry)) = &journal {
-                if let Some(output) = entry.steps.get(step.name()) {
+            if let Some(session) = journal {
+                if let Some(output) = session.finished(step.name()) {
                     // Finished before a crash or rebalance: reuse the result, do not pay twice.
                     if !output.is_null() {
                         ctx.outputs.insert(step.name().to_string(), output.clone());
@@ -312,15 +276,17 @@ impl Worker {
                 }
             }
             ctx.intent_recorded = false;
-            if let Some((j, entry)) = journal.as_mut() {
+            if let Some(session) = journal {
                 if step.records_intent() {
-                    if entry.intents.iter().any(|i| i == step.name()) {
+                    if session.intent_recorded(step.name()) {
                         ctx.intent_recorded = true;
-                    } else {
-                        entry.intents.push(step.name().to_string());
-                        if let Err(o) = self.write_entry(j, record, &ctx.dedup_key, entry).await {
-                            return o;
-                        }
+                    } else if let Err(o) = self
+                        .journal_retry(record, "journal_write", || {
+                            session.record_intent(step.name())
+                        })
+                        .await
+                    {
+                        return o;
                     }
                 }
             }
@@ -359,6 +325,7 @@ impl Worker {
                         Action::Defer { .. } => "deferred",
                         Action::DeadLetter => "deterministic",
                         Action::Skip => "skip",
+                        Action::Fatal => "fatal",
                     },
                 };
                 self.metrics
@@ -370,6 +337,15 @@ impl Worker {
                     Err(e) => e,
                 };
                 match err.action {
+                    Action::Fatal => {
+                        self.health.set_fatal(&format!(
+                            "step {}: {}: {}",
+                            step.name(),
+                            err.code,
+                            err.message
+                        ));
+                        return Outcome::Abandoned;
+                    }
                     Action::Skip => {
                         tracing::debug!(step = step.name(), code = err.code, "event skipped");
                         return Outcome::Skipped;
@@ -435,26 +411,27 @@ impl Worker {
                 );
                 return self.dead_letter(record, failure).await;
             }
-            if let Some((j, entry)) = journal.as_mut() {
+            if let Some(session) = journal {
                 if fault::fatal_at("journal_write", step.name()) {
-                    j.raise_fatal_for_test();
+                    session.raise_fatal_for_test();
                 }
                 let done = index + 1 == count;
                 let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
-                entry.steps.insert(step.name().to_string(), output);
-                entry.done = done;
+                // A step's records and its entry commit in one transaction.
                 let staged = std::mem::take(&mut ctx.staged);
-                let written = if staged.is_empty() {
-                    self.write_entry(j, record, &ctx.dedup_key, entry).await
+                let what = if staged.is_empty() {
+                    "journal_write"
                 } else {
-                    // The step's records and its entry commit in one transaction.
-                    let input = (record.topic(), record.partition());
-                    self.journal_retry(record, "journal_transaction", || {
-                        j.write_atomic(input, &ctx.dedup_key, entry.clone(), step.name(), &staged)
+                    "journal_transaction"
+                };
+                if let Err(o) = self
+                    .journal_retry(record, what, async || {
+                        session
+                            .record(step.name(), output.clone(), done, &staged)
+                            .await
                     })
                     .await
-                };
-                if let Err(o) = written {
+                {
                     return o;
                 }
                 fault::point(

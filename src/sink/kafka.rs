@@ -20,6 +20,7 @@ use crate::journal::txn::OutRecord;
 use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
+use rdkafka::producer::Producer;
 
 /// Renders each event's result for the result topic.
 pub struct KafkaSink {
@@ -146,7 +147,13 @@ impl KafkaSink {
             .send(r.to_future_record(), Duration::from_secs(0))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| StepError::transient("kafka_produce", e.to_string()))
+            .map_err(
+                |(e, _)| match crate::kafka::fatal_error(producer.client()) {
+                    // Lost idempotence state: every later record would be refused too.
+                    Some(why) => StepError::fatal("kafka_producer_fatal", why),
+                    None => StepError::transient("kafka_produce", e.to_string()),
+                },
+            )
     }
 }
 
