@@ -57,6 +57,9 @@ pub(super) enum Command {
 /// One partition's records of a poll batch (`None`: a tombstone), and the offset after them.
 type Batch = (Vec<(String, Option<Entry>)>, i64);
 
+/// A partition's share of a round: the partition, its state, its records, the offset after.
+type Work<'a> = (i32, &'a mut Open, Vec<(String, Option<Entry>)>, i64);
+
 struct Open {
     store: Arc<Store>,
     /// Next offset to read (the consumer's position, applied to the store).
@@ -235,7 +238,7 @@ impl Reader {
         self.metrics.journal_restored_records.inc_by(count as u64);
         let positions = self.consumer.position().ok();
         let now = now_ms();
-        let mut failed = false;
+        let mut work: Vec<Work<'_>> = Vec::new();
         for (p, o) in open.iter_mut() {
             let (records, mut next) = batches.remove(p).unwrap_or_default();
             if let Some(Offset::Offset(at)) = positions
@@ -249,22 +252,46 @@ impl Reader {
                 continue;
             }
             let next = next.max(o.checkpoint);
-            match o.store.apply(&records, next, now) {
-                Ok(_) => {
-                    o.checkpoint = next;
-                    if next > o.position {
-                        o.position = next;
-                        o.moved = Instant::now();
+            work.push((*p, o, records, next));
+        }
+        // Each partition has its own store file, so the partitions of a large round (a cold
+        // restore) are applied on two threads.
+        let apply = |items: &mut [Work<'_>]| {
+            let mut failed = false;
+            for (p, o, records, next) in items.iter_mut() {
+                match o.store.apply(records, *next, now) {
+                    Ok(_) => {
+                        o.checkpoint = *next;
+                        if *next > o.position {
+                            o.position = *next;
+                            o.moved = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        // Read again from the checkpoint: nothing past it was applied.
+                        tracing::warn!(journal_partition = *p, error = %e, "applying journal records to the store failed; reading them again");
+                        o.position = o.checkpoint;
+                        failed = true;
                     }
                 }
-                Err(e) => {
-                    // Read again from the checkpoint: nothing past it was applied.
-                    tracing::warn!(journal_partition = p, error = %e, "applying journal records to the store failed; reading them again");
-                    o.position = o.checkpoint;
-                    failed = true;
-                }
             }
-        }
+            failed
+        };
+        let failed = if count >= 1_000 && work.len() > 1 {
+            let half = work.len() / 2;
+            let (left, right) = work.split_at_mut(half);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| apply(right));
+                let here = apply(left);
+                // A panic in the other half is a panic of this thread (the reader stops and
+                // the processor with it), as it would be without the split.
+                here | other
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+        } else {
+            apply(&mut work)
+        };
         if failed {
             // A new assignment at every partition's applied position: unlike a seek, it cannot
             // half-fail and leave the consumer past records the store never got.
