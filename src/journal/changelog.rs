@@ -27,9 +27,12 @@ use super::store::Store;
 use super::Entry;
 use crate::telemetry::{now_ms, Health, Metrics};
 
-/// Records read per round; each partition's share is applied in one transaction. Larger
-/// rounds mean fewer commits during a cold restore (about 4 MB of records at most).
+/// Records read per round at most; each partition's share is applied in one transaction.
+/// Larger rounds mean fewer commits during a cold restore.
 const BATCH: usize = 10_000;
+/// Bytes of record values read per round at most, so a round's decoded entries stay small
+/// whatever the LLM outputs they carry.
+const BATCH_BYTES: usize = 4 << 20;
 /// Entries swept from one store per transaction.
 const SWEEP_BATCH: usize = 10_000;
 /// How often a restore in progress logs how far it has come.
@@ -201,12 +204,13 @@ impl Reader {
     /// and aborted records, which take offsets but are never delivered.
     fn read(&self, open: &mut HashMap<i32, Open>) {
         let mut batches: HashMap<i32, Batch> = HashMap::new();
-        let mut count = 0usize;
+        let (mut count, mut bytes) = (0usize, 0usize);
         let mut wait = Duration::from_millis(100);
-        while count < BATCH {
+        while count < BATCH && bytes < BATCH_BYTES {
             match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
                     count += 1;
+                    bytes += m.payload().map_or(0, <[u8]>::len);
                     wait = Duration::ZERO;
                     if !open.contains_key(&m.partition()) {
                         continue;

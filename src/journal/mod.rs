@@ -308,12 +308,14 @@ impl Journal {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "100")
-            // What librdkafka prefetches for the changelog reader is bounded, like the main
-            // consumer's queue: memory does not grow with the journal.
-            .set("queued.max.messages.kbytes", "16384")
             // Entries of aborted transactions (a result-topic sink's) must never count.
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
+        if !kafka.properties.contains_key("queued.max.messages.kbytes") {
+            // What librdkafka prefetches for the changelog reader is bounded, like the main
+            // consumer's queue: memory does not grow with the journal.
+            reader_client.set("queued.max.messages.kbytes", "16384");
+        }
         let mut end_client = reader_client.clone();
         end_client.set("isolation.level", "read_uncommitted");
         let ends = Arc::new(end_client.create_with_context(crate::kafka::ReaderContext)?);

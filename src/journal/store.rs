@@ -18,7 +18,7 @@
 //!   are in the changelog past the last durable checkpoint, so the next start reads them
 //!   again.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -229,7 +229,8 @@ impl Store {
         // The records of one key are merged here first (an event's entries are usually
         // close together in the log), so each key costs the store one read and one write.
         // Per key: whether a tombstone came (the stored entry goes), and what came after it.
-        let mut by_key: HashMap<&str, (bool, Option<Entry>)> = HashMap::new();
+        // Sorted by key: redb's B-tree takes ordered inserts with fewer page visits.
+        let mut by_key: BTreeMap<&str, (bool, Option<Entry>)> = BTreeMap::new();
         for (key, entry) in records {
             let slot = by_key.entry(key.as_str()).or_default();
             match entry {

@@ -425,10 +425,8 @@ impl Worker {
                     "journal_transaction"
                 };
                 if let Err(o) = self
-                    .journal_retry(record, what, async || {
-                        session
-                            .record(step.name(), output.clone(), done, &staged)
-                            .await
+                    .journal_retry(record, what, || {
+                        session.record(step.name(), output.clone(), done, &staged)
                     })
                     .await
                 {
