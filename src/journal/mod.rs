@@ -142,6 +142,10 @@ impl Entry {
     }
 }
 
+/// Store reads and writes on the blocking pool at once: each takes microseconds, unless the
+/// changelog reader holds the store's write transaction.
+const STORE_OPS: usize = 8;
+
 /// One shared read of a journal partition.
 type RestoreCell = Arc<OnceCell<()>>;
 
@@ -157,6 +161,8 @@ pub struct Journal {
     stores: Mutex<HashMap<i32, Arc<Store>>>,
     /// Opening a store is one at a time (a second open of a file is refused by redb).
     opening: tokio::sync::Mutex<()>,
+    /// Store reads and writes running at once on the blocking pool, at most.
+    store_ops: tokio::sync::Semaphore,
     /// The input partitions assigned here; a journal partition stays open while one of them
     /// maps to it.
     owned: Mutex<HashSet<(String, i32)>>,
@@ -375,6 +381,7 @@ impl Journal {
             partitions,
             stores: Mutex::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
+            store_ops: tokio::sync::Semaphore::new(STORE_OPS),
             owned: Mutex::new(HashSet::new()),
             changelog: Mutex::new(tx),
             changelog_stop: stop,
@@ -657,6 +664,9 @@ impl Journal {
             .map(|(_, s)| s.clone())
             .collect();
         let key = key.to_string();
+        // Few blocking threads for the stores: while the changelog reader holds a store's
+        // write transaction, waiting writes queue here, not as one thread each.
+        let _permit = self.store_ops.acquire().await;
         let found = tokio::task::spawn_blocking(move || {
             let now = now_ms();
             let mut found: Option<Entry> = None;
@@ -682,6 +692,7 @@ impl Journal {
             return Ok(());
         };
         let key = key.to_string();
+        let _permit = self.store_ops.acquire().await;
         tokio::task::spawn_blocking(move || store.record(&key, &entry, now_ms()))
             .await
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))??;
