@@ -139,7 +139,7 @@ fn default_journal_state_dir() -> std::path::PathBuf {
     ".spillway/state".into()
 }
 fn default_journal_store_cache_bytes() -> u64 {
-    4 << 20
+    2 << 20
 }
 fn default_journal_restore_stall_ms() -> u64 {
     30_000
