@@ -620,8 +620,8 @@ pub struct Health {
     ready: AtomicBool,
     restore_stalled: AtomicBool,
     store_unavailable: AtomicBool,
-    fatal: std::sync::Mutex<Option<String>>,
-    fatal_flag: AtomicBool,
+    /// The first fatal client error; set once, never cleared.
+    fatal: std::sync::OnceLock<String>,
     liveness_timeout: Duration,
 }
 
@@ -633,8 +633,7 @@ impl Health {
             ready: AtomicBool::new(false),
             restore_stalled: AtomicBool::new(false),
             store_unavailable: AtomicBool::new(false),
-            fatal: std::sync::Mutex::new(None),
-            fatal_flag: AtomicBool::new(false),
+            fatal: std::sync::OnceLock::new(),
             liveness_timeout,
         };
         h.progress();
@@ -654,20 +653,17 @@ impl Health {
     /// A client failed in a way it cannot recover from (a fatal producer error): liveness
     /// fails from now on and the processor stops with an error. The first reason is kept.
     pub fn set_fatal(&self, why: &str) {
-        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
-        if fatal.is_none() {
+        if self.fatal.set(why.to_string()).is_ok() {
             tracing::error!(
                 reason = why,
                 "fatal client error; the processor stops and /healthz fails"
             );
-            *fatal = Some(why.to_string());
-            self.fatal_flag.store(true, Ordering::Release);
         }
     }
 
-    /// Whether a fatal error happened (one atomic load: checked before starting work).
+    /// Whether a fatal error happened (checked before starting work).
     pub fn is_fatal(&self) -> bool {
-        self.fatal_flag.load(Ordering::Acquire)
+        self.fatal.get().is_some()
     }
 
     /// A journal store cannot be opened (another process holds its file) or opens again.
@@ -677,13 +673,13 @@ impl Health {
 
     /// The fatal error, if one happened.
     pub fn fatal(&self) -> Option<String> {
-        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.fatal.get().cloned()
     }
 
     /// Live while the poll loop made progress recently and no client failed fatally. Never
     /// depends on Kafka reachability.
     pub fn is_live(&self) -> bool {
-        if self.fatal().is_some() {
+        if self.is_fatal() {
             return false;
         }
         let last = self.last_progress_ms.load(Ordering::Relaxed);

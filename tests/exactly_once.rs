@@ -113,13 +113,18 @@ struct Names {
     journal: String,
 }
 
-async fn names(broker: &Broker, prefix: &str) -> Names {
-    let n = Names {
+/// Fresh names, no topics created.
+fn new_names(prefix: &str) -> Names {
+    Names {
         topic: unique(prefix),
         dlq: unique(&format!("{prefix}-dlq")),
         group: unique("g"),
         journal: unique(&format!("{prefix}-journal")),
-    };
+    }
+}
+
+async fn names(broker: &Broker, prefix: &str) -> Names {
+    let n = new_names(prefix);
     create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &n.dlq, 1).await;
     create_topic(&broker.bootstrap(), &n.journal, PARTITIONS).await;
@@ -407,12 +412,7 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
     use rdkafka::Message;
     const EVENTS: u64 = 30;
     let broker = Broker::start();
-    let n = Names {
-        topic: unique("compact"),
-        dlq: unique("compact-dlq"),
-        group: unique("g"),
-        journal: unique("compact-journal"),
-    };
+    let n = new_names("compact");
     create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &n.dlq, 1).await;
     let sim = Sim::start(|c| c.latency_ms = 5).await;
@@ -531,12 +531,7 @@ async fn the_journal_compacts_and_a_restore_reads_only_the_latest_entry_per_key(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_on_a_new_cluster_creates_its_topics_and_starts() {
     let broker = Broker::start_own();
-    let n = Names {
-        topic: unique("fresh"),
-        dlq: unique("fresh-dlq"),
-        group: unique("g"),
-        journal: unique("fresh-journal"),
-    };
+    let n = new_names("fresh");
     let sim = Sim::start(|c| c.latency_ms = 5).await;
     let (sink, received) = receiver().await;
     let config = toml(&broker, &n, &sim, sink).replace(
@@ -710,12 +705,7 @@ async fn a_restart_reads_only_the_changelog_tail_and_a_lost_or_corrupted_store_i
 async fn copies_of_events_finished_long_ago_cost_nothing_with_more_keys_than_memory_holds() {
     const EVENTS: u64 = 4_000;
     let broker = Broker::start_exclusive();
-    let n = Names {
-        topic: unique("manykeys"),
-        dlq: unique("manykeys-dlq"),
-        group: unique("g"),
-        journal: unique("manykeys-journal"),
-    };
+    let n = new_names("manykeys");
     create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &n.dlq, 1).await;
     create_topic(&broker.bootstrap(), &n.journal, 1).await;
@@ -795,12 +785,7 @@ async fn entries_past_their_ttl_leave_the_store_and_the_topic() {
     use rdkafka::Message;
     const EVENTS: u64 = 10;
     let broker = Broker::start();
-    let n = Names {
-        topic: unique("ttl"),
-        dlq: unique("ttl-dlq"),
-        group: unique("g"),
-        journal: unique("ttl-journal"),
-    };
+    let n = new_names("ttl");
     create_topic(&broker.bootstrap(), &n.topic, PARTITIONS).await;
     create_topic(&broker.bootstrap(), &n.dlq, 1).await;
     let sim = Sim::start(|c| c.latency_ms = 5).await;

@@ -310,15 +310,11 @@ impl Reader {
         let mut stalled = 0i64;
         for (p, o) in open.iter_mut() {
             let position = o.position;
-            let done: Vec<usize> = o
-                .waiters
-                .iter()
-                .enumerate()
-                .filter(|(_, (target, reply, _))| *target <= position || reply.is_closed())
-                .map(|(i, _)| i)
-                .collect();
-            for i in done.into_iter().rev() {
-                let (_, reply, since) = o.waiters.swap_remove(i);
+            let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut o.waiters)
+                .into_iter()
+                .partition(|(target, reply, _)| *target <= position || reply.is_closed());
+            o.waiters = waiting;
+            for (_, reply, since) in done {
                 if !reply.is_closed() {
                     self.metrics
                         .journal_restores

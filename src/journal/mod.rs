@@ -529,21 +529,8 @@ impl Journal {
         let (ends, topic) = (self.ends.clone(), self.config.topic.clone());
         let (store, opened, from) = tokio::task::spawn_blocking(move || {
             let (low, high) = ends.fetch_watermarks(&topic, jp, Duration::from_secs(10))?;
-            let (mut store, mut opened) = Store::open(&path, cache)?;
-            let mut checkpoint = store.checkpoint()?;
-            if checkpoint.is_some_and(|c| c > high) {
-                drop(store);
-                std::fs::remove_file(&path).map_err(|e| StoreError::Db {
-                    path: path.clone(),
-                    source: e.into(),
-                })?;
-                (store, _) = Store::open(&path, cache)?;
-                opened = Opened::Rebuilt(format!(
-                    "its checkpoint {} is past the topic's end {high} (the topic was recreated)",
-                    checkpoint.unwrap_or_default()
-                ));
-                checkpoint = None;
-            }
+            let (store, opened) = Store::open(&path, cache, high)?;
+            let checkpoint = store.checkpoint()?;
             // Records below the log start were deleted by retention: every entry in them
             // had expired.
             let from = checkpoint.unwrap_or(low).max(low);

@@ -80,28 +80,31 @@ impl Store {
         dir.join(format!("{topic}-{partition}.redb"))
     }
 
-    /// Opens the store at `path`, creating it if missing. A file that cannot be opened or has
-    /// another layout is deleted and created again empty (its changelog rebuilds it); one
+    /// Opens the store at `path`, creating it if missing. A file that cannot be opened, has
+    /// another layout, or whose checkpoint is past `log_end` (the changelog's end: the topic
+    /// was recreated) is deleted and created again empty, for its changelog to rebuild; one
     /// held by another process is an error.
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<(Store, Opened), StoreError> {
+    pub fn open(
+        path: &Path,
+        cache_bytes: u64,
+        log_end: i64,
+    ) -> Result<(Store, Opened), StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| db_err(path, e.into()))?;
         }
         let existed = path.exists();
         let why = match Self::try_open(path, cache_bytes) {
-            Ok(store) => {
-                return Ok((
-                    store,
-                    if existed {
-                        Opened::Existing
-                    } else {
-                        Opened::Created
-                    },
-                ))
-            }
+            Ok(store) => match store.checkpoint()? {
+                Some(c) if c > log_end => format!(
+                    "its checkpoint {c} is past the topic's end {log_end} (the topic was recreated)"
+                ),
+                _ if existed => return Ok((store, Opened::Existing)),
+                _ => return Ok((store, Opened::Created)),
+            },
             Err(StoreError::InUse(p)) => return Err(StoreError::InUse(p)),
             Err(e) => e.to_string(),
         };
+        // The first store (if any) is closed by now: it was dropped at the end of the match.
         std::fs::remove_file(path).map_err(|e| db_err(path, e.into()))?;
         let store = Self::try_open(path, cache_bytes)?;
         Ok((store, Opened::Rebuilt(why)))
@@ -426,7 +429,7 @@ mod tests {
     fn every_key_within_its_ttl_is_found_with_far_more_keys_than_the_cache_holds() {
         let dir = tempfile::tempdir().unwrap();
         let path = Store::path(dir.path(), "j", 0);
-        let (store, how) = Store::open(&path, CACHE).unwrap();
+        let (store, how) = Store::open(&path, CACHE, i64::MAX).unwrap();
         assert_eq!(how, Opened::Created);
         // ~200 bytes an entry: 20k entries are about four times the 1 MiB cache.
         let n = 20_000u64;
@@ -454,7 +457,7 @@ mod tests {
     #[test]
     fn entries_past_their_deadline_are_not_returned_and_are_swept_in_bounded_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&Store::path(dir.path(), "j", 1), CACHE).unwrap();
+        let (store, _) = Store::open(&Store::path(dir.path(), "j", 1), CACHE, i64::MAX).unwrap();
         for i in 0..250u64 {
             store
                 .record(&format!("k{i}"), &entry(true, 1_000 + i, &["a"]), 0)
@@ -480,7 +483,7 @@ mod tests {
     #[test]
     fn a_record_read_back_from_the_changelog_never_undoes_a_newer_local_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&Store::path(dir.path(), "j", 2), CACHE).unwrap();
+        let (store, _) = Store::open(&Store::path(dir.path(), "j", 2), CACHE, i64::MAX).unwrap();
         store
             .record("k", &entry(true, 9_000, &["classify", "notify"]), 0)
             .unwrap();
@@ -498,20 +501,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Store::path(dir.path(), "j", 3);
         {
-            let (store, _) = Store::open(&path, CACHE).unwrap();
+            let (store, _) = Store::open(&path, CACHE, i64::MAX).unwrap();
             store
                 .apply(&[("k".into(), Some(entry(true, 9_000, &["a"])))], 42, 0)
                 .unwrap();
             store.sync().unwrap();
         }
-        let (store, how) = Store::open(&path, CACHE).unwrap();
+        let (store, how) = Store::open(&path, CACHE, i64::MAX).unwrap();
         assert_eq!(how, Opened::Existing);
         assert_eq!(store.checkpoint().unwrap(), Some(42));
         assert!(store.get("k", 0).unwrap().is_some());
+        drop(store);
+        // A changelog that ends before the checkpoint (a recreated topic): rebuilt.
+        let (store, how) = Store::open(&path, CACHE, 41).unwrap();
+        assert!(matches!(how, Opened::Rebuilt(_)), "{how:?}");
+        assert_eq!(store.checkpoint().unwrap(), None);
+        store
+            .apply(&[("k".into(), Some(entry(true, 9_000, &["a"])))], 42, 0)
+            .unwrap();
+        store.sync().unwrap();
         // A second open of the same file (another process's, or this one's) is refused, not
         // mistaken for corruption.
         assert!(matches!(
-            Store::open(&path, CACHE),
+            Store::open(&path, CACHE, i64::MAX),
             Err(StoreError::InUse(_))
         ));
         drop(store);
@@ -521,7 +533,7 @@ mod tests {
             *b = 0xA5;
         }
         std::fs::write(&path, bytes).unwrap();
-        let (store, how) = Store::open(&path, CACHE).unwrap();
+        let (store, how) = Store::open(&path, CACHE, i64::MAX).unwrap();
         assert!(matches!(how, Opened::Rebuilt(_)), "{how:?}");
         assert_eq!(store.checkpoint().unwrap(), None);
         assert!(store.is_empty().unwrap());

@@ -266,7 +266,7 @@ impl Worker {
                 if let Some(output) = session.finished(step.name()) {
                     // Finished before a crash or rebalance: reuse the result, do not pay twice.
                     if !output.is_null() {
-                        ctx.outputs.insert(step.name().to_string(), output.clone());
+                        ctx.outputs.insert(step.name().to_string(), output);
                     }
                     self.metrics
                         .journal_reused
