@@ -146,7 +146,6 @@ fn rss_mib(child: &Child) -> f64 {
 /// Produces `events` events, and after every tenth a copy (same key, id and data) of a
 /// uniformly random earlier one. Returns the number of copies.
 async fn produce_with_copies(bootstrap: &str, topic: &str, events: u64) -> u64 {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let p: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -157,30 +156,9 @@ async fn produce_with_copies(bootstrap: &str, topic: &str, events: u64) -> u64 {
     let mut rng = rand::rng();
     let mut pending = std::collections::VecDeque::with_capacity(8192);
     let mut copies = 0;
+    let shape = Events::comments(events, KEYS);
     let send = |i: u64, pending: &mut std::collections::VecDeque<_>| {
-        let key = format!("k{}", i % KEYS);
-        let value = format!(
-            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
-            i / KEYS
-        );
-        let id = format!("evt-{i}");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "ce_source",
-                value: Some("/bench"),
-            })
-            .insert(Header {
-                key: "ce_type",
-                value: Some("com.example.comment"),
-            })
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            });
+        let (key, value, headers) = shape.record(i);
         let record = FutureRecord::to(topic)
             .key(&key)
             .payload(&value)
@@ -232,36 +210,14 @@ async fn time_restart(
     metrics: SocketAddr,
     probes: &[u64],
 ) -> Child {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let p: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("producer");
+    let shape = Events::comments(0, KEYS);
     for i in probes {
-        let key = format!("k{}", i % KEYS);
-        let value = format!(
-            r#"{{"key":"{key}","seq":{},"text":"comment {i}"}}"#,
-            i / KEYS
-        );
-        let id = format!("evt-{i}");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "ce_source",
-                value: Some("/bench"),
-            })
-            .insert(Header {
-                key: "ce_type",
-                value: Some("com.example.comment"),
-            })
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            });
+        let (key, value, headers) = shape.record(*i);
         p.send(
             FutureRecord::to(topic)
                 .key(&key)
@@ -322,19 +278,7 @@ async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: 
     let copies = if scale {
         produce_with_copies(bootstrap, &topic, events).await
     } else {
-        produce_events(
-            bootstrap,
-            &topic,
-            &Events {
-                count: events,
-                keys: KEYS,
-                key_prefix: "k",
-                id_prefix: "evt-",
-                source: "/bench",
-                text_prefix: "comment ",
-            },
-        )
-        .await;
+        produce_events(bootstrap, &topic, &Events::comments(events, KEYS)).await;
         0
     };
     println!(

@@ -169,19 +169,7 @@ async fn run_mode(mode: &str, bootstrap: &str) {
     let (topic, dlq) = (format!("rb-{tag}"), format!("rb-dlq-{tag}"));
     create_topic(bootstrap, &topic, PARTITIONS).await;
     create_topic(bootstrap, &dlq, 1).await;
-    produce_events(
-        bootstrap,
-        &topic,
-        &Events {
-            count: EVENTS,
-            keys: KEYS,
-            key_prefix: "k",
-            id_prefix: "evt-",
-            source: "/bench",
-            text_prefix: "comment ",
-        },
-    )
-    .await;
+    produce_events(bootstrap, &topic, &Events::comments(EVENTS, KEYS)).await;
     let group = match mode {
         "eager" => "session_timeout_ms = 10000\npartition_assignment_strategy = \"range\"",
         "cooperative" => "session_timeout_ms = 10000",

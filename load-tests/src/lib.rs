@@ -205,25 +205,32 @@ pub struct Events<'a> {
     pub text_prefix: &'a str,
 }
 
-/// Produces `events` with an idempotent producer and waits for every ack.
-pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let mut pending = Vec::with_capacity(4096);
-    for i in 0..events.count {
-        let key = format!("{}{}", events.key_prefix, i % events.keys);
+impl Events<'static> {
+    /// The benchmarks' comments: `k<i mod keys>`, `evt-<i>`, from `/bench`.
+    pub fn comments(count: u64, keys: u64) -> Self {
+        Events {
+            count,
+            keys,
+            key_prefix: "k",
+            id_prefix: "evt-",
+            source: "/bench",
+            text_prefix: "comment ",
+        }
+    }
+}
+
+impl Events<'_> {
+    /// Event `i`: its key, its value and its CloudEvents headers. The same `i` gives the same
+    /// record, so an upstream copy is `record(i)` again.
+    pub fn record(&self, i: u64) -> (String, String, rdkafka::message::OwnedHeaders) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let key = format!("{}{}", self.key_prefix, i % self.keys);
         let value = format!(
             r#"{{"key":"{key}","seq":{},"text":"{}{i}"}}"#,
-            i / events.keys,
-            events.text_prefix
+            i / self.keys,
+            self.text_prefix
         );
-        let id = format!("{}{i}", events.id_prefix);
+        let id = format!("{}{i}", self.id_prefix);
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "ce_id",
@@ -231,7 +238,7 @@ pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
             })
             .insert(Header {
                 key: "ce_source",
-                value: Some(events.source),
+                value: Some(self.source),
             })
             .insert(Header {
                 key: "ce_type",
@@ -241,6 +248,22 @@ pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
                 key: "ce_specversion",
                 value: Some("1.0"),
             });
+        (key, value, headers)
+    }
+}
+
+/// Produces `events` with an idempotent producer and waits for every ack.
+pub async fn produce_events(bootstrap: &str, topic: &str, events: &Events<'_>) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(4096);
+    for i in 0..events.count {
+        let (key, value, headers) = events.record(i);
         let f = p
             .send_result(
                 FutureRecord::to(topic)
