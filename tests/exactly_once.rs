@@ -1067,3 +1067,89 @@ async fn a_fatal_producer_error_fails_liveness_and_exits_non_zero_committing_not
         received.effects()
     );
 }
+
+/// A cold restore bigger than one round of the changelog reader (10,000 records or 4 MiB of
+/// values), on three journal partitions at once (rounds that large are applied on two
+/// threads): every entry arrives, so a copy of any of those events is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_restore_larger_than_one_round_misses_no_entry() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    const EVENTS: u64 = 12_000;
+    let broker = Broker::start();
+    let n = names(&broker, "bigrestore").await;
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, received) = receiver().await;
+    // What an earlier owner left: every event done, its ~1 KB LLM output kept, event `i`
+    // on journal partition `i mod 3`. 12,000 records, 13 MB: more than one round by count
+    // and by bytes.
+    let output = "x".repeat(1_000);
+    let p = producer(&broker.bootstrap());
+    let mut pending = Vec::new();
+    for i in 0..EVENTS {
+        let (key, part) = (format!("/test|evt-{i}"), (i % PARTITIONS as u64) as i32);
+        let value = format!(
+            r#"{{"v":1,"expires_at_ms":{},"done":true,"steps":{{"classify":{{"text":"{output}"}},"notify":null}}}}"#,
+            u64::MAX / 2
+        );
+        let record = FutureRecord::to(&n.journal)
+            .key(&key)
+            .payload(&value)
+            .partition(part);
+        pending.push(p.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+    }
+    // Copies of every 97th event, each on the input partition whose journal partition holds
+    // its entry.
+    let copies: Vec<u64> = (0..EVENTS).step_by(97).collect();
+    for i in &copies {
+        let (id, part) = (format!("evt-{i}"), (i % PARTITIONS as u64) as i32);
+        let value = format!(r#"{{"key":"k{i}","seq":0,"text":"comment {id}"}}"#);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "ce_source",
+                value: Some("/test"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("com.example.comment"),
+            })
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            });
+        let record = FutureRecord::to(&n.topic)
+            .key(&id)
+            .payload(&value)
+            .headers(headers)
+            .partition(part);
+        pending.push(p.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+    }
+    for d in pending {
+        d.await.expect("delivery").expect("record");
+    }
+    let state = tempfile::tempdir().unwrap();
+    // Every copy starts at once, so all three journal partitions restore together.
+    let config = toml_on_disk(&broker, &n, &sim, sink, state.path(), "").replace(
+        &format!("max_in_flight = {IN_FLIGHT}"),
+        "max_in_flight = 256",
+    );
+    let mut proc = SpillwayProc::spawn(&config);
+    proc.wait_finished(copies.len() as u64, "the copies").await;
+    let metrics = proc.try_scrape().await.unwrap_or_default();
+    proc.terminate();
+    assert_eq!(
+        metric_sum(&metrics, "spillway_duplicates_total"),
+        copies.len() as f64,
+        "every copy found its entry: {metrics}"
+    );
+    assert!(
+        metric_sum(&metrics, "spillway_journal_restored_records_total") >= EVENTS as f64,
+        "the whole journal was read: {metrics}"
+    );
+    assert_eq!(sim.stats().await.received, 0, "no copy called the LLM");
+    assert_eq!(received.raw(), 0, "no copy was posted");
+}
