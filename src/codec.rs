@@ -191,6 +191,9 @@ pub struct Envelope<'a> {
     pub time: Option<&'a str>,
     /// Optional subject within the source.
     pub subject: Option<&'a str>,
+    /// The sender's own delivery id, when it is not the event's identity (it is not signed):
+    /// kept in the `spillway.delivery_id` header for tracing.
+    pub delivery_id: Option<&'a str>,
     /// When ingress received the request, in unix milliseconds.
     pub received_at_ms: Option<i64>,
     /// The payload, as the sender's exact JSON text.
@@ -386,6 +389,28 @@ pub fn rfc3339_millis(unix_ms: i64) -> String {
         ms / 1_000 % 60,
         ms % 1_000
     )
+}
+
+/// Decodes a Confluent-framed value against a writer schema already in hand, the way the
+/// registry path does once it has resolved the frame's schema id: the frame, then the Avro
+/// datum, then the event. For schemas without references; used where no registry is (tests,
+/// fuzzing).
+pub fn decode_framed(
+    bytes: &[u8],
+    schema: &apache_avro::Schema,
+    record: &OwnedMessage,
+) -> Result<Event, CodecError> {
+    let id = schema_id(bytes)?;
+    let mut datum = &bytes[5..];
+    let invalid = |e: apache_avro::Error| CodecError::AvroInvalid {
+        id,
+        message: e.to_string(),
+    };
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .and_then(|reader| reader.read_value(&mut datum))
+        .map_err(invalid)?;
+    Ok(event_from_avro(value, record))
 }
 
 /// Reads the schema id of a Confluent-framed value.

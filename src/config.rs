@@ -43,6 +43,39 @@ impl ConfigError {
     }
 }
 
+/// Longest duration any `*_ms` setting may have: a week. Every deadline the services compute
+/// (`Instant + duration`, sums of timeouts) then stays far from overflow, and no setting
+/// that long is meaningful for a timeout, an interval or a backoff.
+pub const MAX_DURATION_MS: u64 = 7 * 86_400_000;
+
+/// Checks that `value` of setting `key` lies in `min..=max`, saying both bounds and the unit.
+pub(crate) fn bounded(
+    key: &str,
+    value: u64,
+    min: u64,
+    max: u64,
+    unit: &str,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    Err(ConfigError::invalid(
+        key,
+        format!("is {value}{unit}; it must be between {min} and {max}{unit}"),
+    ))
+}
+
+/// [`bounded`] for a duration in milliseconds, at least `min_ms` and at most
+/// [`MAX_DURATION_MS`].
+pub(crate) fn duration_ms(key: &str, value: u64, min_ms: u64) -> Result<(), ConfigError> {
+    bounded(key, value, min_ms, MAX_DURATION_MS, "ms")
+}
+
 /// The whole service configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -381,6 +414,12 @@ pub struct SlackConfig {
     pub api_url: String,
     /// The message, a minijinja template over `event`, `data` and `outputs`.
     pub text: String,
+    /// Escape `&`, `<` and `>` in every value the template renders (Slack's rules), so event
+    /// text such as `<!channel>` cannot ping a channel or forge a link. The template's own
+    /// text is never escaped, and `{{ x | safe }}` renders one value as is. `false` turns it
+    /// off for this template: only for values that are trusted Slack markup.
+    #[serde(default = "default_true")]
+    pub escape: bool,
     /// Minimum time between two posts to the channel, in milliseconds (Slack: ~1 per second).
     #[serde(default = "default_slack_pacing_ms")]
     pub pacing_ms: u64,
@@ -1000,6 +1039,7 @@ impl Config {
             ));
         }
         let p = &self.processor;
+        self.validate_bounds()?;
         if p.max_in_flight == 0 {
             return Err(ConfigError::invalid(
                 "processor.max_in_flight",
@@ -1026,7 +1066,7 @@ impl Config {
         }
         // The poll thread waits inside the revoke callback for up to rebalance_timeout_ms plus
         // a 2 s hand-over margin; it must be back polling before max.poll.interval.ms.
-        if p.rebalance_timeout_ms + 2_000 >= k.max_poll_interval_ms {
+        if p.rebalance_timeout_ms.saturating_add(2_000) >= k.max_poll_interval_ms {
             return Err(ConfigError::invalid(
                 "processor.rebalance_timeout_ms",
                 format!(
@@ -1063,6 +1103,7 @@ impl Config {
                 "is required when codec.format = \"avro\"",
             ));
         }
+        self.validate_step_names()?;
         for (i, step) in self.steps.iter().enumerate() {
             match step {
                 StepConfig::Webhook(w) => {
@@ -1103,7 +1144,156 @@ impl Config {
     }
 }
 
+impl StepConfig {
+    /// The step's name: its journal entry, its output's key, its metrics label.
+    pub fn name(&self) -> &str {
+        match self {
+            StepConfig::Webhook(c) => &c.name,
+            StepConfig::Llm(c) => &c.name,
+            StepConfig::Slack(c) => &c.name,
+            StepConfig::Kafka(c) => &c.name,
+        }
+    }
+}
+
 impl Config {
+    /// Step names key the journal's entries and the outputs: two steps with one name would
+    /// skip the second as done, or overwrite the first's output.
+    fn validate_step_names(&self) -> Result<(), ConfigError> {
+        for (i, step) in self.steps.iter().enumerate() {
+            if step.name().trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("steps[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+            if let Some(first) = self.steps[..i].iter().position(|s| s.name() == step.name()) {
+                return Err(ConfigError::invalid(
+                    format!("steps[{i}].name"),
+                    format!(
+                        "`{}` is also the name of steps[{first}]: step names key the journal and \
+                         the outputs, so each step needs its own (steps of one type default to \
+                         the same name; set `name` on one of them)",
+                        step.name()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every duration and size within bounds that keep the arithmetic on them safe.
+    fn validate_bounds(&self) -> Result<(), ConfigError> {
+        let (k, p) = (&self.kafka, &self.processor);
+        for (key, v, min) in [
+            ("kafka.session_timeout_ms", k.session_timeout_ms, 1),
+            ("kafka.max_poll_interval_ms", k.max_poll_interval_ms, 1),
+            ("kafka.message_timeout_ms", k.message_timeout_ms, 1),
+            ("kafka.statistics_interval_ms", k.statistics_interval_ms, 0),
+            ("processor.commit_interval_ms", p.commit_interval_ms, 1),
+            ("processor.shutdown_timeout_ms", p.shutdown_timeout_ms, 0),
+            ("processor.rebalance_timeout_ms", p.rebalance_timeout_ms, 0),
+            (
+                "processor.retry.initial_backoff_ms",
+                p.retry.initial_backoff_ms,
+                0,
+            ),
+            ("processor.retry.max_backoff_ms", p.retry.max_backoff_ms, 0),
+            (
+                "codec.schema_registry_timeout_ms",
+                self.codec.schema_registry_timeout_ms,
+                1,
+            ),
+            ("llm.breaker.window_ms", self.llm.breaker.window_ms, 1),
+            ("llm.breaker.open_ms", self.llm.breaker.open_ms, 1),
+            (
+                "telemetry.liveness_timeout_ms",
+                self.telemetry.liveness_timeout_ms,
+                1,
+            ),
+        ] {
+            duration_ms(key, v, min)?;
+        }
+        if let Some(j) = &self.journal {
+            duration_ms("journal.restore_stall_ms", j.restore_stall_ms, 1_000)?;
+        }
+        for (name, provider) in &self.llm.providers {
+            let key = |k: &str| format!("llm.providers.{name}.{k}");
+            duration_ms(&key("timeout_ms"), provider.timeout_ms, 1)?;
+            duration_ms(&key("burst_ms"), provider.burst_ms, 1)?;
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            let key = |k: &str| format!("steps[{i}].{k}");
+            match step {
+                StepConfig::Webhook(c) => duration_ms(&key("timeout_ms"), c.timeout_ms, 1)?,
+                StepConfig::Slack(c) => {
+                    duration_ms(&key("timeout_ms"), c.timeout_ms, 1)?;
+                    duration_ms(&key("pacing_ms"), c.pacing_ms, 0)?;
+                    // conversations.history answers at most 999 messages a page.
+                    bounded(
+                        &key("reconcile_history"),
+                        c.reconcile_history.into(),
+                        1,
+                        999,
+                        "messages",
+                    )?;
+                }
+                StepConfig::Llm(c) => {
+                    bounded(
+                        &key("max_tokens"),
+                        c.max_tokens.into(),
+                        1,
+                        10_000_000,
+                        "tokens",
+                    )?;
+                    bounded(
+                        &key("output.repair_attempts"),
+                        c.output.repair_attempts.into(),
+                        0,
+                        10,
+                        "attempts",
+                    )?;
+                }
+                StepConfig::Kafka(_) => {}
+            }
+        }
+        for (key, v, min, max) in [
+            (
+                "processor.max_in_flight",
+                p.max_in_flight as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "processor.max_buffered_per_partition",
+                p.max_buffered_per_partition as u64,
+                2,
+                10_000_000,
+            ),
+            (
+                "processor.max_buffered_total",
+                p.max_buffered_total as u64,
+                2,
+                100_000_000,
+            ),
+            (
+                "processor.retry.max_attempts",
+                p.retry.max_attempts.into(),
+                1,
+                1_000,
+            ),
+            (
+                "llm.breaker.failure_threshold",
+                self.llm.breaker.failure_threshold.into(),
+                1,
+                1_000_000,
+            ),
+        ] {
+            bounded(key, v, min, max, "")?;
+        }
+        Ok(())
+    }
+
     fn validate_journal(&self, j: &JournalConfig) -> Result<(), ConfigError> {
         if j.topic.trim().is_empty() {
             return Err(ConfigError::invalid("journal.topic", "must not be empty"));
@@ -1324,6 +1514,119 @@ mod tests {
         assert_eq!(steps.len(), cfg.steps.len());
     }
 
+    fn refused(toml: &str) -> (String, String) {
+        match Config::from_toml(toml) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicate_step_names_are_refused_naming_both_steps() {
+        let two_webhooks = format!(
+            "{MINIMAL}
+            [[steps]]
+            type = \"webhook\"
+            url = \"http://127.0.0.1:1/a\"
+            [[steps]]
+            type = \"webhook\"
+            url = \"http://127.0.0.1:1/b\"
+            "
+        );
+        let (key, message) = refused(&two_webhooks);
+        assert_eq!(key, "steps[1].name");
+        assert!(
+            message.contains("`webhook` is also the name of steps[0]"),
+            "{message}"
+        );
+        let two_llms = format!(
+            "{MINIMAL}
+            [llm.providers.p]
+            api = \"openai\"
+            base_url = \"http://127.0.0.1:1\"
+            [[steps]]
+            type = \"llm\"
+            name = \"classify\"
+            provider = \"p\"
+            model = \"m\"
+            user = \"a\"
+            [[steps]]
+            type = \"slack\"
+            webhook_url = \"http://127.0.0.1:1/s\"
+            text = \"x\"
+            [[steps]]
+            type = \"llm\"
+            name = \"classify\"
+            provider = \"p\"
+            model = \"m\"
+            user = \"b\"
+            "
+        );
+        let (key, message) = refused(&two_llms);
+        assert_eq!(key, "steps[2].name");
+        assert!(
+            message.contains("`classify` is also the name of steps[0]"),
+            "{message}"
+        );
+        let renamed = two_webhooks.replacen(
+            "url = \"http://127.0.0.1:1/b\"",
+            "url = \"http://127.0.0.1:1/b\"\nname = \"audit\"",
+            1,
+        );
+        Config::from_toml(&renamed).expect("distinct names are fine");
+    }
+
+    #[test]
+    fn every_duration_and_size_from_outside_is_bounded_and_named() {
+        let huge = i64::MAX.to_string();
+        let in_kafka = |k: &str, v: &str| {
+            MINIMAL.replacen(
+                "group_id = \"g\"",
+                &format!("group_id = \"g\"\n{k} = {v}"),
+                1,
+            )
+        };
+        let section = |t: &str, k: &str, v: &str| format!("{MINIMAL}\n[{t}]\n{k} = {v}\n");
+        let cases = [
+            (in_kafka("session_timeout_ms", &huge), "kafka.session_timeout_ms"),
+            (in_kafka("max_poll_interval_ms", &huge), "kafka.max_poll_interval_ms"),
+            (in_kafka("message_timeout_ms", &huge), "kafka.message_timeout_ms"),
+            // `rebalance_timeout_ms + 2000` overflowed before it was compared.
+            (section("processor", "rebalance_timeout_ms", &huge), "processor.rebalance_timeout_ms"),
+            (section("processor", "commit_interval_ms", &huge), "processor.commit_interval_ms"),
+            (section("processor", "shutdown_timeout_ms", &huge), "processor.shutdown_timeout_ms"),
+            (section("processor", "max_in_flight", "100000000"), "processor.max_in_flight"),
+            (section("processor.retry", "max_backoff_ms", &huge), "processor.retry.max_backoff_ms"),
+            (section("processor.retry", "max_attempts", "4000000000"), "processor.retry.max_attempts"),
+            (section("codec", "schema_registry_timeout_ms", &huge), "codec.schema_registry_timeout_ms"),
+            // `Instant + open_ms` panicked in the breaker.
+            (section("llm.breaker", "open_ms", &huge), "llm.breaker.open_ms"),
+            (section("llm.breaker", "window_ms", &huge), "llm.breaker.window_ms"),
+            (section("telemetry", "liveness_timeout_ms", &huge), "telemetry.liveness_timeout_ms"),
+            (
+                format!("{MINIMAL}\n[llm.providers.p]\napi = \"openai\"\nbase_url = \"http://h\"\ntimeout_ms = {huge}\n"),
+                "llm.providers.p.timeout_ms",
+            ),
+            (
+                format!("{MINIMAL}\n[[steps]]\ntype = \"slack\"\nwebhook_url = \"http://h/\"\ntext = \"x\"\npacing_ms = {huge}\n"),
+                "steps[0].pacing_ms",
+            ),
+            (
+                format!("{MINIMAL}\n[[steps]]\ntype = \"webhook\"\nurl = \"http://h/\"\ntimeout_ms = {huge}\n"),
+                "steps[0].timeout_ms",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let (key, message) = refused(&toml);
+            assert_eq!(key, expected, "{message}");
+            assert!(message.contains("must be between"), "{key}: {message}");
+        }
+        // The largest accepted duration still leaves every deadline computable.
+        let week = section("llm.breaker", "open_ms", &MAX_DURATION_MS.to_string());
+        let config = Config::from_toml(&week).unwrap();
+        let _ = std::time::Instant::now() + Duration::from_millis(config.llm.breaker.open_ms);
+    }
+
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let cfg = Config::from_toml(MINIMAL).unwrap();
@@ -1511,6 +1814,26 @@ mod tests {
         };
         let err = v.resolve("kafka.properties.sasl.password").unwrap_err();
         assert!(err.to_string().contains("kafka.properties.sasl.password"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type.
+    fn a_duration_past_what_toml_can_hold_from_the_environment_is_refused_not_overflowed() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("spillway.toml", MINIMAL)?;
+            // u64::MAX: `rebalance_timeout_ms + 2000` overflowed (a panic in debug builds).
+            jail.set_env(
+                "SPILLWAY_PROCESSOR__REBALANCE_TIMEOUT_MS",
+                u64::MAX.to_string(),
+            );
+            match Config::load(Path::new("spillway.toml")) {
+                Err(ConfigError::Invalid { key, .. }) => {
+                    assert_eq!(key, "processor.rebalance_timeout_ms");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! - `before_commit`: a transaction's records (a Kafka sink's result and its journal entry)
 //!   are written, the transaction is not committed.
 //!
+//! `SPILLWAY_FAULT=<point>:<step>:<n>:panic` makes the record's task panic there instead, outside
+//! the step's own panic guard (a bug in Spillway itself, as the processor sees it).
+//!
 //! `SPILLWAY_FAULT=journal_write:<step>:<n>:fatal` instead raises a fatal librdkafka error on
 //! the journal producer before the `n`-th entry write after `<step>` ([`fatal_at`]).
 //!
@@ -33,6 +36,8 @@ enum Mode {
     Stop,
     /// The caller raises a fatal librdkafka error on its producer.
     Fatal,
+    /// A panic on the calling task.
+    Panic,
 }
 
 fn fault() -> Option<&'static Fault> {
@@ -47,6 +52,7 @@ fn fault() -> Option<&'static Fault> {
                 None => Mode::Kill,
                 Some("stop") => Mode::Stop,
                 Some("fatal") => Mode::Fatal,
+                Some("panic") => Mode::Panic,
                 Some(_) => return None,
             };
             tracing::warn!(%spec, "fault injection armed (testing only)");
@@ -68,6 +74,9 @@ pub fn point(point: &str, step: &str) {
         return;
     }
     if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
+        if f.mode == Mode::Panic {
+            panic!("fault point {point}:{step} reached; panicking (fault injection)");
+        }
         let (name, signal) = if f.mode == Mode::Stop {
             ("SIGSTOP", libc::SIGSTOP)
         } else {

@@ -11,6 +11,7 @@ pub mod ingress;
 pub mod journal;
 pub mod kafka;
 pub mod llm;
+pub mod outbound;
 pub mod pipeline;
 pub mod processor;
 pub mod shutdown;

@@ -136,6 +136,7 @@ async fn the_ingress_envelope_is_confluent_framed_and_survives_a_registry_outage
         event_type: "com.github.issue_comment",
         time: Some("2026-11-22T10:00:00Z"),
         subject: None,
+        delivery_id: None,
         received_at_ms: Some(1_763_805_600_000),
         data: r#"{"comment": {"body": "nice post"}}"#,
     };

@@ -1049,6 +1049,7 @@ async fn parts() {
             event_type: "com.example.blog.comment",
             time: Some("2026-12-04T17:03:09.123Z"),
             subject: None,
+            delivery_id: None,
             received_at_ms: Some(1),
             data,
         }

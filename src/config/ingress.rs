@@ -14,7 +14,10 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
-use super::{check_properties, env_overrides, ConfigError, PropertyValue, TelemetryConfig};
+use super::{
+    bounded, check_properties, duration_ms, env_overrides, ConfigError, PropertyValue,
+    TelemetryConfig,
+};
 use crate::ingress::limit::Rate;
 
 /// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
@@ -356,6 +359,7 @@ impl IngressConfig {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
             }
         }
+        self.validate_bounds()?;
         if s.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "server.max_connections",
@@ -454,6 +458,72 @@ impl IngressConfig {
                     max_tolerance.saturating_mul(2)
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl IngressConfig {
+    /// Every duration and size within bounds that keep the arithmetic on them safe.
+    fn validate_bounds(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for (key, v, min) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms, 1),
+            ("server.body_timeout_ms", s.body_timeout_ms, 1),
+            ("server.shutdown_timeout_ms", s.shutdown_timeout_ms, 0),
+            ("server.shutdown_delay_ms", s.shutdown_delay_ms, 0),
+            ("kafka.message_timeout_ms", self.kafka.message_timeout_ms, 1),
+            ("registry.timeout_ms", self.registry.timeout_ms, 1),
+            (
+                "telemetry.liveness_timeout_ms",
+                self.telemetry.liveness_timeout_ms,
+                1,
+            ),
+        ] {
+            duration_ms(key, v, min)?;
+        }
+        // librdkafka's own bound on linger.ms.
+        bounded("kafka.linger_ms", self.kafka.linger_ms, 0, 900_000, "ms")?;
+        bounded(
+            "server.unavailable_retry_after_secs",
+            s.unavailable_retry_after_secs,
+            1,
+            3_600,
+            "s",
+        )?;
+        bounded(
+            "replay.ttl_secs",
+            self.replay.ttl_secs,
+            1,
+            366 * 86_400,
+            "s",
+        )?;
+        bounded("replay.max_ids", self.replay.max_ids, 1, 1_000_000_000, "")?;
+        bounded(
+            "server.max_connections",
+            s.max_connections as u64,
+            1,
+            1_000_000,
+            "",
+        )?;
+        bounded(
+            "server.max_buffered_body_bytes",
+            s.max_buffered_body_bytes as u64,
+            1,
+            1 << 40,
+            "bytes",
+        )?;
+        for (name, src) in &self.sources {
+            let key = |k: &str| format!("sources.{name}.{k}");
+            // Signatures are checked against `now ± tolerance` in signed seconds.
+            bounded(&key("tolerance_secs"), src.tolerance_secs, 1, 86_400, "s")?;
+            bounded(
+                &key("max_body_bytes"),
+                src.max_body_bytes as u64,
+                1,
+                1 << 30,
+                "bytes",
+            )?;
         }
         Ok(())
     }
@@ -585,6 +655,67 @@ mod tests {
         let text = include_str!("../../config/ingress.toml");
         let cfg = IngressConfig::from_toml(text).expect("config/ingress.toml must stay valid");
         assert!(cfg.sources.len() >= 4);
+    }
+
+    #[test]
+    fn every_ingress_duration_and_size_is_bounded_and_named() {
+        let huge = i64::MAX.to_string();
+        let cases = [
+            (
+                MINIMAL.replacen(
+                    "plaintext = true",
+                    &format!("plaintext = true\nbody_timeout_ms = {huge}"),
+                    1,
+                ),
+                "server.body_timeout_ms",
+            ),
+            (
+                MINIMAL.replacen(
+                    "plaintext = true",
+                    &format!("plaintext = true\nshutdown_delay_ms = {huge}"),
+                    1,
+                ),
+                "server.shutdown_delay_ms",
+            ),
+            (
+                MINIMAL.replacen(
+                    "plaintext = true",
+                    "plaintext = true\nunavailable_retry_after_secs = 86400000",
+                    1,
+                ),
+                "server.unavailable_retry_after_secs",
+            ),
+            (
+                MINIMAL.replacen(
+                    "brokers = \"127.0.0.1:9092\"",
+                    &format!("brokers = \"127.0.0.1:9092\"\nlinger_ms = {huge}"),
+                    1,
+                ),
+                "kafka.linger_ms",
+            ),
+            // Cast to signed seconds, a huge tolerance turned negative.
+            (
+                MINIMAL.replacen(
+                    "topic = \"events\"",
+                    &format!("topic = \"events\"\ntolerance_secs = {huge}"),
+                    1,
+                ),
+                "sources.github.tolerance_secs",
+            ),
+            (
+                format!("{MINIMAL}\n[replay]\nttl_secs = {huge}\n"),
+                "replay.ttl_secs",
+            ),
+        ];
+        for (toml, expected) in cases {
+            match IngressConfig::from_toml(&toml) {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, expected, "{message}");
+                    assert!(message.contains("must be between"), "{message}");
+                }
+                other => panic!("{expected}: expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]

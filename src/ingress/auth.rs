@@ -66,10 +66,20 @@ impl Secret {
         match scheme {
             Scheme::StandardWebhooks => {
                 let b64 = text.strip_prefix("whsec_").unwrap_or(text);
-                base64::engine::general_purpose::STANDARD
+                let key = base64::engine::general_purpose::STANDARD
                     .decode(b64)
-                    .map(Secret)
-                    .map_err(|e| format!("a Standard Webhooks secret must be whsec_<base64>: {e}"))
+                    .map_err(|e| {
+                        format!("a Standard Webhooks secret must be whsec_<base64>: {e}")
+                    })?;
+                // An empty key would make every signature computable by anyone.
+                if key.len() < 16 {
+                    return Err(format!(
+                        "a Standard Webhooks secret must be whsec_<base64> of at least 16 bytes; \
+                         this one decodes to {} bytes",
+                        key.len()
+                    ));
+                }
+                Ok(Secret(key))
             }
             _ => Ok(Secret(text.as_bytes().to_vec())),
         }
@@ -347,6 +357,16 @@ mod tests {
     }
 
     #[test]
+    fn a_standard_webhooks_secret_without_a_key_is_refused() {
+        for text in ["whsec_", "whsec_AAAA", "whsec_ not base64"] {
+            let err = Secret::new(&Scheme::StandardWebhooks, text).unwrap_err();
+            assert!(err.contains("whsec_<base64>"), "{text}: {err}");
+        }
+        assert!(Secret::new(&Scheme::StandardWebhooks, "").is_err());
+        assert!(Secret::new(&Scheme::StandardWebhooks, WHSEC).is_ok());
+    }
+
+    #[test]
     fn accepts_a_valid_standard_webhooks_signature() {
         let v = sw(&sw_headers(NOW, BODY, None), BODY).unwrap();
         assert_eq!(v.delivery_id.as_deref(), Some("msg_1"));
@@ -412,7 +432,11 @@ mod tests {
 
     #[test]
     fn accepts_either_secret_during_rotation_and_says_which() {
-        let old = Secret::new(&Scheme::StandardWebhooks, "whsec_b2xkLXNlY3JldC1rZXk=").unwrap();
+        let old = Secret::new(
+            &Scheme::StandardWebhooks,
+            "whsec_b2xkLXNlY3JldC1rZXktcm90YXRlZC0x",
+        )
+        .unwrap();
         let new = Secret::new(&Scheme::StandardWebhooks, WHSEC).unwrap();
         let h = sw_headers(NOW, BODY, None);
         let v = verify(&Scheme::StandardWebhooks, &[old, new], &h, BODY, NOW, 300).unwrap();

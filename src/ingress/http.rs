@@ -467,13 +467,13 @@ async fn check_and_produce(
     }
     let attributes = (|| {
         Ok::<_, super::source::InvalidEvent>((
-            source.event_id(&parts.headers, &json)?,
+            source.event_id(&parts.headers, &json, &body)?,
             source.event_type(&parts.headers, &json)?,
             source.subject(&parts.headers, &json)?,
             source.time(&parts.headers, &json)?,
         ))
     })();
-    let (id, event_type, subject, time) = match attributes {
+    let ((id, sender_id), event_type, subject, time) = match attributes {
         Ok(a) => a,
         Err(e) => return Reply::error(StatusCode::BAD_REQUEST, "invalid", e),
     };
@@ -531,6 +531,7 @@ async fn check_and_produce(
                 event_type: &event_type,
                 time: Some(&time),
                 subject: subject.as_deref(),
+                delivery_id: sender_id.as_deref(),
                 received_at_ms: Some(received_at_ms),
                 data: &data,
             };

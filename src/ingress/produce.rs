@@ -25,6 +25,9 @@ use crate::telemetry::{Health, IngressMetrics};
 /// Header carrying the ingress receive time in unix milliseconds (the record timestamp is
 /// set to the same instant), where end-to-end latency starts.
 pub const RECEIVED_HEADER: &str = "spillway.received_ms";
+/// Header with the sender's unsigned delivery id (e.g. `X-GitHub-Delivery`), for tracing:
+/// such an id is not the event's identity (`ce_id`), a digest of the signed body is.
+pub const DELIVERY_ID_HEADER: &str = "spillway.delivery_id";
 
 /// Why an event could not be handed to Kafka.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +159,7 @@ impl Producer {
             })?;
         let received = event.received_at_ms.unwrap_or_default();
         let received_text = received.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(8)
+        let mut headers = OwnedHeaders::new_with_capacity(9)
             .insert(Header {
                 key: "ce_specversion",
                 value: Some("1.0"),
@@ -183,6 +186,12 @@ impl Producer {
             headers = headers.insert(Header {
                 key: "ce_subject",
                 value: Some(subject),
+            });
+        }
+        if let Some(delivery_id) = event.delivery_id {
+            headers = headers.insert(Header {
+                key: DELIVERY_ID_HEADER,
+                value: Some(delivery_id),
             });
         }
         headers = headers

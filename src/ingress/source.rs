@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
 
 use super::auth::{Encoding, Scheme, Secret};
 use super::limit::Rate;
@@ -30,6 +31,11 @@ pub struct Source {
     pub rate: Option<Rate>,
     /// Where the delivery id comes from.
     pub delivery_id: FieldRef,
+    /// Whether the sender signs the delivery id. When it does not (GitHub's
+    /// `X-GitHub-Delivery`, a generic HMAC source's id header), the event's identity is a
+    /// digest of the signed body instead, so a captured request replayed with a new id is
+    /// still recognised.
+    pub id_signed: bool,
     /// Event type.
     pub event_type: FieldRef,
     /// Optional subject.
@@ -79,6 +85,17 @@ pub enum InvalidEvent {
         len: usize,
         /// The cap.
         max: usize,
+    },
+    /// A value taken from the request holds a control character: it could not be an HTTP
+    /// header (`Idempotency-Key`, `webhook-id`) downstream.
+    #[error("{what} has a control character (U+{code:04X}) at byte {at}; only printable text is accepted")]
+    ControlCharacter {
+        /// Which value.
+        what: &'static str,
+        /// The character.
+        code: u32,
+        /// Its byte offset.
+        at: usize,
     },
 }
 
@@ -136,6 +153,16 @@ impl Source {
                 })
             }
         };
+        // The body is signed by every scheme; of the headers, only Standard Webhooks signs
+        // its `webhook-id`.
+        let id_signed = match &delivery_id {
+            FieldRef::Json { .. } => true,
+            FieldRef::Header { header } => {
+                config.scheme == SchemeName::StandardWebhooks
+                    && header.eq_ignore_ascii_case("webhook-id")
+            }
+            FieldRef::Fixed(_) => false,
+        };
         let schema = match &config.schema {
             None => None,
             Some(path) => {
@@ -169,6 +196,7 @@ impl Source {
             max_body_bytes: config.max_body_bytes,
             rate,
             delivery_id,
+            id_signed,
             event_type: config.event_type.clone(),
             subject: config.subject.clone(),
             time: config.time.clone(),
@@ -177,11 +205,25 @@ impl Source {
         })
     }
 
-    /// The source-namespaced delivery id (`<source>:<sender's id>`): `ce_id`, the record key
-    /// and the replay-cache key.
-    pub fn event_id(&self, headers: &HeaderMap, body: &Json) -> Result<String, InvalidEvent> {
+    /// The event's source-namespaced identity, `ce_id`, the record key and the replay-cache
+    /// key, and the sender's delivery id when that is not the identity.
+    ///
+    /// The identity is `<source>:<sender's id>` when the sender signs its id, and
+    /// `<source>:sha256:<hex digest of the raw body>` when it does not (see
+    /// [`Source::id_signed`]): a replay can change an unsigned id, never the signed body. The
+    /// sender's id is still required, and returned second for tracing.
+    pub fn event_id(
+        &self,
+        headers: &HeaderMap,
+        body: &Json,
+        raw_body: &[u8],
+    ) -> Result<(String, Option<String>), InvalidEvent> {
         let id = required("delivery id", &self.delivery_id, headers, body)?;
-        Ok(format!("{}:{}", self.name, id))
+        if self.id_signed {
+            return Ok((format!("{}:{id}", self.name), None));
+        }
+        let digest = hex::encode(Sha256::digest(raw_body));
+        Ok((format!("{}:sha256:{digest}", self.name), Some(id)))
     }
 
     /// The event type.
@@ -270,14 +312,24 @@ fn optional(
     headers: &HeaderMap,
     body: &Json,
 ) -> Result<Option<String>, InvalidEvent> {
-    match field.and_then(|f| extract(f, headers, body)) {
-        Some(v) if v.len() > MAX_ATTRIBUTE_BYTES => Err(InvalidEvent::TooLong {
-            what,
-            len: v.len(),
-            max: MAX_ATTRIBUTE_BYTES,
-        }),
-        v => Ok(v),
+    let value = field.and_then(|f| extract(f, headers, body));
+    if let Some(v) = &value {
+        if v.len() > MAX_ATTRIBUTE_BYTES {
+            return Err(InvalidEvent::TooLong {
+                what,
+                len: v.len(),
+                max: MAX_ATTRIBUTE_BYTES,
+            });
+        }
+        if let Some((at, c)) = v.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(InvalidEvent::ControlCharacter {
+                what,
+                code: c as u32,
+                at,
+            });
+        }
     }
+    Ok(value)
 }
 
 fn describe(field: &FieldRef) -> String {
@@ -309,10 +361,10 @@ mod tests {
         .unwrap();
         let body: Json = serde_json::json!({"id": "evt_1", "type": "charge.succeeded"});
         let h = HeaderMap::new();
-        assert_eq!(stripe.event_id(&h, &body).unwrap(), "stripe:evt_1");
+        assert_eq!(stripe.event_id(&h, &body, b"").unwrap().0, "stripe:evt_1");
         assert_eq!(stripe.event_type(&h, &body).unwrap(), "charge.succeeded");
         let err = stripe
-            .event_id(&h, &serde_json::json!({"type": "x"}))
+            .event_id(&h, &serde_json::json!({"type": "x"}), b"")
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -327,8 +379,98 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-github-delivery", HeaderValue::from_static("72d3162e"));
         h.insert("x-github-event", HeaderValue::from_static("issue_comment"));
-        assert_eq!(gh.event_id(&h, &Json::Null).unwrap(), "gh:72d3162e");
+        // GitHub signs the body only: the identity is the body's digest, the GUID rides along.
+        let (id, sender) = gh.event_id(&h, &Json::Null, b"Hello, World!").unwrap();
+        assert_eq!(
+            id,
+            "gh:sha256:dffd6021bb2bd5b0af676290809ec3a53191dd81c7f70a4b28688a362182986f"
+        );
+        assert_eq!(sender.as_deref(), Some("72d3162e"));
         assert_eq!(gh.event_type(&h, &Json::Null).unwrap(), "issue_comment");
+    }
+
+    #[test]
+    fn a_replay_with_a_new_unsigned_delivery_id_keeps_its_identity() {
+        let gh = Source::new(
+            "gh",
+            &config("scheme = \"github\"\nsecrets = [\"k\"]\nevent_type = { header = \"X-GitHub-Event\" }\ntopic = \"t\""),
+        )
+        .unwrap();
+        let hmac_header = Source::new(
+            "shop",
+            &config("scheme = \"hmac\"\nsecrets = [\"k\"]\nsignature_header = \"x-sig\"\ndelivery_id = { header = \"x-id\" }\nevent_type = \"order\"\ntopic = \"t\""),
+        )
+        .unwrap();
+        let hmac_body = Source::new(
+            "shop",
+            &config("scheme = \"hmac\"\nsecrets = [\"k\"]\nsignature_header = \"x-sig\"\ndelivery_id = { json = \"/id\" }\nevent_type = \"order\"\ntopic = \"t\""),
+        )
+        .unwrap();
+        let body = br#"{"id":"o-1","total":5}"#;
+        let json: Json = serde_json::from_slice(body).unwrap();
+        let with = |name: &'static str, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(value));
+            h
+        };
+        for (source, header) in [(&gh, "x-github-delivery"), (&hmac_header, "x-id")] {
+            let first = source
+                .event_id(&with(header, "guid-1"), &json, body)
+                .unwrap();
+            let replay = source
+                .event_id(&with(header, "guid-2"), &json, body)
+                .unwrap();
+            assert_eq!(
+                first.0, replay.0,
+                "{}: a new unsigned id is the same event",
+                source.name
+            );
+            assert_ne!(first.1, replay.1, "the sender's ids are kept for tracing");
+            let other = source
+                .event_id(&with(header, "guid-1"), &json, br#"{"id":"o-2"}"#)
+                .unwrap();
+            assert_ne!(first.0, other.0, "another signed body is another event");
+        }
+        // An id inside the signed body is the sender's own, signed.
+        let (id, sender) = hmac_body.event_id(&HeaderMap::new(), &json, body).unwrap();
+        assert_eq!((id.as_str(), sender), ("shop:o-1", None));
+    }
+
+    #[test]
+    fn an_id_or_attribute_with_a_control_character_is_refused() {
+        let stripe = Source::new(
+            "stripe",
+            &config("scheme = \"stripe\"\nsecrets = [\"k\"]\nevent_type = { json = \"/type\" }\ntopic = \"t\""),
+        )
+        .unwrap();
+        let h = HeaderMap::new();
+        for (id, code, at) in [
+            ("evt\n1", 0x0a, 3),
+            ("\u{7f}x", 0x7f, 0),
+            ("a\u{85}b", 0x85, 1),
+        ] {
+            let body = serde_json::json!({"id": id, "type": "t"});
+            let err = stripe.event_id(&h, &body, b"").unwrap_err();
+            assert_eq!(
+                err,
+                InvalidEvent::ControlCharacter {
+                    what: "delivery id",
+                    code,
+                    at
+                }
+            );
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+        let body = serde_json::json!({"id": "evt_1", "type": "charge\u{0}"});
+        assert!(matches!(
+            stripe.event_type(&h, &body),
+            Err(InvalidEvent::ControlCharacter {
+                what: "event type",
+                ..
+            })
+        ));
+        let fine = serde_json::json!({"id": "évt_1 ✓", "type": "t"});
+        assert_eq!(stripe.event_id(&h, &fine, b"").unwrap().0, "stripe:évt_1 ✓");
     }
 
     #[test]
@@ -342,7 +484,7 @@ mod tests {
         let long = "x".repeat(MAX_ATTRIBUTE_BYTES + 1);
         let body = serde_json::json!({"id": long, "type": "t", "s": "ok"});
         assert_eq!(
-            stripe.event_id(&h, &body).unwrap_err().to_string(),
+            stripe.event_id(&h, &body, b"").unwrap_err().to_string(),
             format!("delivery id is 257 bytes long; at most {MAX_ATTRIBUTE_BYTES} are accepted")
         );
         assert_eq!(stripe.subject(&h, &body).unwrap().as_deref(), Some("ok"));
@@ -357,7 +499,7 @@ mod tests {
         let exact = "y".repeat(MAX_ATTRIBUTE_BYTES);
         let body = serde_json::json!({"id": exact, "type": "t"});
         assert_eq!(
-            stripe.event_id(&h, &body).unwrap(),
+            stripe.event_id(&h, &body, b"").unwrap().0,
             format!("stripe:{exact}")
         );
         assert_eq!(stripe.time(&h, &body).unwrap(), None);

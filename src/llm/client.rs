@@ -100,6 +100,10 @@ pub enum CallError {
     /// The prompt plus `max_tokens` does not fit the model's context window.
     #[error("context window exceeded: {0}")]
     ContextOverflow(String),
+    /// A 3xx: the configured base URL points elsewhere. Redirects are never followed (a POST
+    /// would become a GET, and the API key would go to the other host).
+    #[error("provider {0}")]
+    Redirect(String),
     /// Any other 4xx: the request itself is wrong.
     #[error("request rejected ({status}): {message}")]
     Rejected {
@@ -136,6 +140,7 @@ impl CallError {
             CallError::Auth(_) => "llm_auth",
             CallError::ContextOverflow(_) => "llm_context_overflow",
             CallError::Rejected { .. } => "llm_rejected",
+            CallError::Redirect(_) => "llm_redirect",
         }
     }
 
@@ -148,7 +153,9 @@ impl CallError {
             | CallError::Connect(_)
             | CallError::Malformed(_) => ErrorClass::Transient,
             CallError::Quota(_) | CallError::Auth(_) => ErrorClass::Fatal,
-            CallError::ContextOverflow(_) | CallError::Rejected { .. } => ErrorClass::Deterministic,
+            CallError::ContextOverflow(_) | CallError::Rejected { .. } | CallError::Redirect(_) => {
+                ErrorClass::Deterministic
+            }
         }
     }
 }
@@ -208,10 +215,7 @@ impl Provider {
             headers.insert(name, value);
         }
         let timeout = Duration::from_millis(config.timeout_ms);
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .default_headers(headers)
-            .build()
+        let client = crate::outbound::client(None, timeout.min(Duration::from_secs(10)), headers)
             .map_err(|e| invalid(key("base_url"), e.to_string()))?;
         Ok(Provider {
             name: name.to_string(),
@@ -249,6 +253,9 @@ impl Provider {
             Err(e) => return (Err(transport_error(e)), RateHeaders::default()),
         };
         let status = response.status();
+        if let Some(message) = crate::outbound::redirect_message(status, response.headers()) {
+            return (Err(CallError::Redirect(message)), RateHeaders::default());
+        }
         let headers = rate_headers(self.api, response.headers());
         let bytes = match response.bytes().await {
             Ok(b) => b,
@@ -315,7 +322,8 @@ fn message_json(m: &Message) -> Json {
     json!({"role": role, "content": m.content})
 }
 
-fn parse_completion(api: ProviderApi, body: &[u8]) -> Result<Completion, CallError> {
+/// Reads a 200 answer's text and token usage.
+pub fn parse_completion(api: ProviderApi, body: &[u8]) -> Result<Completion, CallError> {
     let v: Json = serde_json::from_slice(body)
         .map_err(|e| CallError::Malformed(format!("body is not JSON: {e}")))?;
     let (text, input, output) = match api {
@@ -387,23 +395,14 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Parses `retry-after-ms`, else `retry-after` in seconds.
+/// Parses `retry-after-ms`, else `retry-after` in seconds, capped at an hour
+/// ([`crate::outbound::retry_after`]).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let ms = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|ms| ms / 1000.0);
-    let secs = ms.or_else(|| {
-        headers
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    })?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3_600.0)))
+    crate::outbound::retry_after(headers)
 }
 
-fn rate_headers(api: ProviderApi, headers: &HeaderMap) -> RateHeaders {
+/// The rate-limit state an answer's headers report, in the API's own header names.
+pub fn rate_headers(api: ProviderApi, headers: &HeaderMap) -> RateHeaders {
     let retry_after = retry_after(headers);
     match api {
         ProviderApi::OpenAi => RateHeaders {

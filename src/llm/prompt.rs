@@ -19,7 +19,39 @@ pub struct Prompt {
 impl Prompt {
     /// Compiles the templates; syntax errors fail at start-up, naming the step.
     pub fn new(step: &str, system: Option<&str>, user: &str) -> Result<Prompt, ConfigError> {
+        Self::compile(step, system, user, minijinja::Environment::new())
+    }
+
+    /// A Slack message template. With `escape`, every value it renders (event data, earlier
+    /// steps' outputs) has Slack's control characters `&`, `<` and `>` escaped, so text from
+    /// an event cannot become a mention (`<!channel>`, `<@U123>`) or a link; the template's
+    /// own text is left as written. A value piped through `|safe`, or a block inside
+    /// `{% autoescape false %}`, is rendered as is.
+    pub fn slack(step: &str, text: &str, escape: bool) -> Result<Prompt, ConfigError> {
         let mut env = minijinja::Environment::new();
+        if escape {
+            env.set_auto_escape_callback(|_| minijinja::AutoEscape::Custom("slack".into()));
+            env.set_formatter(|out, state, value| {
+                if value.is_safe()
+                    || !matches!(state.auto_escape(), minijinja::AutoEscape::Custom(_))
+                {
+                    return minijinja::escape_formatter(out, state, value);
+                }
+                out.write_str(&slack_escape(&value.to_string()))
+                    .map_err(|e| {
+                        minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())
+                    })
+            });
+        }
+        Self::compile(step, None, text, env)
+    }
+
+    fn compile(
+        step: &str,
+        system: Option<&str>,
+        user: &str,
+        mut env: minijinja::Environment<'static>,
+    ) -> Result<Prompt, ConfigError> {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         let invalid = |k: &str, e: minijinja::Error| ConfigError::Invalid {
             key: format!("steps.{step}.{k}"),
@@ -58,6 +90,20 @@ impl Prompt {
         };
         Ok((system, render("user")?))
     }
+}
+
+/// Slack's escaping of message text: `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`.
+pub fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Why an answer was not accepted.
@@ -196,6 +242,40 @@ mod tests {
         let err = p.render(&ctx(json!({"body": "x"}))).unwrap_err();
         assert!(err.contains("user template"), "{err}");
         assert!(Prompt::new("s", None, "{{ unclosed").is_err());
+    }
+
+    #[test]
+    fn event_text_in_a_slack_message_cannot_mention_or_link() {
+        let mut c = ctx(json!({"text": "<!channel> urgent & <https://evil.example|click>"}));
+        c.outputs
+            .insert("llm".into(), json!({"label": "<@U999> is to blame"}));
+        let text = "<@U123> new comment: {{ data.text }} ({{ outputs.llm.label }})";
+        let (_, out) = Prompt::slack("s", text, true).unwrap().render(&c).unwrap();
+        assert_eq!(
+            out,
+            "<@U123> new comment: &lt;!channel&gt; urgent &amp; \
+             &lt;https://evil.example|click&gt; (&lt;@U999&gt; is to blame)"
+        );
+        // Opt-outs: one value with |safe, or the whole template.
+        let (_, out) = Prompt::slack("s", "{{ data.text | safe }}", true)
+            .unwrap()
+            .render(&c)
+            .unwrap();
+        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
+        let (_, out) = Prompt::slack("s", "{{ data.text }}", false)
+            .unwrap()
+            .render(&c)
+            .unwrap();
+        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
+        // Non-string values render as before; a missing field is still an error.
+        let c = ctx(json!({"n": 3, "ok": true, "list": [1, 2]}));
+        let values = "{{ data.n }} {{ data.ok }} {{ data.list }}";
+        let render = |escape| Prompt::slack("s", values, escape).unwrap().render(&c).unwrap();
+        assert_eq!(render(true), render(false));
+        assert!(Prompt::slack("s", "{{ data.missing }}", true)
+            .unwrap()
+            .render(&c)
+            .is_err());
     }
 
     #[test]

@@ -472,7 +472,7 @@ impl Scheduler {
             let record = job.record;
             let abort = self
                 .tasks
-                .spawn(async move { worker.process(record).await });
+                .spawn(async move { worker.process_guarded(record).await });
             self.running.insert(
                 abort.id(),
                 Running {
@@ -494,10 +494,11 @@ impl Scheduler {
             Ok((id, outcome)) => (id, Some(outcome)),
             Err(e) => {
                 if e.is_panic() {
-                    // Steps' panics are caught in the worker; this is a bug in Spillway
-                    // itself. The record stays unfinished, so its partition's commit stops
+                    // Every panic of a record's task is caught in the worker, which
+                    // dead-letters the record; only one while writing that dead letter gets
+                    // here. The record stays unfinished, so its partition's commit stops
                     // there (visible as growing committed-offset lag) instead of losing it.
-                    tracing::error!(error = %e, "record task panicked outside a step");
+                    tracing::error!(error = %e, "record task panicked while dead-lettering");
                     self.metrics
                         .kafka_errors
                         .with_label_values(&["task_panicked"])

@@ -102,9 +102,59 @@ impl Attempts {
     }
 }
 
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string())
+}
+
 impl Worker {
-    /// Processes one record to completion. Never panics: a panicking step is caught and
-    /// treated as a deterministic failure.
+    /// Processes one record to completion, whatever panics on the way. A step's panic is a
+    /// deterministic failure of that step ([`Worker::process`]); a panic anywhere else in the
+    /// record's task, a bug in Spillway itself, dead-letters the record as `task_panicked`.
+    /// Either way the record finishes, so its key's next record runs and its partition's
+    /// commit moves on, instead of waiting for ever behind it.
+    pub async fn process_guarded(&self, record: Arc<OwnedMessage>) -> Outcome {
+        let panic = match AssertUnwindSafe(self.process(record.clone()))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => return outcome,
+            Err(panic) => panic_message(&*panic),
+        };
+        tracing::error!(
+            topic = record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            panic = %panic,
+            "record task panicked outside a step; dead-lettering the record"
+        );
+        self.metrics
+            .kafka_errors
+            .with_label_values(&["task_panicked"])
+            .inc();
+        let failure = Attempts::new().failure(
+            "task_panicked",
+            "processor".to_string(),
+            "spillway::processor::Worker",
+            format!("record task panicked outside a step: {panic}"),
+            1,
+        );
+        let outcome = self.dead_letter(&record, failure).await;
+        if outcome.is_finished() {
+            self.metrics
+                .events
+                .with_label_values(&[record.topic(), outcome.as_str()])
+                .inc();
+        }
+        outcome
+    }
+
+    /// Processes one record to completion. A panicking step is caught and treated as a
+    /// deterministic failure.
     pub async fn process(&self, record: Arc<OwnedMessage>) -> Outcome {
         let span = tracing::info_span!(
             "event",
@@ -308,14 +358,9 @@ impl Worker {
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "non-string panic payload".to_string());
                         Err(StepError::deterministic(
                             "step_panicked",
-                            format!("step panicked: {what}"),
+                            format!("step panicked: {}", panic_message(&*panic)),
                         ))
                     });
                 let label = match &result {

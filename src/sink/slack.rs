@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reqwest::header::RETRY_AFTER;
 use reqwest::StatusCode;
 use serde_json::{json, Value as Json};
 
@@ -81,15 +80,16 @@ impl SlackSink {
                 ))
             }
         };
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
-            .build()
-            .map_err(|e| invalid("timeout_ms", e.to_string()))?;
+        let client = crate::outbound::client(
+            Some(Duration::from_millis(config.timeout_ms)),
+            Duration::from_millis(config.timeout_ms.min(5_000)),
+            reqwest::header::HeaderMap::new(),
+        )
+        .map_err(|e| invalid("timeout_ms", e.to_string()))?;
         Ok(SlackSink {
             name: config.name.clone(),
             target,
-            text: Prompt::new(&config.name, None, &config.text)?,
+            text: Prompt::slack(&config.name, &config.text, config.escape)?,
             client,
             pacing: Duration::from_millis(config.pacing_ms),
             history: config.reconcile_history,
@@ -206,6 +206,7 @@ impl SlackSink {
                     .send()
                     .await
                     .map_err(request_error)?;
+                redirected(&response)?;
                 let status = response.status();
                 let after = retry_after(&response);
                 let body = response.text().await.unwrap_or_default();
@@ -225,12 +226,22 @@ fn request_error(e: reqwest::Error) -> StepError {
 }
 
 fn retry_after(r: &reqwest::Response) -> Option<Duration> {
-    let v = r.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
-    v.parse::<u64>().ok().map(Duration::from_secs)
+    crate::outbound::retry_after(r.headers())
+}
+
+fn redirected(r: &reqwest::Response) -> Result<(), StepError> {
+    match crate::outbound::redirect_message(r.status(), r.headers()) {
+        Some(message) => Err(StepError::deterministic(
+            "slack_redirect",
+            format!("slack {message}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Reads a Web API answer: HTTP status first, then Slack's `ok` and `error`.
 async fn answer(response: reqwest::Response) -> Result<Json, StepError> {
+    redirected(&response)?;
     let status = response.status();
     let after = retry_after(&response);
     if status == StatusCode::TOO_MANY_REQUESTS {

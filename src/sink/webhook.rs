@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
@@ -53,12 +53,12 @@ impl WebhookSink {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .connect_timeout(Duration::from_millis(config.timeout_ms.min(5_000)))
-            .default_headers(headers)
-            .build()
-            .map_err(|e| invalid(format!("steps.{}", config.name), e.to_string()))?;
+        let client = crate::outbound::client(
+            Some(Duration::from_millis(config.timeout_ms)),
+            Duration::from_millis(config.timeout_ms.min(5_000)),
+            headers,
+        )
+        .map_err(|e| invalid(format!("steps.{}", config.name), e.to_string()))?;
         let signing = match &config.signing_secret {
             None => None,
             Some(v) => {
@@ -89,16 +89,17 @@ impl WebhookSink {
         let bytes = serde_json::to_vec(&body).map_err(|e| {
             StepError::deterministic("webhook_body", format!("cannot serialize the body: {e}"))
         })?;
+        let key = idempotency_key(&ctx.dedup_key)?;
         let mut request = self
             .client
             .post(self.url.clone())
-            .header("Idempotency-Key", &ctx.dedup_key)
+            .header("Idempotency-Key", key.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json");
         if let Some(secret) = &self.signing {
             let ts = (crate::telemetry::now_ms() / 1000) as i64;
             let signature = secret.sign_standard_webhooks(&ctx.dedup_key, ts, &bytes);
             request = request
-                .header("webhook-id", &ctx.dedup_key)
+                .header("webhook-id", key)
                 .header("webhook-timestamp", ts.to_string())
                 .header("webhook-signature", signature);
         }
@@ -115,10 +116,35 @@ impl WebhookSink {
     }
 }
 
+/// The dedup key as a header value. An id with a control character (from an upstream topic's
+/// `ce_id` or `journal.id_field`) cannot be one, and never will be: a deterministic failure,
+/// dead-lettered at once, not a transient one retried until it dead-letters anyway.
+pub fn idempotency_key(dedup_key: &str) -> Result<HeaderValue, StepError> {
+    HeaderValue::from_bytes(dedup_key.as_bytes()).map_err(|_| {
+        let at = dedup_key
+            .char_indices()
+            .find(|(_, c)| c.is_control())
+            .map_or(0, |(i, _)| i);
+        StepError::deterministic(
+            "invalid_event_id",
+            format!(
+                "the event id cannot be an HTTP header (Idempotency-Key): it has a control \
+                 character at byte {at}"
+            ),
+        )
+    })
+}
+
 /// Maps an HTTP response to the step's result.
 pub fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), StepError> {
     if status.is_success() {
         return Ok(());
+    }
+    if let Some(message) = crate::outbound::redirect_message(status, headers) {
+        return Err(StepError::deterministic(
+            "webhook_redirect",
+            format!("webhook {message}"),
+        ));
     }
     let message = format!("webhook answered {status}");
     let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429);
@@ -130,17 +156,10 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), StepError
     } else {
         "webhook_unavailable"
     };
-    match retry_after(headers) {
+    match crate::outbound::retry_after(headers) {
         Some(after) => Err(StepError::retry_after(code, message, after)),
         None => Err(StepError::transient(code, message)),
     }
-}
-
-/// Parses `Retry-After` given in seconds (the HTTP-date form is rare for APIs and ignored).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = v.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
 impl Step for WebhookSink {
@@ -157,6 +176,7 @@ impl Step for WebhookSink {
 mod tests {
     use super::*;
     use crate::processor::step::Action;
+    use reqwest::header::RETRY_AFTER;
 
     fn headers(retry_after: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -164,6 +184,35 @@ mod tests {
             h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn an_id_that_cannot_be_a_header_is_a_deterministic_failure_at_once() {
+        for id in ["evt\n1", "a\rb", "x\u{0}", "del\u{7f}"] {
+            let err = idempotency_key(id).unwrap_err();
+            assert_eq!(err.action, Action::DeadLetter, "{id:?}");
+            assert_eq!(err.code, "invalid_event_id");
+            assert!(err.message.contains("control character"), "{}", err.message);
+        }
+        for id in ["github:sha256:00ff", "blog:msg_1", "évt ✓"] {
+            assert!(idempotency_key(id).is_ok(), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_redirect_is_a_deterministic_failure_naming_its_location() {
+        for status in [301u16, 302, 303, 307, 308] {
+            let mut h = headers(None);
+            h.insert("location", HeaderValue::from_static("http://127.0.0.2:9/x"));
+            let err = classify(StatusCode::from_u16(status).unwrap(), &h).unwrap_err();
+            assert_eq!(err.action, Action::DeadLetter, "{status}");
+            assert_eq!(err.code, "webhook_redirect");
+            assert!(
+                err.message.contains("http://127.0.0.2:9/x"),
+                "{}",
+                err.message
+            );
+        }
     }
 
     #[test]
