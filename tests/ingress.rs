@@ -303,6 +303,15 @@ async fn post(
     (status, json, retry_after)
 }
 
+/// The identity of an event whose sender does not sign its delivery id.
+fn signed_id(source: &str, body: &[u8]) -> String {
+    use sha2::Digest;
+    format!(
+        "{source}:sha256:{}",
+        hex::encode(sha2::Sha256::digest(body))
+    )
+}
+
 fn ids(records: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
     records
         .iter()
@@ -324,6 +333,9 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
     let slack_body = br#"{"event_id":"Ev01","event":{"type":"message","text":"hi"}}"#.to_vec();
     let shop_body = br#"{"order":42}"#.to_vec();
     let gh_body = br#"{"action":"created","comment":{"body":"nice"}}"#.to_vec();
+    // GitHub and this generic HMAC source take their ids from unsigned headers: the identity
+    // is the signed body's digest instead.
+    let shop_id = signed_id("shop", &shop_body);
     let cases = [
         (
             "blog",
@@ -347,7 +359,7 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
             "shop",
             shop("d-1", &shop_body),
             shop_body.clone(),
-            "shop:d-1",
+            shop_id.as_str(),
         ),
     ];
     for (source, h, body, id) in cases.iter().cloned() {
@@ -473,7 +485,7 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
     );
     assert_eq!(header_str(by_id["slack:Ev01"], "ce_type"), Some("message"));
     assert_eq!(
-        header_str(by_id["shop:d-1"], "ce_type"),
+        header_str(by_id[shop_id.as_str()], "ce_type"),
         Some("orders/create")
     );
     assert_eq!(
@@ -481,7 +493,12 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
         Some("hello-world")
     );
     let gh = read_topic(&s.bootstrap, &s.other_topic, 1, Duration::from_secs(30));
-    assert_eq!(ids(&gh), vec!["github:gh-1"]);
+    assert_eq!(ids(&gh), vec![signed_id("github", &gh_body)]);
+    assert_eq!(
+        header_str(&gh[0], "spillway.delivery_id"),
+        Some("gh-1"),
+        "the sender's unsigned id is kept for tracing"
+    );
     assert_eq!(header_str(&gh[0], "ce_type"), Some("issue_comment"));
 
     let text = scrape(ing.metrics).await;
@@ -869,6 +886,84 @@ async fn a_replayed_delivery_sequentially_or_ten_times_at_once_produces_exactly_
         12.0,
         "1 sequential + 9 concurrent blog copies + 2 github copies"
     );
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_delivery_replayed_with_new_unsigned_ids_is_one_event() {
+    let (_broker, _registry, s) = kafka_setup(1).await;
+    let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
+    let client = reqwest::Client::new();
+    // An attacker holds one signed GitHub delivery and one signed shop (generic HMAC)
+    // delivery, and replays each with fresh delivery ids, which nobody signs.
+    let gh_body = br#"{"action":"created","comment":{"body":"buy now"}}"#.to_vec();
+    let shop_body = br#"{"order":7}"#.to_vec();
+    for (i, expected) in [(0, 202), (1, 200), (2, 200)] {
+        let (status, json, _) = post(
+            &client,
+            &ing.url("github"),
+            github(&format!("replayed-{i}"), &gh_body),
+            gh_body.clone(),
+        )
+        .await;
+        assert_eq!(status, expected, "github copy {i}: {json}");
+        assert_eq!(json["id"], signed_id("github", &gh_body));
+        let (status, json, _) = post(
+            &client,
+            &ing.url("shop"),
+            shop(&format!("replayed-{i}"), &shop_body),
+            shop_body.clone(),
+        )
+        .await;
+        assert_eq!(status, expected, "shop copy {i}: {json}");
+    }
+    // A legitimate redelivery (same body, same id) is still one event; another signed body is
+    // another event.
+    let (status, _, _) = post(
+        &client,
+        &ing.url("github"),
+        github("replayed-0", &gh_body),
+        gh_body.clone(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let other = br#"{"action":"created","comment":{"body":"second"}}"#.to_vec();
+    let (status, _, _) = post(
+        &client,
+        &ing.url("github"),
+        github("g-2", &other),
+        other.clone(),
+    )
+    .await;
+    assert_eq!(status, 202);
+
+    let gh = read_topic(&s.bootstrap, &s.other_topic, 2, Duration::from_secs(30));
+    let mut got = ids(&gh);
+    got.sort();
+    let mut want = vec![signed_id("github", &gh_body), signed_id("github", &other)];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(records_in(&s.bootstrap, &s.other_topic, 1), 2);
+    assert_eq!(records_in(&s.bootstrap, &s.topic, 1), 1, "one shop record");
+    ing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_id_with_a_control_character_gets_400_saying_why() {
+    let (_broker, _registry, s) = kafka_setup(1).await;
+    let ing = start(&ingress_toml(&s, "plaintext = true", "", "")).await;
+    let client = reqwest::Client::new();
+    let t = now();
+    // Stripe's id is in the signed body, where JSON can carry any character.
+    let body = br#"{"id":"evt_1\r\nX-Injected: 1","type":"charge.succeeded"}"#.to_vec();
+    let (status, json, _) = post(&client, &ing.url("stripe"), stripe(t, &body), body).await;
+    assert_eq!(status, 400, "{json}");
+    let message = json["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("delivery id has a control character (U+000D) at byte 5"),
+        "{json}"
+    );
+    assert_eq!(records_in(&s.bootstrap, &s.topic, 1), 0);
     ing.stop().await;
 }
 
