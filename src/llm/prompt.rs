@@ -270,7 +270,12 @@ mod tests {
         // Non-string values render as before; a missing field is still an error.
         let c = ctx(json!({"n": 3, "ok": true, "list": [1, 2]}));
         let values = "{{ data.n }} {{ data.ok }} {{ data.list }}";
-        let render = |escape| Prompt::slack("s", values, escape).unwrap().render(&c).unwrap();
+        let render = |escape| {
+            Prompt::slack("s", values, escape)
+                .unwrap()
+                .render(&c)
+                .unwrap()
+        };
         assert_eq!(render(true), render(false));
         assert!(Prompt::slack("s", "{{ data.missing }}", true)
             .unwrap()
