@@ -6,8 +6,10 @@
 #   rivven-schema Confluent-compatible schema registry (cargo install rivven-schema 0.0.22, ~4 min once)
 #   tansu         the earlier Kafka-protocol stand-in (cargo install tansu 0.6.0, ~15 min once);
 #                 no longer used by the tests or scripts, kept for bench comparisons only.
-# Usage: scripts/tools.sh [kafka|rivven-schema|tansu|all]   prints the path(s) on stdout;
-# `all` is what the tests need: kafka and rivven-schema.
+#   cargo-fuzz    the libFuzzer driver scripts/fuzz.sh uses (cargo install cargo-fuzz 0.13.2,
+#                 ~2 min once); not part of `all`, the tests do not need it.
+# Usage: scripts/tools.sh [kafka|rivven-schema|tansu|cargo-fuzz|all]   prints the path(s) on
+# stdout; `all` is what the tests need: kafka and rivven-schema.
 # Cache: $SPILLWAY_TOOLS_DIR (default ~/.cache/spillway/tools); each tool lives in its own
 # versioned root so a version bump reinstalls instead of silently reusing the old binary.
 set -euo pipefail
@@ -17,6 +19,7 @@ TANSU_VERSION=0.6.0
 # Keep in step with <kafka.version> in scripts/kafka/pom.xml.
 KAFKA_VERSION=4.1.1
 RIVVEN_VERSION=0.0.22
+CARGO_FUZZ_VERSION=0.13.2
 
 log() { printf '[tools] %s\n' "$*" >&2; }
 
@@ -92,11 +95,13 @@ kafka() {
 
 tansu() { install_crate tansu "$TANSU_VERSION" "dynostore,libsql" tansu; }
 rivven() { install_crate rivven-schema "$RIVVEN_VERSION" "" rivven-schema; }
+cargo_fuzz() { install_crate cargo-fuzz "$CARGO_FUZZ_VERSION" "" cargo-fuzz; }
 
 case "${1:-all}" in
   kafka) kafka ;;
   rivven-schema) rivven ;;
   tansu) tansu ;;
+  cargo-fuzz) cargo_fuzz ;;
   all) kafka; rivven ;;
-  *) echo "usage: $0 [kafka|rivven-schema|tansu|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [kafka|rivven-schema|tansu|cargo-fuzz|all]" >&2; exit 2 ;;
 esac

@@ -495,7 +495,7 @@ pub struct ProviderConfig {
     /// Output tokens per minute, reserved as `max_tokens` (Anthropic style); unset: no limit.
     #[serde(default)]
     pub output_tokens_per_minute: Option<u64>,
-    /// This replica's share of the account's limits, in (0, 1]; e.g. 0.25 for four replicas.
+    /// This replica's share of the account's limits, in [0.001, 1]; e.g. 0.25 for four replicas.
     #[serde(default = "default_share")]
     pub share: f64,
     /// Largest burst, as this many milliseconds' worth of each limit.
@@ -1427,8 +1427,10 @@ impl Config {
                     "must be greater than 0",
                 ));
             }
-            if !(p.share > 0.0 && p.share <= 1.0) {
-                return Err(ConfigError::invalid(key("share"), "must be in (0, 1]"));
+            // Below 0.001, a limit's refill interval (60 s / (limit × share)) stops being a
+            // duration anyone means, and soon one that overflows.
+            if !(p.share >= 0.001 && p.share <= 1.0) {
+                return Err(ConfigError::invalid(key("share"), "must be in [0.001, 1]"));
             }
             if p.burst_ms == 0 {
                 return Err(ConfigError::invalid(key("burst_ms"), "must be at least 1"));
@@ -1439,11 +1441,8 @@ impl Config {
                 ("input_tokens_per_minute", p.input_tokens_per_minute),
                 ("output_tokens_per_minute", p.output_tokens_per_minute),
             ] {
-                if v == Some(0) {
-                    return Err(ConfigError::invalid(
-                        key(k),
-                        "must be at least 1 (leave it unset for no limit)",
-                    ));
+                if let Some(v) = v {
+                    bounded(&key(k), v, 1, 1_000_000_000_000, "per minute")?;
                 }
             }
         }
@@ -1621,6 +1620,17 @@ mod tests {
             assert_eq!(key, expected, "{message}");
             assert!(message.contains("must be between"), "{key}: {message}");
         }
+        // A tiny share made a limit's refill interval overflow `Duration`.
+        let tiny_share = format!(
+            "{MINIMAL}\n[llm.providers.p]\napi = \"openai\"\nbase_url = \"http://h\"\n\
+             requests_per_minute = 1\nshare = 1e-300\n"
+        );
+        assert_eq!(refused(&tiny_share).0, "llm.providers.p.share");
+        let huge_rpm = format!(
+            "{MINIMAL}\n[llm.providers.p]\napi = \"openai\"\nbase_url = \"http://h\"\n\
+             requests_per_minute = {huge}\n"
+        );
+        assert_eq!(refused(&huge_rpm).0, "llm.providers.p.requests_per_minute");
         // The largest accepted duration still leaves every deadline computable.
         let week = section("llm.breaker", "open_ms", &MAX_DURATION_MS.to_string());
         let config = Config::from_toml(&week).unwrap();

@@ -11,7 +11,9 @@
 //!   are written, the transaction is not committed.
 //!
 //! `SPILLWAY_FAULT=<point>:<step>:<n>:panic` makes the record's task panic there instead, outside
-//! the step's own panic guard (a bug in Spillway itself, as the processor sees it).
+//! the step's own panic guard (a bug in Spillway itself, as the processor sees it); `n = 0`
+//! panics every time. Only for the points on a record's task (`before_step`, `after_step`,
+//! `after_journal`, `after_done`); `before_commit` runs in a transaction lane's task.
 //!
 //! `SPILLWAY_FAULT=journal_write:<step>:<n>:fatal` instead raises a fatal librdkafka error on
 //! the journal producer before the `n`-th entry write after `<step>` ([`fatal_at`]).
@@ -72,6 +74,9 @@ pub fn point(point: &str, step: &str) {
     let Some(f) = fault() else { return };
     if f.point != point || f.step != step || f.mode == Mode::Fatal {
         return;
+    }
+    if f.mode == Mode::Panic && f.at == 0 {
+        panic!("fault point {point}:{step} reached; panicking (fault injection)");
     }
     if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
         if f.mode == Mode::Panic {

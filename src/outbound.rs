@@ -17,9 +17,6 @@ use reqwest::StatusCode;
 /// The longest wait a server can ask for with `Retry-After` or `retry-after-ms`.
 pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(3_600);
 
-/// Longest `Location` quoted in an error message, in characters.
-const MAX_LOCATION_CHARS: usize = 200;
-
 /// A client that never follows redirects, with the given per-request timeout (unset: the
 /// caller sets one per request), connect timeout and default headers.
 pub fn client(
@@ -38,19 +35,28 @@ pub fn client(
 }
 
 /// For a 3xx answer, a message naming the status and where it pointed (the redirect itself is
-/// not followed); `None` for any other status.
+/// not followed); `None` for any other status. Only the `Location`'s origin is quoted
+/// (`https://host:port`): its path and query may hold a token (a Slack incoming webhook's path
+/// is its secret), and the message goes to logs and DLQ headers.
 pub fn redirect_message(status: StatusCode, headers: &HeaderMap) -> Option<String> {
     if !status.is_redirection() {
         return None;
     }
-    let location = headers
-        .get(LOCATION)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_else(|| "no Location header".into());
-    let location: String = location.chars().take(MAX_LOCATION_CHARS).collect();
+    let target = match headers.get(LOCATION).map(|v| v.to_str()) {
+        None => "nowhere (no Location header)".to_string(),
+        Some(Err(_)) => "an unreadable Location".to_string(),
+        Some(Ok(location)) => match reqwest::Url::parse(location.trim()) {
+            Ok(url) if url.has_host() => {
+                format!("{}/… (path not shown)", url.origin().ascii_serialization())
+            }
+            Ok(_) => "a URL without a host".to_string(),
+            // A relative reference: another path on the configured host.
+            Err(_) => "another path on the same host".to_string(),
+        },
+    };
     Some(format!(
-        "answered {status} redirecting to {location}; redirects are not followed: set the \
-         final URL in the configuration"
+        "answered {status} redirecting to {target}; redirects are not followed: set the final \
+         URL in the configuration"
     ))
 }
 
@@ -119,21 +125,31 @@ mod tests {
     }
 
     #[test]
-    fn a_redirect_is_described_with_its_location_and_nothing_else_is() {
-        let h = headers(&[("location", "https://elsewhere.example/hook")]);
+    fn a_redirect_names_where_it_pointed_without_the_path_or_query_that_may_hold_a_token() {
+        let h = headers(&[(
+            "location",
+            "https://user:pw@hooks.elsewhere.example:8443/services/T0/B0/s3cr3t?token=abc",
+        )]);
         let m = redirect_message(StatusCode::FOUND, &h).unwrap();
         assert!(
-            m.contains("302") && m.contains("https://elsewhere.example/hook"),
+            m.contains("302") && m.contains("https://hooks.elsewhere.example:8443"),
             "{m}"
         );
+        for secret in ["s3cr3t", "token", "abc", "user", "pw@"] {
+            assert!(!m.contains(secret), "{secret} leaked: {m}");
+        }
         assert!(redirect_message(StatusCode::OK, &h).is_none());
         assert!(redirect_message(StatusCode::NOT_FOUND, &h).is_none());
-        let long = "x".repeat(1000);
-        let m = redirect_message(
-            StatusCode::MOVED_PERMANENTLY,
-            &headers(&[("location", &long)]),
+        let relative = redirect_message(
+            StatusCode::SEE_OTHER,
+            &headers(&[("location", "/v2/x?k=1")]),
         )
         .unwrap();
-        assert!(m.len() < 400, "a long Location is cut: {} bytes", m.len());
+        assert!(
+            relative.contains("another path on the same host"),
+            "{relative}"
+        );
+        let none = redirect_message(StatusCode::TEMPORARY_REDIRECT, &HeaderMap::new()).unwrap();
+        assert!(none.contains("no Location"), "{none}");
     }
 }

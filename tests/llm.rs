@@ -461,6 +461,67 @@ async fn deterministic_llm_failures_go_to_the_dlq_with_their_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_provider_alerts_and_the_fallback_answers_while_its_key_goes_nowhere() {
+    let (broker, topic, dlq, group) = setup(1).await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..5).map(|i| text_rec(&format!("k{i}"), &format!("event {i}"))),
+    )
+    .await;
+    let (redirector, _origin, target_seen) = redirect_to_elsewhere(301).await;
+    let backup = Sim::start(|_| {}).await;
+    let (sink, received) = recording_sink().await;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        r#"fallback = [{ provider = "backup", model = "mock-large" }]"#,
+        &format!(
+            "[llm.providers.primary]\napi = \"openai\"\nbase_url = \"http://{redirector}\"\n\
+             api_key = \"sk-primary-secret\"\n{}",
+            provider("backup", "anthropic", &backup, "")
+        ),
+    );
+    let stop = CancellationToken::new();
+    let (addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until(
+        "every event completes through the fallback",
+        Duration::from_secs(60),
+        || received.len() >= 5,
+    )
+    .await;
+    for b in received.bodies.lock().unwrap().iter() {
+        assert_eq!(b["outputs"]["classify"]["provider"], "backup");
+    }
+    let m = metrics(addr).await;
+    assert!(
+        metric_sum(
+            &m,
+            "spillway_llm_alerts_total{provider=\"primary\",reason=\"redirect\"}"
+        ) >= 1.0,
+        "the redirect raised an alert"
+    );
+    assert_eq!(
+        metric_value(&m, "spillway_llm_breaker_state{provider=\"primary\"}"),
+        Some(2.0),
+        "the primary's breaker is open"
+    );
+    assert_eq!(
+        records_in(&broker.bootstrap(), &dlq, 1),
+        0,
+        "nothing dead-lettered"
+    );
+    assert!(
+        target_seen.lock().unwrap().is_empty(),
+        "the redirect's target got {:?}",
+        target_seen.lock().unwrap()
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fallback_provider_is_used_while_the_primary_is_down() {
     let (broker, topic, dlq, group) = setup(2).await;
     produce_all(

@@ -163,8 +163,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(event) => {
             assert!(!tombstone && !looks_avro, "decoded {event:?}");
-            let expected: Json =
-                serde_json::from_slice(payload).expect("a decoded value is JSON");
+            let expected: Json = serde_json::from_slice(payload).expect("a decoded value is JSON");
             assert_eq!(event.data, expected);
 
             let header = |name| expected_header(&values, no_headers, null_ce_id_first, name);

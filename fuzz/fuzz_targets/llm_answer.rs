@@ -10,9 +10,12 @@
 //!   deliver them;
 //! - the rest is the body.
 //!
+//! Also `spillway::outbound::redirect_message`, which turns a 3xx into the error message.
+//!
 //! Checks: nothing panics; `retry_after` never says more than an hour, and `rate_headers`
 //! reports the same value; a parsed completion came from a JSON body; an error classification
-//! keeps at most 300 characters of the provider's message and the status it was given.
+//! keeps at most 300 characters of the provider's message and the status it was given; only a
+//! 3xx is a redirect, and its message stays short whatever the `Location`.
 
 #![no_main]
 
@@ -21,12 +24,18 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use spillway::config::ProviderApi;
-use spillway::llm::client::{classify_error, parse_completion, rate_headers, retry_after, CallError};
+use spillway::llm::client::{
+    classify_error, parse_completion, rate_headers, retry_after, CallError,
+};
+use spillway::outbound::redirect_message;
 
 /// `retry_after` caps the provider's wish at an hour.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
 /// `classify_error` keeps this many characters of the provider's message.
 const MAX_MESSAGE_CHARS: usize = 300;
+/// `redirect_message` quotes at most 200 characters of the `Location`; the rest of its text is
+/// well under another 200.
+const MAX_REDIRECT_MESSAGE_CHARS: usize = 400;
 
 /// Splits the header lines, up to the first empty line, from the body.
 fn parse_head(input: &[u8]) -> (HeaderMap, &[u8]) {
@@ -68,10 +77,16 @@ fuzz_target!(|data: &[u8]| {
 
     let after = retry_after(&headers);
     if let Some(after) = after {
-        assert!(after <= MAX_RETRY_AFTER, "retry_after {after:?} exceeds an hour");
+        assert!(
+            after <= MAX_RETRY_AFTER,
+            "retry_after {after:?} exceeds an hour"
+        );
     }
     let rate = rate_headers(api, &headers);
-    assert_eq!(rate.retry_after, after, "rate_headers disagrees with retry_after");
+    assert_eq!(
+        rate.retry_after, after,
+        "rate_headers disagrees with retry_after"
+    );
 
     if let Ok(completion) = parse_completion(api, body) {
         assert!(
@@ -100,4 +115,18 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(*code, status.as_u16());
     }
     let _ = (error.code(), error.class(), error.to_string());
+
+    let redirect = redirect_message(status, &headers);
+    assert_eq!(
+        redirect.is_some(),
+        status.is_redirection(),
+        "{status}: {redirect:?}"
+    );
+    if let Some(message) = redirect {
+        assert!(
+            message.chars().count() <= MAX_REDIRECT_MESSAGE_CHARS,
+            "a {}-character redirect message",
+            message.chars().count()
+        );
+    }
 });

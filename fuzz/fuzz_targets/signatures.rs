@@ -78,7 +78,13 @@ fn cases() -> &'static [Case] {
                 Some("webhook-timestamp"),
                 Some("webhook-id"),
             ),
-            case(Scheme::Stripe, STRIPE_SECRET, "stripe-signature", None, None),
+            case(
+                Scheme::Stripe,
+                STRIPE_SECRET,
+                "stripe-signature",
+                None,
+                None,
+            ),
             case(
                 Scheme::GitHub,
                 GITHUB_SECRET,
@@ -179,7 +185,14 @@ fuzz_target!(|data: &[u8]| {
             let mut longer = body.to_vec();
             longer.push(b'\n');
             assert_eq!(
-                verify(&case.scheme, &secrets, &headers, &longer, NOW, TOLERANCE_SECS),
+                verify(
+                    &case.scheme,
+                    &secrets,
+                    &headers,
+                    &longer,
+                    NOW,
+                    TOLERANCE_SECS
+                ),
                 Err(AuthError::BadSignature),
                 "a body with one more byte was accepted"
             );
@@ -209,8 +222,15 @@ fuzz_target!(|data: &[u8]| {
                 "webhook-signature",
                 HeaderValue::from_str(&signature).expect("v1,<base64> is a header value"),
             );
-            let verified = verify(&case.scheme, &case.secrets, &signed, body, NOW, TOLERANCE_SECS)
-                .expect("sign_standard_webhooks output must verify");
+            let verified = verify(
+                &case.scheme,
+                &case.secrets,
+                &signed,
+                body,
+                NOW,
+                TOLERANCE_SECS,
+            )
+            .expect("sign_standard_webhooks output must verify");
             assert_eq!(verified.secret_index, 0);
             assert_eq!(verified.timestamp, Some(NOW));
             assert_eq!(verified.delivery_id.as_deref(), Some(id));

@@ -101,7 +101,9 @@ pub enum CallError {
     #[error("context window exceeded: {0}")]
     ContextOverflow(String),
     /// A 3xx: the configured base URL points elsewhere. Redirects are never followed (a POST
-    /// would become a GET, and the API key would go to the other host).
+    /// would become a GET, and the API key would go to the other host). Like an auth failure,
+    /// it is the account's configuration that is wrong, not the event: the breaker opens, an
+    /// alert fires, the fallback chain is tried, and events wait instead of dead-lettering.
     #[error("provider {0}")]
     Redirect(String),
     /// Any other 4xx: the request itself is wrong.
@@ -152,10 +154,8 @@ impl CallError {
             | CallError::Timeout
             | CallError::Connect(_)
             | CallError::Malformed(_) => ErrorClass::Transient,
-            CallError::Quota(_) | CallError::Auth(_) => ErrorClass::Fatal,
-            CallError::ContextOverflow(_) | CallError::Rejected { .. } | CallError::Redirect(_) => {
-                ErrorClass::Deterministic
-            }
+            CallError::Quota(_) | CallError::Auth(_) | CallError::Redirect(_) => ErrorClass::Fatal,
+            CallError::ContextOverflow(_) | CallError::Rejected { .. } => ErrorClass::Deterministic,
         }
     }
 }

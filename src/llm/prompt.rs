@@ -262,6 +262,13 @@ mod tests {
             .render(&c)
             .unwrap();
         assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
+        let block = "{% autoescape false %}{{ data.text }}{% endautoescape %} {{ data.text }}";
+        let (_, out) = Prompt::slack("s", block, true).unwrap().render(&c).unwrap();
+        assert_eq!(
+            out,
+            "<!channel> urgent & <https://evil.example|click> \
+             &lt;!channel&gt; urgent &amp; &lt;https://evil.example|click&gt;"
+        );
         let (_, out) = Prompt::slack("s", "{{ data.text }}", false)
             .unwrap()
             .render(&c)

@@ -303,6 +303,7 @@ impl LlmStep {
                     permit.trip();
                     let reason = match err {
                         CallError::Quota(_) => "insufficient_quota",
+                        CallError::Redirect(_) => "redirect",
                         _ => "auth",
                     };
                     m.alerts

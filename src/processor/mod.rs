@@ -177,6 +177,7 @@ impl Processor {
             drain: CancellationToken::new(),
             journal,
             health: health.clone(),
+            consecutive_panics: Default::default(),
         });
         let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;

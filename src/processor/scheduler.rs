@@ -501,7 +501,7 @@ impl Scheduler {
                     tracing::error!(error = %e, "record task panicked while dead-lettering");
                     self.metrics
                         .kafka_errors
-                        .with_label_values(&["task_panicked"])
+                        .with_label_values(&["dead_letter_panicked"])
                         .inc();
                 }
                 (e.id(), None)

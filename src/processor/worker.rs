@@ -67,7 +67,13 @@ pub struct Worker {
     pub(crate) journal: Option<Arc<Journal>>,
     /// Liveness: a step's fatal client error marks it failed (the processor stops).
     pub(crate) health: Arc<crate::telemetry::Health>,
+    /// Record tasks that panicked outside a step since the last one that did not.
+    pub(crate) consecutive_panics: std::sync::atomic::AtomicU32,
 }
+
+/// This many record tasks in a row panicking outside a step is not one bad record but a broken
+/// processor: it stops (fatal, exit 1) instead of dead-lettering the whole backlog.
+pub const MAX_CONSECUTIVE_PANICS: u32 = 10;
 
 /// Failure bookkeeping across the attempts of one stage.
 struct Attempts {
@@ -116,15 +122,35 @@ impl Worker {
     /// deterministic failure of that step ([`Worker::process`]); a panic anywhere else in the
     /// record's task, a bug in Spillway itself, dead-letters the record as `task_panicked`.
     /// Either way the record finishes, so its key's next record runs and its partition's
-    /// commit moves on, instead of waiting for ever behind it.
+    /// commit moves on, instead of waiting for ever behind it. After
+    /// [`MAX_CONSECUTIVE_PANICS`] in a row the processor stops instead (fatal), leaving the
+    /// record unfinished for redelivery once the bug is fixed.
     pub async fn process_guarded(&self, record: Arc<OwnedMessage>) -> Outcome {
+        use std::sync::atomic::Ordering;
         let panic = match AssertUnwindSafe(self.process(record.clone()))
             .catch_unwind()
             .await
         {
-            Ok(outcome) => return outcome,
+            Ok(outcome) => {
+                // Only a record that got through counts as not panicking (one abandoned at
+                // shutdown or on a fatal error says nothing).
+                if outcome.is_finished() && self.consecutive_panics.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_panics.store(0, Ordering::Relaxed);
+                }
+                return outcome;
+            }
             Err(panic) => panic_message(&*panic),
         };
+        let in_a_row = self.consecutive_panics.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.health.is_fatal() {
+            return Outcome::Abandoned; // Stopping: redelivered later, not dead-lettered.
+        }
+        if in_a_row >= MAX_CONSECUTIVE_PANICS {
+            self.health.set_fatal(&format!(
+                "{in_a_row} records in a row panicked outside a step; the last: {panic}"
+            ));
+            return Outcome::Abandoned;
+        }
         tracing::error!(
             topic = record.topic(),
             partition = record.partition(),

@@ -331,6 +331,37 @@ mod tests {
     use super::*;
     use crate::processor::step::Action;
 
+    fn response(status: u16, retry_after: &str) -> reqwest::Response {
+        reqwest::Response::from(
+            axum::http::Response::builder()
+                .status(status)
+                .header("retry-after", retry_after)
+                .body(r#"{"ok":false,"error":"ratelimited"}"#)
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_of_a_year_from_slack_waits_at_most_an_hour() {
+        for (status, header) in [(429, "31536000"), (200, "31536000"), (429, "1e30")] {
+            let err = answer(response(status, header)).await.unwrap_err();
+            assert_eq!(
+                err.action,
+                Action::Retry {
+                    after: Some(crate::outbound::MAX_SERVER_WAIT)
+                },
+                "{status} with Retry-After {header}"
+            );
+        }
+        let err = answer(response(429, "30")).await.unwrap_err();
+        assert_eq!(
+            err.action,
+            Action::Retry {
+                after: Some(Duration::from_secs(30))
+            }
+        );
+    }
+
     #[test]
     fn slack_errors_are_classified_per_conventions() {
         let e = classify_error("ratelimited", Some(Duration::from_secs(7)));

@@ -200,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn a_redirect_is_a_deterministic_failure_naming_its_location() {
+    fn a_redirect_is_a_deterministic_failure_naming_its_target_origin() {
         for status in [301u16, 302, 303, 307, 308] {
             let mut h = headers(None);
             h.insert("location", HeaderValue::from_static("http://127.0.0.2:9/x"));
@@ -208,7 +208,7 @@ mod tests {
             assert_eq!(err.action, Action::DeadLetter, "{status}");
             assert_eq!(err.code, "webhook_redirect");
             assert!(
-                err.message.contains("http://127.0.0.2:9/x"),
+                err.message.contains("http://127.0.0.2:9") && !err.message.contains("/x"),
                 "{}",
                 err.message
             );

@@ -1300,3 +1300,56 @@ pub fn read_to_eof(
         out
     })
 }
+
+/// One request as a server saw it: method, path and its `authorization`/`x-api-key` values.
+pub type SeenRequests = Arc<Mutex<Vec<(String, String, Option<String>)>>>;
+
+/// A server that answers every request, whatever its method or path, with `status` and an
+/// optional `Location`, recording what it saw.
+pub async fn answering_server(
+    status: u16,
+    location: Option<String>,
+) -> (std::net::SocketAddr, SeenRequests) {
+    let seen: SeenRequests = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let s = s.clone();
+        let location = location.clone();
+        async move {
+            let credential = ["authorization", "x-api-key"]
+                .iter()
+                .find_map(|h| req.headers().get(*h))
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            s.lock().unwrap().push((
+                req.method().to_string(),
+                req.uri().path().to_string(),
+                credential,
+            ));
+            let mut response = axum::response::Response::builder().status(status);
+            if let Some(l) = location {
+                response = response.header("location", l);
+            }
+            response
+                .body(axum::body::Body::from("{\"ok\":true}"))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, seen)
+}
+
+/// A redirector on one port pointing at a receiver on another (another origin, as another
+/// host would be), with a token in the redirect's path and query. Returns the redirector,
+/// the receiver's origin and what the receiver saw.
+pub async fn redirect_to_elsewhere(status: u16) -> (std::net::SocketAddr, String, SeenRequests) {
+    let (target, target_seen) = answering_server(200, None).await;
+    let origin = format!("http://{target}");
+    let (redirector, _) =
+        answering_server(status, Some(format!("{origin}/{TOKEN}?t={TOKEN}"))).await;
+    (redirector, origin, target_seen)
+}
+
+/// A secret in the redirect's `Location`, which must not reach logs or DLQ headers.
+pub const TOKEN: &str = "t0k3n-in-the-path";
