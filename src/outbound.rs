@@ -17,6 +17,10 @@ use reqwest::StatusCode;
 /// The longest wait a server can ask for with `Retry-After` or `retry-after-ms`.
 pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(3_600);
 
+/// Longest origin of a redirect target quoted in an error message, in characters: a host
+/// may be hundreds of characters long, and the message goes into a DLQ header.
+const MAX_ORIGIN_CHARS: usize = 120;
+
 /// A client that never follows redirects, with the given per-request timeout (unset: the
 /// caller sets one per request), connect timeout and default headers.
 pub fn client(
@@ -47,7 +51,13 @@ pub fn redirect_message(status: StatusCode, headers: &HeaderMap) -> Option<Strin
         Some(Err(_)) => "an unreadable Location".to_string(),
         Some(Ok(location)) => match reqwest::Url::parse(location.trim()) {
             Ok(url) if url.has_host() => {
-                format!("{}/… (path not shown)", url.origin().ascii_serialization())
+                let origin = url.origin().ascii_serialization();
+                if origin.len() > MAX_ORIGIN_CHARS {
+                    // Only ASCII here: cutting at a byte is cutting at a character.
+                    format!("{}… (cut; path not shown)", &origin[..MAX_ORIGIN_CHARS])
+                } else {
+                    format!("{origin}/… (path not shown)")
+                }
             }
             Ok(_) => "a URL without a host".to_string(),
             // A relative reference: another path on the configured host.
@@ -148,6 +158,14 @@ mod tests {
         assert!(
             relative.contains("another path on the same host"),
             "{relative}"
+        );
+        // Found by the llm_answer fuzz target: a 400-character host made a 447-character message.
+        let host = format!("https://{}.example", "r".repeat(400));
+        let long = redirect_message(StatusCode::FOUND, &headers(&[("location", &host)])).unwrap();
+        assert!(
+            long.chars().count() <= 300,
+            "{} characters",
+            long.chars().count()
         );
         let none = redirect_message(StatusCode::TEMPORARY_REDIRECT, &HeaderMap::new()).unwrap();
         assert!(none.contains("no Location"), "{none}");
