@@ -433,10 +433,13 @@ async fn dlq_unavailable_holds_the_commit_until_the_dead_letter_is_written() {
     let mut saw_refusal = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        // The commit first, then the metrics: a dead letter is counted before its record
+        // finishes, so a commit past it seen first is always seen with its count. (Read the
+        // other way round, the write and the commit could both land between the two reads.)
+        let c = committed(&bootstrap, &group, &topic, 1);
         let m = scrape(addr).await;
         let written = metric_sum(&m, "spillway_dlq_records_total{");
         saw_refusal |= metric_value(&m, "spillway_dlq_write_errors_total").unwrap_or(0.0) >= 1.0;
-        let c = committed(&bootstrap, &group, &topic, 1);
         if written == 0.0 {
             assert!(
                 c.get(&0).is_none_or(|o| *o == 0),
