@@ -15,6 +15,8 @@ pub mod outbound;
 pub mod pipeline;
 pub mod processor;
 pub mod shutdown;
+pub mod signing;
 pub mod sink;
 pub mod status;
 pub mod telemetry;
+pub mod template;

@@ -45,63 +45,17 @@ pub enum Scheme {
     },
 }
 
-/// One signing secret, as the key bytes.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use crate::signing::Secret;
 
 impl Secret {
     /// A secret for `scheme` from its configured text. Standard Webhooks secrets are
-    /// `whsec_<base64>` (the prefix is optional) and are base64-decoded; the other schemes use
-    /// the text as-is.
+    /// `whsec_<base64>` (the prefix is optional) and are base64-decoded
+    /// ([`Secret::standard_webhooks`]); the other schemes use the text as-is.
     pub fn new(scheme: &Scheme, text: &str) -> Result<Secret, String> {
-        if text.is_empty() {
-            return Err("secret is empty".into());
-        }
         match scheme {
-            Scheme::StandardWebhooks => {
-                let b64 = text.strip_prefix("whsec_").unwrap_or(text);
-                let key = base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| {
-                        format!("a Standard Webhooks secret must be whsec_<base64>: {e}")
-                    })?;
-                // An empty key would make every signature computable by anyone.
-                if key.len() < 16 {
-                    return Err(format!(
-                        "a Standard Webhooks secret must be whsec_<base64> of at least 16 bytes; \
-                         this one decodes to {} bytes",
-                        key.len()
-                    ));
-                }
-                Ok(Secret(key))
-            }
-            _ => Ok(Secret(text.as_bytes().to_vec())),
+            Scheme::StandardWebhooks => Secret::standard_webhooks(text),
+            _ => Secret::raw(text),
         }
-    }
-}
-
-impl Secret {
-    /// The Standard Webhooks `webhook-signature` value (`v1,<base64>`) for a message: what a
-    /// sender puts on the wire, and what Spillway's own webhook sink sends.
-    pub fn sign_standard_webhooks(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.0)
-            .expect("HMAC takes keys of any length");
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!(
-            "v1,{}",
-            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-        )
     }
 }
 
@@ -185,7 +139,7 @@ fn matches(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
 fn first_match(secrets: &[Secret], parts: &[&[u8]], tags: &[Vec<u8>]) -> Option<usize> {
     secrets.iter().position(|s| {
         tags.iter()
-            .any(|t| !t.is_empty() && matches(&s.0, parts, t))
+            .any(|t| !t.is_empty() && matches(s.key(), parts, t))
     })
 }
 

@@ -1,109 +1,40 @@
 //! Prompt templates and output checks of an LLM step.
 //!
-//! Templates are minijinja with strict undefined variables: a template that names a field the
-//! event lacks fails (a deterministic error) instead of sending a prompt with a hole in it.
-//! They see `event` (`id`, `source`, `type`, `time`), `data` (the payload) and `outputs`
-//! (earlier steps' results).
+//! The system and user prompts are [`crate::template`]s: strict about missing fields, over
+//! `event` (`id`, `source`, `type`, `time`), `data` (the payload) and `outputs` (earlier steps'
+//! results), never escaped.
 
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 use crate::config::{ConfigError, OutputConfig, OutputFormat};
 use crate::processor::step::EventContext;
+use crate::template::{Escape, Templates};
 
 /// The compiled system and user templates.
 pub struct Prompt {
-    env: minijinja::Environment<'static>,
-    has_system: bool,
+    templates: Templates,
 }
 
 impl Prompt {
-    /// Compiles the templates; syntax errors fail at start-up, naming the step.
+    /// Compiles the templates; syntax errors fail at start-up, naming the step and the key.
     pub fn new(step: &str, system: Option<&str>, user: &str) -> Result<Prompt, ConfigError> {
-        Self::compile(step, system, user, minijinja::Environment::new())
-    }
-
-    /// A Slack message template. With `escape`, every value it renders (event data, earlier
-    /// steps' outputs) has Slack's control characters `&`, `<` and `>` escaped, so text from
-    /// an event cannot become a mention (`<!channel>`, `<@U123>`) or a link; the template's
-    /// own text is left as written. A value piped through `|safe`, or a block inside
-    /// `{% autoescape false %}`, is rendered as is.
-    pub fn slack(step: &str, text: &str, escape: bool) -> Result<Prompt, ConfigError> {
-        let mut env = minijinja::Environment::new();
-        if escape {
-            env.set_auto_escape_callback(|_| minijinja::AutoEscape::Custom("slack".into()));
-            env.set_formatter(|out, state, value| {
-                if value.is_safe()
-                    || !matches!(state.auto_escape(), minijinja::AutoEscape::Custom(_))
-                {
-                    return minijinja::escape_formatter(out, state, value);
-                }
-                out.write_str(&slack_escape(&value.to_string()))
-                    .map_err(|e| {
-                        minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())
-                    })
-            });
-        }
-        Self::compile(step, None, text, env)
-    }
-
-    fn compile(
-        step: &str,
-        system: Option<&str>,
-        user: &str,
-        mut env: minijinja::Environment<'static>,
-    ) -> Result<Prompt, ConfigError> {
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        let invalid = |k: &str, e: minijinja::Error| ConfigError::Invalid {
-            key: format!("steps.{step}.{k}"),
-            message: format!("template error: {e}"),
-        };
-        env.add_template_owned("user", user.to_string())
-            .map_err(|e| invalid("user", e))?;
-        if let Some(system) = system {
-            env.add_template_owned("system", system.to_string())
-                .map_err(|e| invalid("system", e))?;
-        }
+        let mut named = vec![("user", user)];
+        named.extend(system.map(|s| ("system", s)));
         Ok(Prompt {
-            env,
-            has_system: system.is_some(),
+            templates: Templates::new(step, &named, Escape::None)?,
         })
     }
 
     /// Renders `(system, user)` for an event. The error names what is missing, never values.
     pub fn render(&self, ctx: &EventContext) -> Result<(Option<String>, String), String> {
-        let e = &ctx.event;
-        let vars = minijinja::Value::from(minijinja::value::Serde(json!({
-            "event": {"id": e.id, "source": e.source, "type": e.event_type, "time": e.time},
-            "data": e.data,
-            "outputs": ctx.outputs,
-        })));
-        let render = |name: &str| -> Result<String, String> {
-            self.env
-                .get_template(name)
-                .and_then(|t| t.render(&vars))
-                .map_err(|e| format!("{name} template: {}", e.kind()))
-        };
-        let system = if self.has_system {
-            Some(render("system")?)
+        let vars = Templates::vars(ctx);
+        let system = if self.templates.has("system") {
+            Some(self.templates.render_with("system", &vars)?)
         } else {
             None
         };
-        Ok((system, render("user")?))
+        Ok((system, self.templates.render_with("user", &vars)?))
     }
-}
-
-/// Slack's escaping of message text: `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`.
-pub fn slack_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Why an answer was not accepted.
@@ -196,36 +127,10 @@ fn strip_fences(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Event;
-    use crate::processor::step::Spend;
-    use rdkafka::message::{OwnedHeaders, OwnedMessage, Timestamp};
-    use std::sync::Arc;
+    use serde_json::json;
 
     fn ctx(data: Json) -> EventContext {
-        EventContext {
-            record: Arc::new(OwnedMessage::new(
-                None,
-                None,
-                "t".into(),
-                Timestamp::NotAvailable,
-                0,
-                0,
-                Some(OwnedHeaders::new()),
-            )),
-            event: Event {
-                id: "e-1".into(),
-                source: "/webhooks/blog".into(),
-                event_type: "comment".into(),
-                time: None,
-                data,
-            },
-            dedup_key: "test|1".into(),
-            intent_recorded: false,
-            outputs: serde_json::Map::new(),
-            attempt: 1,
-            spend: Spend::default(),
-            staged: Vec::new(),
-        }
+        crate::template::test_context(data)
     }
 
     #[test]
@@ -242,52 +147,6 @@ mod tests {
         let err = p.render(&ctx(json!({"body": "x"}))).unwrap_err();
         assert!(err.contains("user template"), "{err}");
         assert!(Prompt::new("s", None, "{{ unclosed").is_err());
-    }
-
-    #[test]
-    fn event_text_in_a_slack_message_cannot_mention_or_link() {
-        let mut c = ctx(json!({"text": "<!channel> urgent & <https://evil.example|click>"}));
-        c.outputs
-            .insert("llm".into(), json!({"label": "<@U999> is to blame"}));
-        let text = "<@U123> new comment: {{ data.text }} ({{ outputs.llm.label }})";
-        let (_, out) = Prompt::slack("s", text, true).unwrap().render(&c).unwrap();
-        assert_eq!(
-            out,
-            "<@U123> new comment: &lt;!channel&gt; urgent &amp; \
-             &lt;https://evil.example|click&gt; (&lt;@U999&gt; is to blame)"
-        );
-        // Opt-outs: one value with |safe, or the whole template.
-        let (_, out) = Prompt::slack("s", "{{ data.text | safe }}", true)
-            .unwrap()
-            .render(&c)
-            .unwrap();
-        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
-        let block = "{% autoescape false %}{{ data.text }}{% endautoescape %} {{ data.text }}";
-        let (_, out) = Prompt::slack("s", block, true).unwrap().render(&c).unwrap();
-        assert_eq!(
-            out,
-            "<!channel> urgent & <https://evil.example|click> \
-             &lt;!channel&gt; urgent &amp; &lt;https://evil.example|click&gt;"
-        );
-        let (_, out) = Prompt::slack("s", "{{ data.text }}", false)
-            .unwrap()
-            .render(&c)
-            .unwrap();
-        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
-        // Non-string values render as before; a missing field is still an error.
-        let c = ctx(json!({"n": 3, "ok": true, "list": [1, 2]}));
-        let values = "{{ data.n }} {{ data.ok }} {{ data.list }}";
-        let render = |escape| {
-            Prompt::slack("s", values, escape)
-                .unwrap()
-                .render(&c)
-                .unwrap()
-        };
-        assert_eq!(render(true), render(false));
-        assert!(Prompt::slack("s", "{{ data.missing }}", true)
-            .unwrap()
-            .render(&c)
-            .is_err());
     }
 
     #[test]

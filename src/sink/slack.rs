@@ -23,8 +23,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value as Json};
 
 use crate::config::{ConfigError, SlackConfig};
-use crate::llm::prompt::Prompt;
 use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::template::{Escape, Templates};
 
 /// The metadata event type Spillway's messages carry.
 pub const METADATA_EVENT_TYPE: &str = "spillway_event";
@@ -44,7 +44,7 @@ enum Target {
 pub struct SlackSink {
     name: String,
     target: Target,
-    text: Prompt,
+    text: Templates,
     client: reqwest::Client,
     pacing: Duration,
     history: u32,
@@ -89,7 +89,15 @@ impl SlackSink {
         Ok(SlackSink {
             name: config.name.clone(),
             target,
-            text: Prompt::slack(&config.name, &config.text, config.escape)?,
+            text: Templates::new(
+                &config.name,
+                &[("text", &config.text)],
+                if config.escape {
+                    Escape::Slack
+                } else {
+                    Escape::None
+                },
+            )?,
             client,
             pacing: Duration::from_millis(config.pacing_ms),
             history: config.reconcile_history,
@@ -151,9 +159,9 @@ impl SlackSink {
     }
 
     async fn post(&self, ctx: &mut EventContext) -> Result<(), StepError> {
-        let (_, text) = self
+        let text = self
             .text
-            .render(ctx)
+            .render("text", ctx)
             .map_err(|e| StepError::deterministic("slack_template", e))?;
         match &self.target {
             Target::Bot {

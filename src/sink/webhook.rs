@@ -33,7 +33,7 @@ pub struct WebhookSink {
     name: String,
     url: reqwest::Url,
     client: reqwest::Client,
-    signing: Option<crate::ingress::auth::Secret>,
+    signing: Option<crate::signing::Secret>,
 }
 
 impl WebhookSink {
@@ -65,11 +65,8 @@ impl WebhookSink {
                 let key = format!("steps.{}.signing_secret", config.name);
                 let text = v.resolve(&key)?;
                 Some(
-                    crate::ingress::auth::Secret::new(
-                        &crate::ingress::auth::Scheme::StandardWebhooks,
-                        &text,
-                    )
-                    .map_err(|m| invalid(key, m))?,
+                    crate::signing::Secret::standard_webhooks(&text)
+                        .map_err(|m| invalid(key, m))?,
                 )
             }
         };

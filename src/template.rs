@@ -1,0 +1,206 @@
+//! Event templates: minijinja over `event` (`id`, `source`, `type`, `time`), `data` (the
+//! payload) and `outputs` (earlier steps' results), shared by the LLM step's prompts and the
+//! Slack sink's message.
+//!
+//! Undefined variables are strict: a template that names a field the event lacks fails (a
+//! deterministic error naming the template, never a value) instead of rendering a hole.
+//! [`Escape::Slack`] escapes Slack's control characters in every rendered value.
+
+use serde_json::json;
+#[cfg(test)]
+use serde_json::Value as Json;
+
+use crate::config::ConfigError;
+use crate::processor::step::EventContext;
+
+/// How rendered values are escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escape {
+    /// As they are (prompts).
+    None,
+    /// Slack's `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`, so text from an event cannot
+    /// become a mention (`<!channel>`, `<@U123>`) or a link. The template's own text is left
+    /// as written; a value piped through `| safe`, or a block inside `{% autoescape false %}`,
+    /// is rendered as is.
+    Slack,
+}
+
+/// A step's compiled templates, by their configuration key (`user`, `system`, `text`).
+pub struct Templates {
+    env: minijinja::Environment<'static>,
+}
+
+impl Templates {
+    /// Compiles `(key, source)` pairs; a syntax error fails at start-up naming
+    /// `steps.<step>.<key>`.
+    pub fn new(
+        step: &str,
+        named: &[(&str, &str)],
+        escape: Escape,
+    ) -> Result<Templates, ConfigError> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        if escape == Escape::Slack {
+            env.set_auto_escape_callback(|_| minijinja::AutoEscape::Custom("slack".into()));
+            env.set_formatter(|out, state, value| {
+                if value.is_safe()
+                    || !matches!(state.auto_escape(), minijinja::AutoEscape::Custom(_))
+                {
+                    return minijinja::escape_formatter(out, state, value);
+                }
+                out.write_str(&slack_escape(&value.to_string()))
+                    .map_err(|e| {
+                        minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())
+                    })
+            });
+        }
+        for (key, source) in named {
+            env.add_template_owned(key.to_string(), source.to_string())
+                .map_err(|e| ConfigError::Invalid {
+                    key: format!("steps.{step}.{key}"),
+                    message: format!("template error: {e}"),
+                })?;
+        }
+        Ok(Templates { env })
+    }
+
+    /// Whether a template with this key was compiled.
+    pub fn has(&self, key: &str) -> bool {
+        self.env.get_template(key).is_ok()
+    }
+
+    /// The variables an event's templates see.
+    pub fn vars(ctx: &EventContext) -> minijinja::Value {
+        let e = &ctx.event;
+        minijinja::Value::from(minijinja::value::Serde(json!({
+            "event": {"id": e.id, "source": e.source, "type": e.event_type, "time": e.time},
+            "data": e.data,
+            "outputs": ctx.outputs,
+        })))
+    }
+
+    /// Renders template `key` for an event. The error names the template and what went
+    /// wrong, never values.
+    pub fn render(&self, key: &str, ctx: &EventContext) -> Result<String, String> {
+        self.render_with(key, &Self::vars(ctx))
+    }
+
+    /// Renders template `key` with variables from [`Templates::vars`].
+    pub fn render_with(&self, key: &str, vars: &minijinja::Value) -> Result<String, String> {
+        self.env
+            .get_template(key)
+            .and_then(|t| t.render(vars))
+            .map_err(|e| format!("{key} template: {}", e.kind()))
+    }
+}
+
+/// Slack's escaping of message text: `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`.
+pub fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An event context with `data` as its payload, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_context(data: Json) -> EventContext {
+    EventContext {
+        record: std::sync::Arc::new(rdkafka::message::OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            rdkafka::message::Timestamp::NotAvailable,
+            0,
+            0,
+            Some(rdkafka::message::OwnedHeaders::new()),
+        )),
+        event: crate::codec::Event {
+            id: "e-1".into(),
+            source: "/webhooks/blog".into(),
+            event_type: "comment".into(),
+            time: None,
+            data,
+        },
+        dedup_key: "test|1".into(),
+        intent_recorded: false,
+        outputs: serde_json::Map::new(),
+        attempt: 1,
+        spend: crate::processor::step::Spend::default(),
+        staged: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(data: Json) -> EventContext {
+        test_context(data)
+    }
+
+    struct Slack(Templates);
+
+    fn slack(text: &str, escape: bool) -> Slack {
+        let escape = if escape { Escape::Slack } else { Escape::None };
+        Slack(Templates::new("s", &[("text", text)], escape).unwrap())
+    }
+
+    impl Slack {
+        fn try_render(&self, c: &EventContext) -> Result<String, String> {
+            self.0.render("text", c)
+        }
+        fn render(&self, c: &EventContext) -> String {
+            self.try_render(c).unwrap()
+        }
+    }
+
+    #[test]
+    fn event_text_in_a_slack_message_cannot_mention_or_link() {
+        let mut c = ctx(json!({"text": "<!channel> urgent & <https://evil.example|click>"}));
+        c.outputs
+            .insert("llm".into(), json!({"label": "<@U999> is to blame"}));
+        let text = "<@U123> new comment: {{ data.text }} ({{ outputs.llm.label }})";
+        let out = slack(text, true).render(&c);
+        assert_eq!(
+            out,
+            "<@U123> new comment: &lt;!channel&gt; urgent &amp; \
+             &lt;https://evil.example|click&gt; (&lt;@U999&gt; is to blame)"
+        );
+        // Opt-outs: one value with |safe, or the whole template.
+        let out = slack("{{ data.text | safe }}", true).render(&c);
+        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
+        let block = "{% autoescape false %}{{ data.text }}{% endautoescape %} {{ data.text }}";
+        let out = slack(block, true).render(&c);
+        assert_eq!(
+            out,
+            "<!channel> urgent & <https://evil.example|click> \
+             &lt;!channel&gt; urgent &amp; &lt;https://evil.example|click&gt;"
+        );
+        let out = slack("{{ data.text }}", false).render(&c);
+        assert_eq!(out, "<!channel> urgent & <https://evil.example|click>");
+        // Non-string values render as before; a missing field is still an error.
+        let c = ctx(json!({"n": 3, "ok": true, "list": [1, 2]}));
+        let values = "{{ data.n }} {{ data.ok }} {{ data.list }}";
+        let render = |escape| slack(values, escape).render(&c);
+        assert_eq!(render(true), render(false));
+        assert!(slack("{{ data.missing }}", true).try_render(&c).is_err());
+    }
+
+    #[test]
+    fn a_template_error_names_its_step_and_key() {
+        let err = Templates::new("alert", &[("text", "{{ unclosed")], Escape::Slack)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "steps.alert.text"),
+            "{err}"
+        );
+    }
+}
