@@ -166,10 +166,104 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// A start-up failure (configuration, arguments): printed, exit code 2.
+fn invalid<E: std::fmt::Display>(e: E) -> ExitCode {
+    eprintln!("spillway: {e}");
+    ExitCode::from(2)
+}
+
+/// A failure while running: printed and logged, exit code 1.
+fn failed<E: std::fmt::Display>(what: &str, e: E) -> ExitCode {
+    tracing::error!(error = %e, "{what} failed");
+    eprintln!("spillway: {e}");
+    ExitCode::FAILURE
+}
+
 fn load(path: &std::path::Path) -> Result<spillway::config::Config, ExitCode> {
-    spillway::config::Config::load(path).map_err(|e| {
+    spillway::config::Config::load(path).map_err(invalid)
+}
+
+/// Runs a service on a fresh runtime until it ends or SIGTERM/SIGINT stops it.
+fn serve<F, Fut, E>(what: &str, run: F) -> Result<(), ExitCode>
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let runtime = runtime().ok_or(ExitCode::FAILURE)?;
+    runtime
+        .block_on(async { run(spillway::shutdown::on_signal()).await })
+        .map_err(|e| failed(what, e))
+}
+
+fn ingress(path: &std::path::Path, check: bool) -> Result<(), ExitCode> {
+    let config = spillway::config::ingress::IngressConfig::load(path).map_err(invalid)?;
+    spillway::ingress::check(&config).map_err(invalid)?;
+    if check {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    spillway::telemetry::init_logging(config.telemetry.log_format);
+    serve("ingress", |shutdown| {
+        spillway::ingress::run(config, shutdown)
+    })
+}
+
+fn status(path: &std::path::Path, metrics_url: Option<String>, json: bool) -> Result<(), ExitCode> {
+    let config = load(path)?;
+    let url = metrics_url.unwrap_or_else(|| spillway::status::metrics_url(&config));
+    let status = spillway::status::gather(&config, Some(&url)).map_err(|e| {
         eprintln!("spillway: {e}");
-        ExitCode::from(2)
+        ExitCode::FAILURE
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
+    } else {
+        print!("{status}");
+    }
+    Ok(())
+}
+
+fn processor(path: &std::path::Path, check: bool) -> Result<(), ExitCode> {
+    let config = load(path)?;
+    if !check {
+        spillway::telemetry::init_logging(config.telemetry.log_format);
+        return serve("processor", |shutdown| {
+            spillway::processor::run(config, shutdown)
+        });
+    }
+    // Also compiles templates and schemas and reads secrets.
+    spillway::pipeline::check(&config).map_err(invalid)?;
+    println!("configuration is valid");
+    if let Some(j) = &config.journal {
+        let runtime = runtime().ok_or(ExitCode::FAILURE)?;
+        match runtime.block_on(spillway::kafka::journal_topic_warnings(&config.kafka, j)) {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("note: the journal topic's settings were not checked (Kafka: {e})")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mock_llm(config: spillway::llm::simulator::SimulatorConfig) -> Result<(), ExitCode> {
+    spillway::telemetry::init_logging(spillway::config::LogFormat::Text);
+    let runtime = runtime().ok_or(ExitCode::FAILURE)?;
+    runtime.block_on(async {
+        let shutdown = spillway::shutdown::on_signal();
+        let (_, task) = spillway::llm::simulator::serve(config, shutdown)
+            .await
+            .map_err(invalid)?;
+        let _ = task.await;
+        Ok(())
     })
 }
 
@@ -256,142 +350,19 @@ fn fail(e: spillway::dlq_tool::DlqToolError) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::MockLlm(config) => {
-            spillway::telemetry::init_logging(spillway::config::LogFormat::Text);
-            let Some(runtime) = runtime() else {
-                return ExitCode::FAILURE;
-            };
-            runtime.block_on(async {
-                let shutdown = spillway::shutdown::on_signal();
-                match spillway::llm::simulator::serve(config, shutdown).await {
-                    Ok((_, task)) => {
-                        let _ = task.await;
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("spillway: {e}");
-                        ExitCode::from(2)
-                    }
-                }
-            })
-        }
-        Command::Ingress { config, check } => {
-            let config = match spillway::config::ingress::IngressConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("spillway: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if let Err(e) = spillway::ingress::check(&config) {
-                eprintln!("spillway: {e}");
-                return ExitCode::from(2);
-            }
-            if check {
-                println!("configuration is valid");
-                return ExitCode::SUCCESS;
-            }
-            spillway::telemetry::init_logging(config.telemetry.log_format);
-            let Some(runtime) = runtime() else {
-                return ExitCode::FAILURE;
-            };
-            let result = runtime.block_on(async {
-                let shutdown = spillway::shutdown::on_signal();
-                spillway::ingress::run(config, shutdown).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "ingress failed");
-                    eprintln!("spillway: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Dlq { command } => dlq(command),
+    let result = match Cli::parse().command {
+        Command::MockLlm(config) => mock_llm(config),
+        Command::Ingress { config, check } => ingress(&config, check),
+        Command::Dlq { command } => return dlq(command),
         Command::Status {
             config,
             metrics_url,
             json,
-        } => {
-            let config = match spillway::config::Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("spillway: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let url = metrics_url.unwrap_or_else(|| spillway::status::metrics_url(&config));
-            match spillway::status::gather(&config, Some(&url)) {
-                Ok(status) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&status).unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(status) => {
-                    print!("{status}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("spillway: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Processor { config, check } => {
-            let config = match spillway::config::Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("spillway: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if check {
-                // Also compiles templates and schemas and reads secrets.
-                if let Err(e) = spillway::pipeline::check(&config) {
-                    eprintln!("spillway: {e}");
-                    return ExitCode::from(2);
-                }
-                println!("configuration is valid");
-                if let Some(j) = &config.journal {
-                    let Some(runtime) = runtime() else {
-                        return ExitCode::FAILURE;
-                    };
-                    match runtime
-                        .block_on(spillway::kafka::journal_topic_warnings(&config.kafka, j))
-                    {
-                        Ok(warnings) => {
-                            for w in warnings {
-                                eprintln!("warning: {w}");
-                            }
-                        }
-                        Err(e) => eprintln!(
-                            "note: the journal topic's settings were not checked (Kafka: {e})"
-                        ),
-                    }
-                }
-                return ExitCode::SUCCESS;
-            }
-            spillway::telemetry::init_logging(config.telemetry.log_format);
-            let Some(runtime) = runtime() else {
-                return ExitCode::FAILURE;
-            };
-            let result = runtime.block_on(async {
-                let shutdown = spillway::shutdown::on_signal();
-                spillway::processor::run(config, shutdown).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "processor failed");
-                    eprintln!("spillway: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => status(&config, metrics_url, json),
+        Command::Processor { config, check } => processor(&config, check),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
     }
 }
