@@ -75,10 +75,8 @@ pub fn point(point: &str, step: &str) {
     if f.point != point || f.step != step || f.mode == Mode::Fatal {
         return;
     }
-    if f.mode == Mode::Panic && f.at == 0 {
-        panic!("fault point {point}:{step} reached; panicking (fault injection)");
-    }
-    if f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
+    let every_time = f.mode == Mode::Panic && f.at == 0;
+    if every_time || f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
         if f.mode == Mode::Panic {
             panic!("fault point {point}:{step} reached; panicking (fault injection)");
         }

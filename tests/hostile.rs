@@ -42,12 +42,23 @@ fn context(id: &str) -> EventContext {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redirecting_webhook_dead_letters_the_event_and_its_credential_goes_nowhere_else() {
+/// The shared broker, with a one-partition input topic and DLQ named after `prefix`, and a
+/// group.
+async fn setup(prefix: &str) -> (Broker, String, String, String) {
     let broker = Broker::start();
-    let (topic, dlq, group) = (unique("redir"), unique("redir-dlq"), unique("g"));
+    let (topic, dlq, group) = (
+        unique(prefix),
+        unique(&format!("{prefix}-dlq")),
+        unique("g"),
+    );
     create_topic(&broker.bootstrap(), &topic, 1).await;
     create_topic(&broker.bootstrap(), &dlq, 1).await;
+    (broker, topic, dlq, group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_webhook_dead_letters_the_event_and_its_credential_goes_nowhere_else() {
+    let (broker, topic, dlq, group) = setup("redir").await;
     let (redirector, elsewhere, target_seen) = redirect_to_elsewhere(302).await;
     let toml = config_toml(
         &broker.bootstrap(),
@@ -152,10 +163,7 @@ async fn a_redirecting_slack_or_llm_endpoint_is_a_deterministic_error_and_no_key
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_id_that_cannot_be_a_header_is_dead_lettered_at_once_and_its_key_moves_on() {
-    let broker = Broker::start();
-    let (topic, dlq, group) = (unique("badid"), unique("badid-dlq"), unique("g"));
-    create_topic(&broker.bootstrap(), &topic, 1).await;
-    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    let (broker, topic, dlq, group) = setup("badid").await;
     let (sink, received) = recording_sink().await;
     let mut bad = Rec::seq("a", 0);
     bad.headers = vec![("ce_id".into(), "evt\r\n1".into())];
@@ -189,10 +197,7 @@ async fn an_upstream_id_that_cannot_be_a_header_is_dead_lettered_at_once_and_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_outside_a_step_dead_letters_the_record_and_its_key_and_partition_move_on() {
-    let broker = Broker::start();
-    let (topic, dlq, group) = (unique("panic"), unique("panic-dlq"), unique("g"));
-    create_topic(&broker.bootstrap(), &topic, 1).await;
-    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    let (broker, topic, dlq, group) = setup("panic").await;
     let (sink, received) = recording_sink().await;
     produce_all(
         &broker.bootstrap(),
@@ -236,10 +241,7 @@ async fn a_panic_outside_a_step_dead_letters_the_record_and_its_key_and_partitio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_on_every_record_stops_the_processor_instead_of_dead_lettering_the_backlog() {
-    let broker = Broker::start();
-    let (topic, dlq, group) = (unique("panics"), unique("panics-dlq"), unique("g"));
-    create_topic(&broker.bootstrap(), &topic, 1).await;
-    create_topic(&broker.bootstrap(), &dlq, 1).await;
+    let (broker, topic, dlq, group) = setup("panics").await;
     let (sink, received) = recording_sink().await;
     produce_all(
         &broker.bootstrap(),

@@ -344,28 +344,7 @@ impl IngressConfig {
             }
             _ => {}
         }
-        for (key, v) in [
-            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
-            ("server.body_timeout_ms", s.body_timeout_ms),
-            (
-                "server.unavailable_retry_after_secs",
-                s.unavailable_retry_after_secs,
-            ),
-            ("kafka.message_timeout_ms", self.kafka.message_timeout_ms),
-            ("registry.timeout_ms", self.registry.timeout_ms),
-            ("replay.max_ids", self.replay.max_ids),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
-            }
-        }
         self.validate_bounds()?;
-        if s.max_connections == 0 {
-            return Err(ConfigError::invalid(
-                "server.max_connections",
-                "must be at least 1",
-            ));
-        }
         if let Some(r) = &s.ip_rate {
             Rate::parse(r).map_err(|e| ConfigError::invalid("server.ip_rate", e))?;
         }
@@ -574,18 +553,6 @@ fn validate_source(name: &str, src: &SourceConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(
             key(k),
             "only applies to scheme = \"hmac\"",
-        ));
-    }
-    if src.tolerance_secs == 0 {
-        return Err(ConfigError::invalid(
-            key("tolerance_secs"),
-            "must be greater than 0",
-        ));
-    }
-    if src.max_body_bytes == 0 {
-        return Err(ConfigError::invalid(
-            key("max_body_bytes"),
-            "must be greater than 0",
         ));
     }
     if let Some(r) = &src.rate {

@@ -472,7 +472,7 @@ impl Scheduler {
             let record = job.record;
             let abort = self
                 .tasks
-                .spawn(async move { worker.process_guarded(record).await });
+                .spawn(async move { worker.process(record).await });
             self.running.insert(
                 abort.id(),
                 Running {

@@ -119,29 +119,53 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Worker {
     /// Processes one record to completion, whatever panics on the way. A step's panic is a
-    /// deterministic failure of that step ([`Worker::process`]); a panic anywhere else in the
-    /// record's task, a bug in Spillway itself, dead-letters the record as `task_panicked`.
+    /// deterministic failure of that step; a panic anywhere else in the record's task, a bug in
+    /// Spillway itself, dead-letters the record as `task_panicked` ([`Worker::after_panic`]).
     /// Either way the record finishes, so its key's next record runs and its partition's
-    /// commit moves on, instead of waiting for ever behind it. After
-    /// [`MAX_CONSECUTIVE_PANICS`] in a row the processor stops instead (fatal), leaving the
-    /// record unfinished for redelivery once the bug is fixed.
-    pub async fn process_guarded(&self, record: Arc<OwnedMessage>) -> Outcome {
+    /// commit moves on, instead of waiting for ever behind it.
+    pub async fn process(&self, record: Arc<OwnedMessage>) -> Outcome {
         use std::sync::atomic::Ordering;
-        let panic = match AssertUnwindSafe(self.process(record.clone()))
-            .catch_unwind()
-            .await
-        {
+        let span = tracing::info_span!(
+            "event",
+            topic = record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            event_id = tracing::field::Empty,
+        );
+        let run = AssertUnwindSafe(self.process_inner(record.clone()).instrument(span));
+        let outcome = match run.catch_unwind().await {
             Ok(outcome) => {
                 // Only a record that got through counts as not panicking (one abandoned at
                 // shutdown or on a fatal error says nothing).
                 if outcome.is_finished() && self.consecutive_panics.load(Ordering::Relaxed) != 0 {
                     self.consecutive_panics.store(0, Ordering::Relaxed);
                 }
-                return outcome;
+                outcome
             }
-            Err(panic) => panic_message(&*panic),
+            Err(panic) => self.after_panic(&record, panic_message(&*panic)).await,
         };
-        let in_a_row = self.consecutive_panics.fetch_add(1, Ordering::Relaxed) + 1;
+        if !outcome.is_finished() {
+            return outcome;
+        }
+        self.metrics
+            .events
+            .with_label_values(&[record.topic(), outcome.as_str()])
+            .inc();
+        if let Some(ts) = record.timestamp().to_millis() {
+            let age_ms = (now_ms() as i64).saturating_sub(ts).max(0);
+            self.metrics.end_to_end.observe(age_ms as f64 / 1000.0);
+        }
+        outcome
+    }
+
+    /// A panic of the record's task outside any step: the record is dead-lettered, unless
+    /// this is the [`MAX_CONSECUTIVE_PANICS`]th in a row, which stops the processor (fatal)
+    /// and leaves the record unfinished for redelivery once the bug is fixed.
+    async fn after_panic(&self, record: &OwnedMessage, panic: String) -> Outcome {
+        let in_a_row = self
+            .consecutive_panics
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         if self.health.is_fatal() {
             return Outcome::Abandoned; // Stopping: redelivered later, not dead-lettered.
         }
@@ -169,39 +193,7 @@ impl Worker {
             format!("record task panicked outside a step: {panic}"),
             1,
         );
-        let outcome = self.dead_letter(&record, failure).await;
-        if outcome.is_finished() {
-            self.metrics
-                .events
-                .with_label_values(&[record.topic(), outcome.as_str()])
-                .inc();
-        }
-        outcome
-    }
-
-    /// Processes one record to completion. A panicking step is caught and treated as a
-    /// deterministic failure.
-    pub async fn process(&self, record: Arc<OwnedMessage>) -> Outcome {
-        let span = tracing::info_span!(
-            "event",
-            topic = record.topic(),
-            partition = record.partition(),
-            offset = record.offset(),
-            event_id = tracing::field::Empty,
-        );
-        let outcome = self.process_inner(record.clone()).instrument(span).await;
-        if !outcome.is_finished() {
-            return outcome;
-        }
-        self.metrics
-            .events
-            .with_label_values(&[record.topic(), outcome.as_str()])
-            .inc();
-        if let Some(ts) = record.timestamp().to_millis() {
-            let age_ms = (now_ms() as i64).saturating_sub(ts).max(0);
-            self.metrics.end_to_end.observe(age_ms as f64 / 1000.0);
-        }
-        outcome
+        self.dead_letter(record, failure).await
     }
 
     async fn process_inner(&self, record: Arc<OwnedMessage>) -> Outcome {

@@ -216,7 +216,7 @@ impl SlackSink {
                     .map_err(request_error)?;
                 redirected(&response)?;
                 let status = response.status();
-                let after = retry_after(&response);
+                let after = crate::outbound::retry_after(response.headers());
                 let body = response.text().await.unwrap_or_default();
                 classify_webhook(status, after, body.trim())
             }
@@ -233,10 +233,6 @@ fn request_error(e: reqwest::Error) -> StepError {
     StepError::transient(code, format!("{code}: {}", e.without_url()))
 }
 
-fn retry_after(r: &reqwest::Response) -> Option<Duration> {
-    crate::outbound::retry_after(r.headers())
-}
-
 fn redirected(r: &reqwest::Response) -> Result<(), StepError> {
     match crate::outbound::redirect_message(r.status(), r.headers()) {
         Some(message) => Err(StepError::deterministic(
@@ -251,7 +247,7 @@ fn redirected(r: &reqwest::Response) -> Result<(), StepError> {
 async fn answer(response: reqwest::Response) -> Result<Json, StepError> {
     redirected(&response)?;
     let status = response.status();
-    let after = retry_after(&response);
+    let after = crate::outbound::retry_after(response.headers());
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(rate_limited(after));
     }
