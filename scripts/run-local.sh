@@ -37,7 +37,8 @@ wait_ready() {
 }
 
 echo "== building (release)"
-cargo build --release --quiet --bin spillway -p spillway --bin demo -p spillway-load-tests
+cargo build --release --quiet --bin spillway -p spillway --bin spillway-mock-llm -p spillway-mock-llm \
+  --bin demo -p spillway-load-tests
 scripts/broker.sh start
 
 echo "== schema registry (rivven-schema, Confluent-compatible) on 127.0.0.1:$REGISTRY_PORT"
@@ -45,7 +46,7 @@ echo "== schema registry (rivven-schema, Confluent-compatible) on 127.0.0.1:$REG
   >"$RUN/registry.log" 2>&1 & pids+=($!)
 
 echo "== LLM provider simulator on 127.0.0.1:8089 (3,000 RPM, 200 ms latency)"
-target/release/spillway mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
+target/release/spillway-mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
   --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
 
 echo "== demo webhook receiver on 127.0.0.1:8090 (the example config's sink)"

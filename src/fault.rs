@@ -18,95 +18,119 @@
 //! `SPILLWAY_FAULT=journal_write:<step>:<n>:fatal` instead raises a fatal librdkafka error on
 //! the journal producer before the `n`-th entry write after `<step>` ([`fatal_at`]).
 //!
-//! Testing only; never set it in production. Unset, a check is one relaxed atomic load.
+//! Testing only. Built only with the `fault-injection` feature, which the tests turn on and
+//! release builds leave out: without it [`point`] and [`fatal_at`] do nothing and
+//! `SPILLWAY_FAULT` is ignored. With it and unset, a check is one relaxed atomic load.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+#[cfg(not(feature = "fault-injection"))]
+mod disabled {
+    /// Does nothing: this build has no fault injection.
+    #[inline(always)]
+    pub fn point(_point: &str, _step: &str) {}
 
-struct Fault {
-    point: String,
-    step: String,
-    at: u64,
-    mode: Mode,
-    hits: AtomicU64,
+    /// Always false: this build has no fault injection.
+    #[inline(always)]
+    pub fn fatal_at(_point: &str, _step: &str) -> bool {
+        false
+    }
 }
+#[cfg(not(feature = "fault-injection"))]
+pub use disabled::*;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Kill,
-    /// SIGSTOP instead of SIGKILL.
-    Stop,
-    /// The caller raises a fatal librdkafka error on its producer.
-    Fatal,
-    /// A panic on the calling task.
-    Panic,
-}
+#[cfg(feature = "fault-injection")]
+pub use enabled::*;
 
-fn fault() -> Option<&'static Fault> {
-    static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
-    FAULT
-        .get_or_init(|| {
-            let spec = std::env::var("SPILLWAY_FAULT").ok()?;
-            let mut parts = spec.splitn(4, ':');
-            let (point, step, at) = (parts.next()?, parts.next()?, parts.next()?);
-            let at = at.parse().ok()?;
-            let mode = match parts.next() {
-                None => Mode::Kill,
-                Some("stop") => Mode::Stop,
-                Some("fatal") => Mode::Fatal,
-                Some("panic") => Mode::Panic,
-                Some(_) => return None,
-            };
-            tracing::warn!(%spec, "fault injection armed (testing only)");
-            Some(Fault {
-                point: point.to_string(),
-                step: step.to_string(),
-                at,
-                mode,
-                hits: AtomicU64::new(0),
+#[cfg(feature = "fault-injection")]
+mod enabled {
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    struct Fault {
+        point: String,
+        step: String,
+        at: u64,
+        mode: Mode,
+        hits: AtomicU64,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Kill,
+        /// SIGSTOP instead of SIGKILL.
+        Stop,
+        /// The caller raises a fatal librdkafka error on its producer.
+        Fatal,
+        /// A panic on the calling task.
+        Panic,
+    }
+
+    fn fault() -> Option<&'static Fault> {
+        static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
+        FAULT
+            .get_or_init(|| {
+                let spec = std::env::var("SPILLWAY_FAULT").ok()?;
+                let mut parts = spec.splitn(4, ':');
+                let (point, step, at) = (parts.next()?, parts.next()?, parts.next()?);
+                let at = at.parse().ok()?;
+                let mode = match parts.next() {
+                    None => Mode::Kill,
+                    Some("stop") => Mode::Stop,
+                    Some("fatal") => Mode::Fatal,
+                    Some("panic") => Mode::Panic,
+                    Some(_) => return None,
+                };
+                tracing::warn!(%spec, "fault injection armed (testing only)");
+                Some(Fault {
+                    point: point.to_string(),
+                    step: step.to_string(),
+                    at,
+                    mode,
+                    hits: AtomicU64::new(0),
+                })
             })
-        })
-        .as_ref()
-}
+            .as_ref()
+    }
 
-/// Passes crash point `point` of `step`; kills the process if the armed fault says so.
-pub fn point(point: &str, step: &str) {
-    let Some(f) = fault() else { return };
-    if f.point != point || f.step != step || f.mode == Mode::Fatal {
-        return;
-    }
-    let every_time = f.mode == Mode::Panic && f.at == 0;
-    if every_time || f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
-        if f.mode == Mode::Panic {
-            panic!("fault point {point}:{step} reached; panicking (fault injection)");
+    /// Passes crash point `point` of `step`; kills the process if the armed fault says so.
+    pub fn point(point: &str, step: &str) {
+        let Some(f) = fault() else { return };
+        if f.point != point || f.step != step || f.mode == Mode::Fatal {
+            return;
         }
-        let (name, signal) = if f.mode == Mode::Stop {
-            ("SIGSTOP", libc::SIGSTOP)
-        } else {
-            ("SIGKILL", libc::SIGKILL)
-        };
-        eprintln!("fault point {point}:{step} reached; {name}");
-        // raise(3), not kill(getpid()): a signal sent to the process may be taken by another
-        // thread, and this one runs on until that thread stops the group (a SIGSTOP at
-        // `before_commit` was seen to let the commit through). Sent to this thread, it acts
-        // before this thread returns to the step.
-        // SAFETY: raise(3) has no memory-safety preconditions.
-        unsafe {
-            libc::raise(signal);
+        let every_time = f.mode == Mode::Panic && f.at == 0;
+        if every_time || f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at {
+            if f.mode == Mode::Panic {
+                panic!("fault point {point}:{step} reached; panicking (fault injection)");
+            }
+            let (name, signal) = if f.mode == Mode::Stop {
+                ("SIGSTOP", libc::SIGSTOP)
+            } else {
+                ("SIGKILL", libc::SIGKILL)
+            };
+            eprintln!("fault point {point}:{step} reached; {name}");
+            // raise(3), not kill(getpid()): a signal sent to the process may be taken by another
+            // thread, and this one runs on until that thread stops the group (a SIGSTOP at
+            // `before_commit` was seen to let the commit through). Sent to this thread, it acts
+            // before this thread returns to the step.
+            // SAFETY: raise(3) has no memory-safety preconditions.
+            unsafe {
+                libc::raise(signal);
+            }
         }
     }
-}
 
-/// Whether `SPILLWAY_FAULT=<point>:<step>:<n>:fatal` asks for a fatal producer error here, at
-/// the `n`th time (the caller raises it with `rd_kafka_test_fatal_error`).
-pub fn fatal_at(point: &str, step: &str) -> bool {
-    let Some(f) = fault() else { return false };
-    if f.point != point || f.step != step || f.mode != Mode::Fatal {
-        return false;
+    /// Whether `SPILLWAY_FAULT=<point>:<step>:<n>:fatal` asks for a fatal producer error here, at
+    /// the `n`th time (the caller raises it with `rd_kafka_test_fatal_error`).
+    pub fn fatal_at(point: &str, step: &str) -> bool {
+        let Some(f) = fault() else { return false };
+        if f.point != point || f.step != step || f.mode != Mode::Fatal {
+            return false;
+        }
+        let hit = f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at;
+        if hit {
+            eprintln!("fault point {point}:{step} reached; raising a fatal producer error");
+        }
+        hit
     }
-    let hit = f.hits.fetch_add(1, Ordering::Relaxed) + 1 == f.at;
-    if hit {
-        eprintln!("fault point {point}:{step} reached; raising a fatal producer error");
-    }
-    hit
 }

@@ -131,6 +131,7 @@ pub fn fatal_error<C: rdkafka::client::ClientContext>(
 
 /// Raises a fatal error on `producer`, as librdkafka would on lost idempotence state
 /// (`SPILLWAY_FAULT=...:fatal`; tests only).
+#[cfg(feature = "fault-injection")]
 pub fn raise_fatal_for_test(producer: &rdkafka::producer::FutureProducer) {
     use rdkafka::producer::Producer;
     let reason = std::ffi::CString::new("injected by SPILLWAY_FAULT").unwrap_or_default();

@@ -3,9 +3,9 @@
 //! The library holds every service; `src/main.rs` only parses the command line, loads
 //! configuration, starts telemetry and calls into here. See `ARCHITECTURE.md` for the map.
 
+pub mod cli;
 pub mod codec;
 pub mod config;
-pub mod dlq_tool;
 pub mod fault;
 pub mod ingress;
 pub mod journal;
@@ -17,6 +17,6 @@ pub mod processor;
 pub mod shutdown;
 pub mod signing;
 pub mod sink;
-pub mod status;
+pub mod step;
 pub mod telemetry;
 pub mod template;

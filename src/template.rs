@@ -11,7 +11,7 @@ use serde_json::json;
 use serde_json::Value as Json;
 
 use crate::config::ConfigError;
-use crate::processor::step::EventContext;
+use crate::step::EventContext;
 
 /// How rendered values are escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,11 +129,7 @@ pub(crate) fn test_context(data: Json) -> EventContext {
             data,
         },
         dedup_key: "test|1".into(),
-        intent_recorded: false,
         outputs: serde_json::Map::new(),
-        attempt: 1,
-        spend: crate::processor::step::Spend::default(),
-        staged: Vec::new(),
     }
 }
 

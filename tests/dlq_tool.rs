@@ -115,7 +115,7 @@ async fn dlq_tools_list_show_and_replay_once_each_resuming_and_honouring_the_loo
     std::fs::write(&file, &toml).unwrap();
     let config = spillway::config::Config::from_toml(&toml).unwrap();
     let stop = CancellationToken::new();
-    let p = spillway::processor::Processor::from_config(config, stop.clone())
+    let p = spillway::pipeline::start(config, stop.clone())
         .await
         .unwrap();
     let task = tokio::spawn(p.run());

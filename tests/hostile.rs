@@ -11,7 +11,7 @@ use common::*;
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage, Timestamp};
 use spillway::codec::{header_str, Event};
 use spillway::config::{Config, StepConfig};
-use spillway::processor::step::{Action, EventContext, Spend, Step};
+use spillway::step::{Action, Attempt, EventContext, Step};
 use tokio_util::sync::CancellationToken;
 
 fn context(id: &str) -> EventContext {
@@ -35,10 +35,6 @@ fn context(id: &str) -> EventContext {
         },
         dedup_key: id.into(),
         outputs: Default::default(),
-        attempt: 1,
-        intent_recorded: false,
-        spend: Spend::default(),
-        staged: Vec::new(),
     }
 }
 
@@ -122,8 +118,8 @@ async fn a_redirecting_slack_or_llm_endpoint_is_a_deterministic_error_and_no_key
             unreachable!()
         };
         let sink = spillway::sink::slack::SlackSink::new(slack).unwrap();
-        let mut ctx = context("blog:1");
-        let err = sink.run(&mut ctx).await.unwrap_err();
+        let ctx = context("blog:1");
+        let err = sink.run(&ctx, Attempt::first()).await.unwrap_err();
         assert_eq!(err.action, Action::DeadLetter, "slack {status}");
         assert_eq!(err.code, "slack_redirect");
         assert!(

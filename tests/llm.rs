@@ -13,10 +13,10 @@ use rdkafka::message::{Message, OwnedHeaders, OwnedMessage, Timestamp};
 use serde_json::json;
 use spillway::codec::{header_str, Event};
 use spillway::config::Config;
-use spillway::llm::simulator::label_for;
 use spillway::processor::gate::Gate;
-use spillway::processor::step::{Action, EventContext, Spend};
+use spillway::step::{Action, Attempt, EventContext};
 use spillway::telemetry::Metrics;
+use spillway_mock_llm::label_for;
 use tokio_util::sync::CancellationToken;
 
 const SCHEMA: &str = r#"{ type = "object", required = ["label"], properties = { label = { enum = ["positive", "negative", "neutral"] } } }"#;
@@ -777,7 +777,7 @@ async fn a_fallback_takes_over_while_the_primary_is_under_a_retry_after_hold() {
 }
 
 /// The configured LLM step alone, for tests that drive it directly.
-fn llm_step(sim: &Sim, provider_extra: &str) -> Arc<dyn spillway::processor::step::Step> {
+fn llm_step(sim: &Sim, provider_extra: &str) -> Arc<dyn spillway::step::Step> {
     let toml = format!(
         r#"
 [kafka]
@@ -822,11 +822,7 @@ fn context(text: &str) -> EventContext {
             data: json!({ "text": text }),
         },
         dedup_key: "test|1".into(),
-        intent_recorded: false,
         outputs: serde_json::Map::new(),
-        attempt: 1,
-        spend: Spend::default(),
-        staged: Vec::new(),
     }
 }
 
@@ -836,12 +832,15 @@ async fn a_hung_request_hits_the_timeout_and_leaks_no_task() {
     let step = llm_step(&sim, "timeout_ms = 300");
     let runtime = tokio::runtime::Handle::current().metrics();
     // A first call warms the connection pool, so the baseline counts its connection task.
-    step.run(&mut context("warm"))
+    step.run(&context("warm"), Attempt::first())
         .await
         .expect("first call answers");
     let baseline = runtime.num_alive_tasks();
     let started = Instant::now();
-    let err = step.run(&mut context("hang")).await.unwrap_err();
+    let err = step
+        .run(&context("hang"), Attempt::first())
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert_eq!(err.code, "llm_timeout");
     assert!(
@@ -869,29 +868,32 @@ async fn a_hung_request_hits_the_timeout_and_leaks_no_task() {
         || runtime.num_alive_tasks() <= baseline,
     )
     .await;
-    let mut ctx = context("after");
-    step.run(&mut ctx).await.expect("the next call answers");
+    let ctx = context("after");
+    step.run(&ctx, Attempt::first())
+        .await
+        .expect("the next call answers");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_output_is_repaired_with_the_validation_error_fed_back() {
     let sim = Sim::start(|c| c.script = "invalid".into()).await;
     let step = llm_step(&sim, "");
-    let mut ctx = context("lovely");
-    step.run(&mut ctx)
+    let ctx = context("lovely");
+    let output = step
+        .run(&ctx, Attempt::first())
         .await
         .expect("repaired on the second request");
-    let out = &ctx.outputs["classify"];
+    let out = output.value.as_ref().expect("the step's result");
     assert_eq!(out["repairs"], 1);
     assert_eq!(
         out["json"]["label"],
         label_for("Comment: lovely. Answer with JSON.")
     );
-    assert_eq!(ctx.spend.calls, 2, "both calls are paid for and counted");
+    assert_eq!(output.spend.calls, 2, "both calls are paid for and counted");
     assert_eq!(sim.stats().await.completed, 2);
     // With every answer invalid, the step gives up after two repairs, deterministically.
-    let mut ctx = context("sim-fault:invalid");
-    let err = step.run(&mut ctx).await.unwrap_err();
+    let ctx = context("sim-fault:invalid");
+    let err = step.run(&ctx, Attempt::first()).await.unwrap_err();
     assert_eq!(err.code, "llm_invalid_output");
     assert_eq!(err.action, Action::DeadLetter);
     assert!(

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use spillway::llm::simulator::{estimate_tokens, label_for, serve, SimulatorConfig, Stats};
+use spillway_mock_llm::{estimate_tokens, label_for, serve, SimulatorConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
 async fn start(tune: impl FnOnce(&mut SimulatorConfig)) -> (String, CancellationToken) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::message::Message;
 use spillway::codec::header_str;
-use spillway::processor::step::StepError;
+use spillway::step::StepError;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

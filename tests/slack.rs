@@ -199,7 +199,7 @@ timeout_ms = 1000
     );
     let config = spillway::config::Config::from_toml(&toml).expect("valid config");
     let stop = CancellationToken::new();
-    let p = spillway::processor::Processor::from_config(config, stop.clone())
+    let p = spillway::pipeline::start(config, stop.clone())
         .await
         .expect("processor starts");
     let metrics = p.metrics_addr();

@@ -258,9 +258,9 @@ async fn time_restart(
 async fn run(run: usize, events: u64, bootstrap: &str, kills: usize, static_id: bool, scale: bool) {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut sim_config =
-        spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        spillway_mock_llm::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     sim_config.latency_ms = LLM_MS;
-    let (sim_addr, _sim) = spillway::llm::simulator::serve(sim_config, stop.clone())
+    let (sim_addr, _sim) = spillway_mock_llm::serve(sim_config, stop.clone())
         .await
         .expect("simulator");
     let sim = format!("http://{sim_addr}");

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rand::Rng;
 use serde_json::{json, Value};
-use spillway::llm::simulator::{serve, SimulatorConfig, Stats};
 use spillway_load_tests::{create_topic, produce_records, start_broker};
+use spillway_mock_llm::{serve, SimulatorConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -200,7 +200,7 @@ base_url = "http://{sim_addr}"
     );
     let config = spillway::config::Config::from_toml(&toml).expect("bench config");
     let stop = CancellationToken::new();
-    let processor = spillway::processor::Processor::from_config(config, stop.clone())
+    let processor = spillway::pipeline::start(config, stop.clone())
         .await
         .expect("processor starts");
     let metrics = processor.metrics();

@@ -155,9 +155,9 @@ fn rate(firsts: &[Instant], from: Instant, to: Instant) -> f64 {
 async fn run_mode(mode: &str, bootstrap: &str) {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut sim_config =
-        spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        spillway_mock_llm::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     sim_config.latency_ms = LLM_MS;
-    let (sim_addr, _sim) = spillway::llm::simulator::serve(sim_config, stop.clone())
+    let (sim_addr, _sim) = spillway_mock_llm::serve(sim_config, stop.clone())
         .await
         .expect("simulator");
     let (sink, seen) = receiver().await;

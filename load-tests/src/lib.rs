@@ -299,7 +299,7 @@ pub fn serve_processor_if_asked(runtime: &tokio::runtime::Runtime, args: &[Strin
     spillway::telemetry::init_logging(config.telemetry.log_format);
     let result = runtime.block_on(async {
         let shutdown = spillway::shutdown::on_signal();
-        spillway::processor::run(config, shutdown).await
+        spillway::pipeline::run(config, shutdown).await
     });
     if let Err(e) = result {
         eprintln!("processor: {e}");

@@ -243,7 +243,7 @@ impl Session<'_> {
         step: &str,
         output: Json,
         last: bool,
-        staged: &[txn::OutRecord],
+        staged: &[crate::step::OutRecord],
     ) -> Result<(), JournalError> {
         let mut entry = self.entry().clone();
         entry.steps.insert(step.to_string(), output);
@@ -268,6 +268,7 @@ impl Session<'_> {
     }
 
     /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=...:fatal`; tests only).
+    #[cfg(feature = "fault-injection")]
     pub fn raise_fatal_for_test(&self) {
         self.journal.raise_fatal_for_test();
     }
@@ -808,7 +809,7 @@ impl Journal {
         key: &str,
         entry: Entry,
         step: &str,
-        records: &[txn::OutRecord],
+        records: &[crate::step::OutRecord],
     ) -> Result<(), JournalError> {
         let Some(txns) = &self.txns else {
             return Err(JournalError::Transaction(
@@ -828,7 +829,7 @@ impl Journal {
         }
         let jp = self.journal_partition(input.1);
         let mut all = records.to_vec();
-        all.push(txn::OutRecord {
+        all.push(crate::step::OutRecord {
             topic: self.config.topic.clone(),
             partition: Some(jp),
             key: key.to_string(),
@@ -848,6 +849,7 @@ impl Journal {
     }
 
     /// Raises a fatal error on the journal producer (`SPILLWAY_FAULT=journal_write:<step>:<n>:fatal`).
+    #[cfg(feature = "fault-injection")]
     pub fn raise_fatal_for_test(&self) {
         crate::kafka::raise_fatal_for_test(&self.producer);
     }

@@ -28,11 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::KafkaConfig;
+use crate::step::OutRecord;
 use crate::telemetry::Metrics;
 
 /// Requests taken into one transaction at most.
@@ -41,42 +41,6 @@ pub const MAX_BATCH: usize = 512;
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `commit_transaction` calls for one transaction before its outcome counts as unknown.
 const COMMIT_ATTEMPTS: usize = 3;
-
-/// One record to write inside a transaction.
-#[derive(Debug, Clone)]
-pub struct OutRecord {
-    /// Target topic.
-    pub topic: String,
-    /// Target partition; `None` lets the partitioner choose by key.
-    pub partition: Option<i32>,
-    /// Record key.
-    pub key: String,
-    /// Record value.
-    pub payload: Vec<u8>,
-    /// Record headers.
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl OutRecord {
-    /// The record for a producer's `send`.
-    pub fn to_future_record(&self) -> FutureRecord<'_, String, Vec<u8>> {
-        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
-        for (k, v) in &self.headers {
-            headers = headers.insert(rdkafka::message::Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let record = FutureRecord::to(&self.topic)
-            .key(&self.key)
-            .payload(&self.payload)
-            .headers(headers);
-        match self.partition {
-            Some(p) => record.partition(p),
-            None => record,
-        }
-    }
-}
 
 /// Why a lane did not commit a request.
 #[derive(Debug, Clone, thiserror::Error)]

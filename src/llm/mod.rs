@@ -6,11 +6,9 @@
 //!   buckets, a governor request limiter.
 //! * [`breaker`]: the circuit breaker per account; it closes the processor's gate.
 //! * [`prompt`]: templates and output validation. [`step`]: the step that ties them together.
-//! * [`simulator`]: `spillway mock-llm`, the provider simulator for tests and load tests.
 
 pub mod breaker;
 pub mod client;
 pub mod limit;
 pub mod prompt;
-pub mod simulator;
 pub mod step;

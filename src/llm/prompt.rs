@@ -7,7 +7,7 @@
 use serde_json::Value as Json;
 
 use crate::config::{ConfigError, OutputConfig, OutputFormat};
-use crate::processor::step::EventContext;
+use crate::step::EventContext;
 use crate::template::{Escape, Templates};
 
 /// The compiled system and user templates.

@@ -4,7 +4,7 @@
 //!
 //! Retries belong to the processor's worker: this step sends at most one request per provider
 //! per run and answers with a classified [`StepError`]. Rate limits and open breakers answer
-//! [`Action::Defer`](crate::processor::step::Action::Defer): the event waits without using up
+//! [`Action::Defer`](crate::step::Action::Defer): the event waits without using up
 //! attempts, and is never dead-lettered for it.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::select_all;
-use serde_json::json;
+use serde_json::{json, Value as Json};
 use tracing::Instrument;
 
 use super::breaker::Breaker;
@@ -21,7 +21,7 @@ use super::limit::Admission;
 use super::prompt::{OutputCheck, Prompt};
 use crate::config::{ConfigError, LlmConfig, LlmStepConfig, PriceConfig};
 use crate::processor::gate::Gate;
-use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::step::{Attempt, BoxFuture, EventContext, Spend, Step, StepError, StepOutput};
 use crate::telemetry::Metrics;
 
 /// One provider account: its client, admission control and breaker, shared by every step.
@@ -142,7 +142,12 @@ impl LlmStep {
         })
     }
 
-    async fn run_once(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+    async fn run_once(
+        &self,
+        ctx: &EventContext,
+        attempt: Attempt,
+        spend: &mut Spend,
+    ) -> Result<Json, StepError> {
         let (system, user) = self
             .prompt
             .render(ctx)
@@ -153,7 +158,9 @@ impl LlmStep {
         }];
         let mut repairs = 0;
         loop {
-            let (completion, target) = self.call(system.as_deref(), &messages, ctx).await?;
+            let (completion, target) = self
+                .call(system.as_deref(), &messages, attempt, spend)
+                .await?;
             match self.output.check(&completion.text) {
                 Ok(value) => {
                     let mut out = json!({
@@ -169,8 +176,7 @@ impl LlmStep {
                     if let Some(value) = value {
                         out["json"] = value;
                     }
-                    ctx.outputs.insert(self.name.clone(), out);
-                    return Ok(());
+                    return Ok(out);
                 }
                 Err(invalid) if repairs < self.repair_attempts => {
                     repairs += 1;
@@ -213,7 +219,8 @@ impl LlmStep {
         &self,
         system: Option<&str>,
         messages: &[Message],
-        ctx: &mut EventContext,
+        attempt: Attempt,
+        spend: &mut Spend,
     ) -> Result<(Completion, &Target), StepError> {
         let estimate = estimate_tokens(system, messages);
         let mut last: Option<StepError> = None;
@@ -260,7 +267,7 @@ impl LlmStep {
             };
             let started = Instant::now();
             let span =
-                tracing::info_span!("llm_call", model = %target.model, attempt = ctx.attempt);
+                tracing::info_span!("llm_call", model = %target.model, attempt = attempt.number);
             let (result, headers) = account.provider.complete(&request).instrument(span).await;
             reservation.observe(&headers);
             let outcome = match &result {
@@ -274,7 +281,7 @@ impl LlmStep {
                 Ok(c) => {
                     reservation.settle(c.input_tokens, c.output_tokens);
                     permit.success();
-                    self.account_spend(target, &c, ctx);
+                    self.account_spend(target, &c, spend);
                     return Ok((c, target));
                 }
                 Err(e) => e,
@@ -336,7 +343,7 @@ impl LlmStep {
         })
     }
 
-    fn account_spend(&self, target: &Target, c: &Completion, ctx: &mut EventContext) {
+    fn account_spend(&self, target: &Target, c: &Completion, spend: &mut Spend) {
         let m = &self.metrics.llm;
         m.tokens
             .with_label_values(&[&target.model, "input"])
@@ -350,10 +357,12 @@ impl LlmStep {
                 / 1e6
         });
         m.cost_usd.with_label_values(&[&target.model]).inc_by(cost);
-        ctx.spend.calls += 1;
-        ctx.spend.input_tokens += c.input_tokens;
-        ctx.spend.output_tokens += c.output_tokens;
-        ctx.spend.cost_usd += cost;
+        *spend += Spend {
+            calls: 1,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            cost_usd: cost,
+        };
     }
 }
 
@@ -362,8 +371,18 @@ impl Step for LlmStep {
         &self.name
     }
 
-    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(self.run_once(ctx))
+    fn run<'a>(
+        &'a self,
+        ctx: &'a EventContext,
+        attempt: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let mut spend = Spend::default();
+            match self.run_once(ctx, attempt, &mut spend).await {
+                Ok(value) => Ok(StepOutput::value(value).with_spend(spend)),
+                Err(e) => Err(e.with_spend(spend)),
+            }
+        })
     }
 
     /// Ready when some provider of the chain would let a request through.

@@ -14,7 +14,6 @@ pub mod gate;
 pub mod offsets;
 pub mod retry;
 mod scheduler;
-pub mod step;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -27,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, CodecError};
 use crate::config::{Config, ConfigError};
+use crate::step::Pipeline;
 use crate::telemetry::{Health, Metrics};
 use consumer::{Input, KafkaConsumer};
 use gate::Gate;
-use step::Pipeline;
 use worker::Worker;
 
 /// Why the processor could not start or stopped abnormally.
@@ -75,18 +74,6 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Builds the steps from `config.steps` and starts a processor with them.
-    pub async fn from_config(
-        config: Config,
-        shutdown: CancellationToken,
-    ) -> Result<Processor, ProcessorError> {
-        config.validate()?;
-        let metrics = Metrics::new();
-        let gate = Gate::new();
-        let steps = crate::pipeline::build(&config, &metrics, &gate)?;
-        Self::start_with(config, steps, metrics, gate, shutdown).await
-    }
-
     /// Starts a processor with the given steps (and fresh metrics and gate).
     pub async fn start(
         config: Config,
@@ -124,11 +111,7 @@ impl Processor {
         if let Some(partitions) = config.kafka.create_topics_partitions {
             let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
             topics.push(&config.dlq.topic);
-            for step in &config.steps {
-                if let crate::config::StepConfig::Kafka(k) = step {
-                    topics.push(&k.topic);
-                }
-            }
+            topics.extend(steps.iter().filter_map(|s| s.output_topic()));
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
             if let Some(j) = &config.journal {
                 crate::kafka::ensure_journal_topic(&config.kafka, j, partitions).await?;
@@ -151,9 +134,7 @@ impl Processor {
                 crate::journal::Journal::new(
                     j,
                     &config.kafka,
-                    config.steps.iter().any(
-                        |s| matches!(s, crate::config::StepConfig::Kafka(k) if k.transactional),
-                    ),
+                    steps.iter().any(|s| s.stages_records()),
                     metrics.clone(),
                     health.clone(),
                 )
@@ -244,9 +225,4 @@ impl Processor {
         tracing::info!("processor stopped");
         result.map_err(|e| ProcessorError::Consumer(e.to_string()))
     }
-}
-
-/// Starts a processor from configuration (steps built from `config.steps`) and runs it.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ProcessorError> {
-    Processor::from_config(config, shutdown).await?.run().await
 }

@@ -15,11 +15,11 @@ use tracing::Instrument;
 
 use super::dlq::{DlqWriter, Failure};
 use super::retry::backoff;
-use super::step::{Action, EventContext, Pipeline, Spend, StepError};
 use crate::codec::{Codec, CodecError};
 use crate::config::RetryConfig;
 use crate::fault;
 use crate::journal::{Begin, Journal, JournalError, Session};
+use crate::step::{Action, Attempt, EventContext, Pipeline, Spend, StepError, StepOutput};
 use crate::telemetry::{now_ms, Metrics};
 
 /// How a record finished.
@@ -216,20 +216,17 @@ impl Worker {
             event,
             dedup_key,
             outputs: Map::new(),
-            attempt: 0,
-            intent_recorded: false,
-            spend: Spend::default(),
-            staged: Vec::new(),
         };
+        let mut spend = Spend::default();
         let outcome = match self.journal.clone() {
-            None => self.run_steps(&record, &mut ctx, None).await,
-            Some(j) => self.run_journaled(&j, &record, &mut ctx).await,
+            None => self.run_steps(&record, &mut ctx, &mut spend, None).await,
+            Some(j) => self.run_journaled(&j, &record, &mut ctx, &mut spend).await,
         };
-        if ctx.spend.calls > 0 {
+        if spend.calls > 0 {
             self.metrics
                 .event_tokens
-                .observe((ctx.spend.input_tokens + ctx.spend.output_tokens) as f64);
-            self.metrics.event_cost.observe(ctx.spend.cost_usd);
+                .observe((spend.input_tokens + spend.output_tokens) as f64);
+            self.metrics.event_cost.observe(spend.cost_usd);
         }
         outcome
     }
@@ -241,6 +238,7 @@ impl Worker {
         journal: &Journal,
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
+        spend: &mut Spend,
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
         let key = ctx.dedup_key.clone();
@@ -260,7 +258,7 @@ impl Worker {
                 tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
                 Outcome::Skipped
             }
-            Ok(Begin::Run(session)) => self.run_steps(record, ctx, Some(&session)).await,
+            Ok(Begin::Run(session)) => self.run_steps(record, ctx, spend, Some(&session)).await,
         }
     }
 
@@ -326,6 +324,7 @@ impl Worker {
         &self,
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
+        spend: &mut Spend,
         journal: Option<&Session<'_>>,
     ) -> Outcome {
         let count = self.steps.len();
@@ -343,11 +342,11 @@ impl Worker {
                     continue;
                 }
             }
-            ctx.intent_recorded = false;
+            let mut intent_recorded = false;
             if let Some(session) = journal {
                 if step.records_intent() {
                     if session.intent_recorded(step.name()) {
-                        ctx.intent_recorded = true;
+                        intent_recorded = true;
                     } else if let Err(o) = self
                         .journal_retry(record, "journal_write", || {
                             session.record_intent(step.name())
@@ -361,7 +360,7 @@ impl Worker {
             fault::point("before_step", step.name());
             let mut attempts = Attempts::new();
             let mut attempt = 0u32;
-            loop {
+            let output: StepOutput = loop {
                 // A step whose dependency is down (an open breaker) holds the event here,
                 // unless shutdown begins: then it is left unfinished and redelivered later.
                 tokio::select! {
@@ -370,9 +369,12 @@ impl Worker {
                     _ = self.drain.cancelled() => return Outcome::Abandoned,
                 }
                 attempt += 1;
-                ctx.attempt = attempt;
                 let started = Instant::now();
-                let result = AssertUnwindSafe(step.run(ctx))
+                let this = Attempt {
+                    number: attempt,
+                    intent_recorded,
+                };
+                let result = AssertUnwindSafe(step.run(ctx, this))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|panic| {
@@ -382,7 +384,7 @@ impl Worker {
                         ))
                     });
                 let label = match &result {
-                    Ok(()) => "ok",
+                    Ok(_) => "ok",
                     Err(e) => match e.action {
                         Action::Retry { .. } => "transient",
                         Action::Defer { .. } => "deferred",
@@ -396,9 +398,10 @@ impl Worker {
                     .with_label_values(&[step.name(), label])
                     .observe(started.elapsed().as_secs_f64());
                 let err = match result {
-                    Ok(()) => break,
+                    Ok(output) => break output,
                     Err(e) => e,
                 };
+                *spend += err.spend;
                 match err.action {
                     Action::Fatal => {
                         self.health.set_fatal(&format!(
@@ -461,9 +464,10 @@ impl Worker {
                         return self.dead_letter(record, failure).await;
                     }
                 }
-            }
+            };
+            *spend += output.spend;
             fault::point("after_step", step.name());
-            if journal.is_none() && !ctx.staged.is_empty() {
+            if journal.is_none() && !output.staged.is_empty() {
                 // Config validation requires a journal for such steps; never drop records.
                 let failure = attempts.failure(
                     "sink_needs_journal",
@@ -475,13 +479,14 @@ impl Worker {
                 return self.dead_letter(record, failure).await;
             }
             if let Some(session) = journal {
+                #[cfg(feature = "fault-injection")]
                 if fault::fatal_at("journal_write", step.name()) {
                     session.raise_fatal_for_test();
                 }
                 let done = index + 1 == count;
-                let output = ctx.outputs.get(step.name()).cloned().unwrap_or(Json::Null);
+                let value = output.value.clone().unwrap_or(Json::Null);
                 // A step's records and its entry commit in one transaction.
-                let staged = std::mem::take(&mut ctx.staged);
+                let staged = &output.staged;
                 let what = if staged.is_empty() {
                     "journal_write"
                 } else {
@@ -489,7 +494,7 @@ impl Worker {
                 };
                 if let Err(o) = self
                     .journal_retry(record, what, || {
-                        session.record(step.name(), output.clone(), done, &staged)
+                        session.record(step.name(), value.clone(), done, staged)
                     })
                     .await
                 {
@@ -499,6 +504,9 @@ impl Worker {
                     if done { "after_done" } else { "after_journal" },
                     step.name(),
                 );
+            }
+            if let Some(value) = output.value {
+                ctx.outputs.insert(step.name().to_string(), value);
             }
         }
         Outcome::Succeeded

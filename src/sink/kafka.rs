@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use crate::codec::{CodecError, ResultEncoder, ResultRecord};
 use crate::config::{CodecConfig, ConfigError, KafkaSinkConfig, ResultFormat};
-use crate::journal::txn::OutRecord;
-use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::step::{Attempt, BoxFuture, EventContext, OutRecord, Step, StepError, StepOutput};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::Producer;
@@ -77,7 +76,7 @@ impl KafkaSink {
         })
     }
 
-    async fn stage(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+    async fn stage(&self, ctx: &EventContext) -> Result<StepOutput, StepError> {
         let result = ResultRecord {
             dedup_key: &ctx.dedup_key,
             event: &ctx.event,
@@ -127,16 +126,12 @@ impl KafkaSink {
             payload,
             headers,
         };
-        ctx.staged.clear();
+        let mut output = StepOutput::value(serde_json::json!({ "topic": self.topic }));
         match &self.direct {
-            None => ctx.staged.push(record),
+            None => output.staged.push(record),
             Some(producer) => Self::produce(producer, &record).await?,
         }
-        ctx.outputs.insert(
-            self.name.clone(),
-            serde_json::json!({ "topic": self.topic }),
-        );
-        Ok(())
+        Ok(output)
     }
 }
 
@@ -162,7 +157,19 @@ impl Step for KafkaSink {
         &self.name
     }
 
-    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+    fn run<'a>(
+        &'a self,
+        ctx: &'a EventContext,
+        _attempt: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(self.stage(ctx))
+    }
+
+    fn stages_records(&self) -> bool {
+        self.direct.is_none()
+    }
+
+    fn output_topic(&self) -> Option<&str> {
+        Some(&self.topic)
     }
 }

@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value as Json};
 
 use crate::config::{ConfigError, SlackConfig};
-use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput};
 use crate::template::{Escape, Templates};
 
 /// The metadata event type Spillway's messages carry.
@@ -158,7 +158,7 @@ impl SlackSink {
             .map(|m| m["ts"].as_str().unwrap_or_default().to_string()))
     }
 
-    async fn post(&self, ctx: &mut EventContext) -> Result<(), StepError> {
+    async fn post(&self, ctx: &EventContext, attempt: Attempt) -> Result<StepOutput, StepError> {
         let text = self
             .text
             .render("text", ctx)
@@ -169,17 +169,15 @@ impl SlackSink {
                 token,
                 channel,
             } => {
-                if ctx.attempt > 1 || ctx.intent_recorded {
+                if attempt.may_have_acted() {
                     if let Some(ts) = self
                         .already_posted(api, token, channel, &ctx.dedup_key)
                         .await?
                     {
                         tracing::info!(step = %self.name, "message already in the channel; not posting again");
-                        ctx.outputs.insert(
-                            self.name.clone(),
+                        return Ok(StepOutput::value(
                             json!({"channel": channel, "ts": ts, "reconciled": true}),
-                        );
-                        return Ok(());
+                        ));
                     }
                 }
                 self.pace().await;
@@ -199,11 +197,9 @@ impl SlackSink {
                     .await
                     .map_err(request_error)?;
                 let body = answer(response).await?;
-                ctx.outputs.insert(
-                    self.name.clone(),
+                Ok(StepOutput::value(
                     json!({"channel": body["channel"], "ts": body["ts"]}),
-                );
-                Ok(())
+                ))
             }
             Target::Webhook { url } => {
                 self.pace().await;
@@ -218,7 +214,7 @@ impl SlackSink {
                 let status = response.status();
                 let after = crate::outbound::retry_after(response.headers());
                 let body = response.text().await.unwrap_or_default();
-                classify_webhook(status, after, body.trim())
+                classify_webhook(status, after, body.trim()).map(|()| StepOutput::none())
             }
         }
     }
@@ -321,8 +317,12 @@ impl Step for SlackSink {
         &self.name
     }
 
-    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(self.post(ctx))
+    fn run<'a>(
+        &'a self,
+        ctx: &'a EventContext,
+        attempt: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(self.post(ctx, attempt))
     }
 
     fn records_intent(&self) -> bool {
@@ -333,7 +333,7 @@ impl Step for SlackSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::processor::step::Action;
+    use crate::step::Action;
 
     fn response(status: u16, retry_after: &str) -> reqwest::Response {
         reqwest::Response::from(

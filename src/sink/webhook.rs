@@ -16,7 +16,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::codec::Event;
 use crate::config::{ConfigError, WebhookConfig};
-use crate::processor::step::{BoxFuture, EventContext, Step, StepError};
+use crate::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput};
 
 /// Body of the POST.
 #[derive(Serialize)]
@@ -164,15 +164,19 @@ impl Step for WebhookSink {
         &self.name
     }
 
-    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
-        Box::pin(self.post(ctx))
+    fn run<'a>(
+        &'a self,
+        ctx: &'a EventContext,
+        _attempt: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move { self.post(ctx).await.map(|()| StepOutput::none()) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::processor::step::Action;
+    use crate::step::Action;
     use reqwest::header::RETRY_AFTER;
 
     fn headers(retry_after: Option<&str>) -> HeaderMap {

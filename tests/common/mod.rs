@@ -760,7 +760,7 @@ pub struct ScriptedStep {
     /// Latency of each call, uniform in `0..=max_latency_ms`.
     pub max_latency_ms: u64,
     /// Returns an error to fail the event with, given its JSON payload.
-    pub fail: fn(&serde_json::Value) -> Option<spillway::processor::step::StepError>,
+    pub fail: fn(&serde_json::Value) -> Option<spillway::step::StepError>,
     /// While this returns true for an event, the call does not finish.
     pub hold: Option<HoldFn>,
 }
@@ -780,15 +780,16 @@ impl ScriptedStep {
     }
 }
 
-impl spillway::processor::step::Step for ScriptedStep {
+impl spillway::step::Step for ScriptedStep {
     fn name(&self) -> &str {
         "scripted"
     }
 
     fn run<'a>(
         &'a self,
-        ctx: &'a mut spillway::processor::step::EventContext,
-    ) -> spillway::processor::step::BoxFuture<'a, Result<(), spillway::processor::step::StepError>>
+        ctx: &'a spillway::step::EventContext,
+        _attempt: spillway::step::Attempt,
+    ) -> spillway::step::BoxFuture<'a, Result<spillway::step::StepOutput, spillway::step::StepError>>
     {
         use rdkafka::Message;
         Box::pin(async move {
@@ -811,7 +812,7 @@ impl spillway::processor::step::Step for ScriptedStep {
                 ctx.record.partition(),
                 ctx.record.offset(),
             ));
-            Ok(())
+            Ok(spillway::step::StepOutput::none())
         })
     }
 }
@@ -836,7 +837,7 @@ pub fn order_violations(seqs: impl IntoIterator<Item = (String, u64)>) -> usize 
 /// the task running it.
 pub async fn start_processor(
     toml: &str,
-    steps: Vec<Arc<dyn spillway::processor::step::Step>>,
+    steps: Vec<Arc<dyn spillway::step::Step>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> (
     SocketAddr,
@@ -1185,7 +1186,7 @@ pub async fn start_configured(
         .join(unique("processor"));
     let config = spillway::config::Config::from_toml(&with_state_dir(toml, &state))
         .expect("test config is valid");
-    let p = spillway::processor::Processor::from_config(config, shutdown)
+    let p = spillway::pipeline::start(config, shutdown)
         .await
         .expect("processor starts");
     let addr = p.metrics_addr();
@@ -1199,12 +1200,12 @@ pub struct Sim {
 }
 
 impl Sim {
-    pub async fn start(tune: impl FnOnce(&mut spillway::llm::simulator::SimulatorConfig)) -> Sim {
+    pub async fn start(tune: impl FnOnce(&mut spillway_mock_llm::SimulatorConfig)) -> Sim {
         let mut config =
-            spillway::llm::simulator::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            spillway_mock_llm::SimulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         tune(&mut config);
         let stop = tokio_util::sync::CancellationToken::new();
-        let (addr, _task) = spillway::llm::simulator::serve(config, stop.clone())
+        let (addr, _task) = spillway_mock_llm::serve(config, stop.clone())
             .await
             .expect("simulator starts");
         Sim {
@@ -1213,7 +1214,7 @@ impl Sim {
         }
     }
 
-    pub async fn stats(&self) -> spillway::llm::simulator::Stats {
+    pub async fn stats(&self) -> spillway_mock_llm::Stats {
         reqwest::get(format!("{}/stats", self.base))
             .await
             .expect("stats")

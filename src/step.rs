@@ -1,16 +1,22 @@
-//! The seam where per-event work plugs in: a chain of [`Step`]s.
+//! The step contract: the seam where per-event work plugs in, as a chain of [`Step`]s.
 //!
-//! A step gets the decoded event and the record it came from, may add outputs for the steps
-//! after it, and answers with an error that says what to do: retry (transient), dead-letter
-//! (deterministic) or skip. The processor owns retries, backoff, the DLQ and offsets; a step
-//! never retries on its own, so retry loops do not multiply.
+//! A step reads the decoded event, the record it came from and the earlier steps' outputs
+//! ([`EventContext`], read-only), and returns what it produced ([`StepOutput`]: its value, the
+//! Kafka records it wants written in a transaction, what it spent), or an error that says what
+//! to do: retry (transient), defer, dead-letter (deterministic) or skip. The worker records the
+//! output under the step's name. The processor owns retries, backoff, the DLQ and offsets; a
+//! step never retries on its own, so retry loops do not multiply.
+//!
+//! This module depends on nothing above it (only `codec`'s decoded event and rdkafka's record
+//! types): the processor, the journal and every step depend on it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
 use serde_json::{Map, Value as Json};
 
 use crate::codec::Event;
@@ -54,6 +60,8 @@ pub struct StepError {
     /// Human-readable detail for logs and `__connect.errors.exception.message`. Never secrets,
     /// prompts or payloads.
     pub message: String,
+    /// What the failed attempt still cost (a paid LLM answer that failed validation).
+    pub spend: Spend,
 }
 
 impl StepError {
@@ -63,6 +71,7 @@ impl StepError {
             action: Action::Retry { after: None },
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
     }
 
@@ -72,6 +81,7 @@ impl StepError {
             action: Action::Retry { after: Some(after) },
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
     }
 
@@ -81,6 +91,7 @@ impl StepError {
             action: Action::Fatal,
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
     }
 
@@ -90,6 +101,7 @@ impl StepError {
             action: Action::Defer { after },
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
     }
 
@@ -99,7 +111,14 @@ impl StepError {
             action: Action::DeadLetter,
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
+    }
+
+    /// The same error, carrying what its attempt cost.
+    pub fn with_spend(mut self, spend: Spend) -> Self {
+        self.spend = spend;
+        self
     }
 
     /// The event needs no processing.
@@ -108,11 +127,13 @@ impl StepError {
             action: Action::Skip,
             code,
             message: message.into(),
+            spend: Spend::default(),
         }
     }
 }
 
-/// Everything a step sees about the event it works on.
+/// Everything a step sees about the event it works on. Steps only read it; what they produce
+/// goes back in their [`StepOutput`].
 pub struct EventContext {
     /// The Kafka record, byte for byte.
     pub record: Arc<OwnedMessage>,
@@ -123,17 +144,103 @@ pub struct EventContext {
     pub dedup_key: String,
     /// Results of earlier steps, by step name, for the steps after them.
     pub outputs: Map<String, Json>,
+}
+
+/// Which attempt of a step this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
     /// 1-based attempt number of the current step.
-    pub attempt: u32,
+    pub number: u32,
     /// The journal holds this step's intent from an earlier run: it may already have had its
     /// effect (a crash after the post, before the result was recorded). Steps that can look
     /// their effect up ([`Step::records_intent`]) check before acting again.
     pub intent_recorded: bool,
-    /// What the event has cost so far across steps and attempts (LLM tokens and USD).
-    pub spend: Spend,
-    /// Kafka records a step hands back instead of producing them itself (the result-topic
+}
+
+impl Attempt {
+    /// The first attempt, with no intent from an earlier run.
+    pub fn first() -> Self {
+        Attempt {
+            number: 1,
+            intent_recorded: false,
+        }
+    }
+
+    /// Whether the effect may already have happened: a retry, or an intent from an earlier
+    /// run.
+    pub fn may_have_acted(&self) -> bool {
+        self.number > 1 || self.intent_recorded
+    }
+}
+
+/// What a step produced.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The step's result for the steps after it and for the journal, recorded under the step's
+    /// name; `None` when it has nothing to pass on.
+    pub value: Option<Json>,
+    /// Kafka records the step hands back instead of producing them itself (the result-topic
     /// sink): the worker writes them in one transaction with the step's journal entry.
-    pub staged: Vec<crate::journal::txn::OutRecord>,
+    pub staged: Vec<OutRecord>,
+    /// What the attempt cost (LLM tokens and USD).
+    pub spend: Spend,
+}
+
+impl StepOutput {
+    /// A step that produced nothing to pass on (most sinks).
+    pub fn none() -> Self {
+        StepOutput::default()
+    }
+
+    /// A step whose result later steps and the journal see.
+    pub fn value(value: Json) -> Self {
+        StepOutput {
+            value: Some(value),
+            ..StepOutput::default()
+        }
+    }
+
+    /// The same output, carrying what it cost.
+    pub fn with_spend(mut self, spend: Spend) -> Self {
+        self.spend = spend;
+        self
+    }
+}
+
+/// One Kafka record a step wants written in a transaction with its journal entry.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    /// Target topic.
+    pub topic: String,
+    /// Target partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
+    /// Record key.
+    pub key: String,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Record headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutRecord {
+    /// The record for a producer's `send`.
+    pub fn to_future_record(&self) -> FutureRecord<'_, String, Vec<u8>> {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (k, v) in &self.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let record = FutureRecord::to(&self.topic)
+            .key(&self.key)
+            .payload(&self.payload)
+            .headers(headers);
+        match self.partition {
+            Some(p) => record.partition(p),
+            None => record,
+        }
+    }
 }
 
 /// Tokens and money an event has spent, for the per-event histograms.
@@ -149,18 +256,44 @@ pub struct Spend {
     pub cost_usd: f64,
 }
 
+impl std::ops::AddAssign for Spend {
+    fn add_assign(&mut self, other: Spend) {
+        self.calls += other.calls;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost_usd += other.cost_usd;
+    }
+}
+
 /// One unit of per-event work.
 pub trait Step: Send + Sync + 'static {
     /// Bounded name for metrics labels and DLQ headers.
     fn name(&self) -> &str;
 
-    /// Runs the step once. Retries are the processor's job, not the step's.
-    fn run<'a>(&'a self, ctx: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>>;
+    /// Runs the step once and returns what it produced. Retries are the processor's job, not
+    /// the step's.
+    fn run<'a>(
+        &'a self,
+        ctx: &'a EventContext,
+        attempt: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>>;
 
     /// Whether the worker should record this step's intent in the journal before its first
     /// attempt, so a later run knows the effect may have happened and can reconcile.
     fn records_intent(&self) -> bool {
         false
+    }
+
+    /// Whether the step hands its Kafka records back in [`StepOutput::staged`], to be written in
+    /// a transaction with its journal entry (the journal then opens transactional lanes).
+    fn stages_records(&self) -> bool {
+        false
+    }
+
+    /// The Kafka topic the step writes to, if any (created with the others in development,
+    /// `kafka.create_topics_partitions`).
+    fn output_topic(&self) -> Option<&str> {
+        None
     }
 
     /// Resolves when the step's dependencies can take work again. The worker awaits it after

@@ -1,4 +1,6 @@
-//! `spillway mock-llm`: an LLM provider simulator for tests and local load tests.
+//! `spillway-mock-llm`: an LLM provider simulator for tests and local load tests. It is its own
+//! crate so the service never compiles it: tests and benchmarks use it as a library, people run
+//! the `spillway-mock-llm` binary.
 //!
 //! It speaks OpenAI-compatible `POST /v1/chat/completions` and Anthropic `POST /v1/messages`,
 //! and enforces limits the way providers do:

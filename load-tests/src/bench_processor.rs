@@ -7,8 +7,8 @@
 //! 2. Overhead: a 0 ms in-process step. Prints processor CPU µs per event and events/s next to
 //!    a raw rdkafka drain of the same topic in the same run.
 //!
-//! Usage: `cargo run --release -p spillway-load-tests -- [--quick]`
-//! The broker comes from SPILLWAY_TANSU_BIN or scripts/tools.sh (installed once, cached).
+//! Usage: `cargo run --release -p spillway-load-tests --bin bench-processor -- [--quick]`
+//! The broker is Apache Kafka, installed (once, cached) and started by `scripts/broker.sh`.
 //! Everything runs on 127.0.0.1 and stops by itself.
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::Message;
-use spillway::processor::step::{BoxFuture, EventContext, Step, StepError};
+use spillway::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput};
 use spillway_load_tests::{create_topic, produce_records, start_broker};
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,11 @@ impl Step for SleepStep {
     fn name(&self) -> &str {
         "bench"
     }
-    fn run<'a>(&'a self, _: &'a mut EventContext) -> BoxFuture<'a, Result<(), StepError>> {
+    fn run<'a>(
+        &'a self,
+        _: &'a EventContext,
+        _: Attempt,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             self.first_start
                 .lock()
@@ -62,7 +66,7 @@ impl Step for SleepStep {
                 tokio::time::sleep(self.latency).await;
             }
             self.done.lock().unwrap().push(Instant::now());
-            Ok(())
+            Ok(StepOutput::none())
         })
     }
 }
