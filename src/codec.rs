@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use crate::config::{duration_ms, ConfigError};
 use apache_avro::types::Value as AvroValue;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
@@ -18,10 +19,9 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
+use serde::Deserialize;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
-
-use crate::config::{CodecConfig, CodecFormat};
 
 /// Confluent wire-format magic byte.
 pub const MAGIC_BYTE: u8 = 0;
@@ -494,6 +494,72 @@ fn event_from_avro(value: AvroValue, record: &OwnedMessage) -> Event {
     }
     let data = Json::try_from(value).unwrap_or(Json::Null);
     event_from_headers(data, record)
+}
+
+// ---- Configuration: `[codec]` ----
+
+/// Value decoding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    /// Expected value format: `auto` (Confluent-framed Avro if the magic byte says so, else
+    /// JSON), `json` or `avro`.
+    #[serde(default = "default_codec_format")]
+    pub format: CodecFormat,
+    /// Confluent-compatible schema registry URL; required to decode Avro.
+    #[serde(default)]
+    pub schema_registry_url: Option<String>,
+    /// Timeout of one registry request, in milliseconds.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub schema_registry_timeout_ms: u64,
+}
+
+/// Accepted value formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecFormat {
+    /// Avro when the first byte is the Confluent magic byte, JSON otherwise.
+    Auto,
+    /// Plain JSON only.
+    Json,
+    /// Confluent-framed Avro only.
+    Avro,
+}
+
+fn default_codec_format() -> CodecFormat {
+    CodecFormat::Auto
+}
+
+fn default_registry_timeout_ms() -> u64 {
+    5_000
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            format: default_codec_format(),
+            schema_registry_url: None,
+            schema_registry_timeout_ms: default_registry_timeout_ms(),
+        }
+    }
+}
+
+impl CodecConfig {
+    /// The `[codec]` section's rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        duration_ms(
+            "codec.schema_registry_timeout_ms",
+            self.schema_registry_timeout_ms,
+            1,
+        )?;
+        if self.format == CodecFormat::Avro && self.schema_registry_url.is_none() {
+            return Err(ConfigError::invalid(
+                "codec.schema_registry_url",
+                "is required when codec.format = \"avro\"",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

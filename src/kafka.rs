@@ -11,11 +11,12 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use std::collections::BTreeMap;
 
-use crate::config::ingress::ProducerConfig;
-use crate::config::{
-    ConfigError, GroupProtocol, JournalConfig, KafkaConfig, ProcessorConfig, PropertyValue,
-    DEFAULT_ASSIGNMENT_STRATEGY,
-};
+use crate::config::duration_ms;
+use crate::config::{ConfigError, PropertyValue};
+use crate::ingress::config::ProducerConfig;
+use crate::journal::config::JournalConfig;
+use crate::processor::config::ProcessorConfig;
+use serde::Deserialize;
 
 /// Properties common to every client: brokers plus the pass-through properties, with
 /// secrets resolved from the environment or files.
@@ -366,6 +367,243 @@ impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 /// A consumer for reading partitions to their end, with [`ReaderContext`].
 pub type Reader = rdkafka::consumer::BaseConsumer<ReaderContext>;
+
+// ---- Configuration: `[kafka]` ----
+
+/// Kafka connection and consumer-group settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group id (`group.id`). Instances with the same group share the partitions.
+    pub group_id: String,
+    /// Topics to consume. Topics written by other producers are first-class.
+    pub topics: Vec<String>,
+    /// Create missing topics (and the DLQ topic) at start-up with this many partitions.
+    /// Meant for development; leave unset against managed clusters.
+    #[serde(default)]
+    pub create_topics_partitions: Option<i32>,
+    /// Consumer session timeout in milliseconds (`session.timeout.ms`). Classic protocol
+    /// only: with `group_protocol = "consumer"` the broker's `group.consumer.session.timeout.ms`
+    /// applies instead.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Consumer group protocol (`group.protocol`): `classic` (the default; works with every
+    /// broker) or `consumer` (KIP-848, Apache Kafka 4.0+: the broker assigns partitions
+    /// incrementally and owns session timing, so `session_timeout_ms` and
+    /// `partition_assignment_strategy` do not apply).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+    /// Classic protocol only: the assignor (`partition.assignment.strategy`). The default,
+    /// `cooperative-sticky`, is incremental: a member joining or leaving revokes only the
+    /// partitions that move, and the others keep processing. `range` or `roundrobin` are
+    /// eager: every rebalance revokes every partition of every member and drains their work.
+    #[serde(default)]
+    pub partition_assignment_strategy: Option<String>,
+    /// Static membership (`group.instance.id`): a stable, unique id per instance, such as a
+    /// StatefulSet pod's name (`SPILLWAY_KAFKA__GROUP_INSTANCE_ID` from the downward API). A
+    /// member that restarts within the session timeout gets its partitions back without a
+    /// rebalance of the others; its partitions wait, unprocessed, until it is back or the
+    /// session times out. Two live instances with the same id fence each other.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
+    /// Maximum time between polls before the member is evicted (`max.poll.interval.ms`).
+    /// The poll loop never waits on processing, so this only bounds stalls of the loop itself.
+    #[serde(default = "default_max_poll_interval_ms")]
+    pub max_poll_interval_ms: u64,
+    /// Bound on how long a produce (DLQ) may take before it errors (`message.timeout.ms`).
+    #[serde(default = "default_message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Where a group without committed offsets starts (`auto.offset.reset`): `earliest` or `latest`.
+    #[serde(default = "default_auto_offset_reset")]
+    pub auto_offset_reset: String,
+    /// Interval of librdkafka statistics, which feed the lag metrics (`statistics.interval.ms`).
+    #[serde(default = "default_statistics_interval_ms")]
+    pub statistics_interval_ms: u64,
+    /// Any other librdkafka property, passed through as-is: SASL/SSL for managed clusters,
+    /// fetch tuning, and so on. Values may be literals or `{ env = "VAR" }` / `{ file = "/path" }`
+    /// for secrets. Properties Spillway manages itself are rejected.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// The consumer group protocol (`group.protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// The classic group protocol: client-side assignors, `session.timeout.ms` from config.
+    #[default]
+    Classic,
+    /// KIP-848: broker-side incremental assignment and session timing (Kafka 4.0+).
+    Consumer,
+}
+
+/// The default assignor of the classic protocol: incremental, sticky.
+pub const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
+
+/// Rejects pass-through properties that Spillway manages itself.
+pub(crate) fn check_properties(
+    section: &str,
+    properties: &BTreeMap<String, PropertyValue>,
+) -> Result<(), ConfigError> {
+    for key in properties.keys() {
+        if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{section}.properties.\"{key}\""),
+                "is managed by Spillway and cannot be overridden",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// librdkafka properties Spillway sets itself; passing them through would break guarantees.
+pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "enable.idempotence",
+    "enable.partition.eof",
+    "acks",
+    "request.required.acks",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "transactional.id",
+    "isolation.level",
+    "group.protocol",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+];
+
+fn default_session_timeout_ms() -> u64 {
+    45_000
+}
+
+fn default_max_poll_interval_ms() -> u64 {
+    300_000
+}
+
+fn default_message_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_auto_offset_reset() -> String {
+    "earliest".to_string()
+}
+
+fn default_statistics_interval_ms() -> u64 {
+    5_000
+}
+
+impl KafkaConfig {
+    /// The `[kafka]` section's own rules, each error naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v, min) in [
+            ("kafka.session_timeout_ms", self.session_timeout_ms, 1),
+            ("kafka.max_poll_interval_ms", self.max_poll_interval_ms, 1),
+            ("kafka.message_timeout_ms", self.message_timeout_ms, 1),
+            (
+                "kafka.statistics_interval_ms",
+                self.statistics_interval_ms,
+                0,
+            ),
+        ] {
+            duration_ms(key, v, min)?;
+        }
+        let k = self;
+        if k.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
+        }
+        if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.topics",
+                "must list at least one non-empty topic",
+            ));
+        }
+        if let Some(p) = k.create_topics_partitions {
+            if p < 1 {
+                return Err(ConfigError::invalid(
+                    "kafka.create_topics_partitions",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if !matches!(k.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(ConfigError::invalid(
+                "kafka.auto_offset_reset",
+                "must be `earliest` or `latest`",
+            ));
+        }
+        check_properties("kafka", &k.properties)?;
+        if k.group_protocol == GroupProtocol::Consumer {
+            // KIP-848: the broker assigns, times sessions and owns the protocol; librdkafka
+            // refuses these at client creation, so say so here, by key.
+            let refused = [
+                (
+                    k.partition_assignment_strategy.is_some(),
+                    "kafka.partition_assignment_strategy",
+                    "applies to group_protocol = \"classic\" only: with \"consumer\" (KIP-848) \
+                     the broker assigns partitions",
+                ),
+                // librdkafka 2.12: after a crash, the restarted member is refused with a fatal
+                // UNRELEASED_INSTANCE_ID until the old session expires.
+                (
+                    k.group_instance_id.is_some(),
+                    "kafka.group_instance_id",
+                    "needs group_protocol = \"classic\": under \"consumer\" (KIP-848) a member \
+                     restarted after a crash is refused until its old session expires",
+                ),
+                (
+                    k.properties.contains_key("heartbeat.interval.ms"),
+                    "kafka.properties.\"heartbeat.interval.ms\"",
+                    "cannot be set with group_protocol = \"consumer\" (KIP-848): the broker \
+                     owns group timing",
+                ),
+                (
+                    k.properties.contains_key("group.protocol.type"),
+                    "kafka.properties.\"group.protocol.type\"",
+                    "cannot be set with group_protocol = \"consumer\" (KIP-848)",
+                ),
+            ];
+            if let Some((_, key, why)) = refused.into_iter().find(|(set, _, _)| *set) {
+                return Err(ConfigError::invalid(key, why));
+            }
+        }
+        if let Some(strategy) = &k.partition_assignment_strategy {
+            let names: Vec<&str> = strategy.split(',').map(str::trim).collect();
+            if names
+                .iter()
+                .any(|n| !matches!(*n, "cooperative-sticky" | "range" | "roundrobin"))
+                || (names.len() > 1 && names.contains(&"cooperative-sticky"))
+            {
+                return Err(ConfigError::invalid(
+                    "kafka.partition_assignment_strategy",
+                    format!(
+                        "is \"{strategy}\": use \"cooperative-sticky\" (incremental), or the \
+                         eager \"range\", \"roundrobin\" or both, comma separated"
+                    ),
+                ));
+            }
+        }
+        if k.group_instance_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "kafka.group_instance_id",
+                "is empty: set a stable id per instance (e.g. the pod name), or leave it unset",
+            ));
+        }
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::config::{duration_ms, ConfigError};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -18,9 +19,8 @@ use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-
-use crate::config::{LogFormat, TelemetryConfig};
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
 pub fn init_logging(format: LogFormat) {
@@ -762,6 +762,62 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+// ---- Configuration: `[telemetry]` ----
+
+/// Metrics, health endpoints and logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz` fails when the poll loop has made no progress for this long, in milliseconds.
+    #[serde(default = "default_liveness_timeout_ms")]
+    pub liveness_timeout_ms: u64,
+    /// Log format: `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+fn default_liveness_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            metrics_addr: default_metrics_addr(),
+            liveness_timeout_ms: default_liveness_timeout_ms(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The `[telemetry]` section's rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        duration_ms("telemetry.liveness_timeout_ms", self.liveness_timeout_ms, 1)
     }
 }
 

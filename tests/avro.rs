@@ -154,8 +154,8 @@ async fn the_ingress_envelope_is_confluent_framed_and_survives_a_registry_outage
             .unwrap();
     assert_eq!(latest["id"].as_u64(), Some(u64::from(id)), "{latest}");
     // The processor's codec reads it back with the registry's schema.
-    let codec = Codec::new(&spillway::config::CodecConfig {
-        format: spillway::config::CodecFormat::Avro,
+    let codec = Codec::new(&spillway::codec::CodecConfig {
+        format: spillway::codec::CodecFormat::Avro,
         schema_registry_url: Some(url.clone()),
         schema_registry_timeout_ms: 2_000,
     })

@@ -108,7 +108,7 @@ fn the_shipped_configs_are_valid_spillway_configs() {
         "deploy/compose/ingress.toml",
         "deploy/k8s/config/ingress.toml",
     ] {
-        spillway::config::ingress::IngressConfig::from_toml(&read(path))
+        spillway::ingress::config::IngressConfig::from_toml(&read(path))
             .unwrap_or_else(|e| panic!("{path}: {e}"));
     }
 }

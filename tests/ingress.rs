@@ -15,7 +15,7 @@ use hmac::{KeyInit, Mac};
 use rdkafka::message::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use spillway::codec::header_str;
-use spillway::config::ingress::IngressConfig;
+use spillway::ingress::config::IngressConfig;
 use spillway::ingress::{Ingress, IngressError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -410,8 +410,8 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
         .build()
         .expect("a reader of the registry's schema");
-    let codec = spillway::codec::Codec::new(&spillway::config::CodecConfig {
-        format: spillway::config::CodecFormat::Avro,
+    let codec = spillway::codec::Codec::new(&spillway::codec::CodecConfig {
+        format: spillway::codec::CodecFormat::Avro,
         schema_registry_url: Some(s.registry.clone()),
         schema_registry_timeout_ms: 2000,
     })

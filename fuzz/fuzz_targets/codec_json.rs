@@ -23,7 +23,8 @@ use libfuzzer_sys::fuzz_target;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 use serde_json::Value as Json;
 use spillway::codec::{schema_id, Codec, CodecError, MAGIC_BYTE};
-use spillway::config::{CodecConfig, CodecFormat};
+use spillway::codec::CodecConfig;
+use spillway::codec::CodecFormat;
 use tokio::runtime::Runtime;
 
 /// The headers the input can set, in mask-bit order.

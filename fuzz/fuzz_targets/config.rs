@@ -1,5 +1,5 @@
 //! Configuration loading from hostile TOML: `spillway::config::Config::from_toml` (the
-//! processor) and `spillway::config::ingress::IngressConfig::from_toml` (the ingress), i.e.
+//! processor) and `spillway::ingress::config::IngressConfig::from_toml` (the ingress), i.e.
 //! figment's TOML provider, serde's `deny_unknown_fields` types and the cross-field rules.
 //!
 //! Input format: UTF-8 TOML text (anything else is skipped). `{ env = .. }` / `{ file = .. }`
@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spillway::config::ingress::IngressConfig;
+use spillway::ingress::config::IngressConfig;
 use spillway::config::Config;
 
 fuzz_target!(|data: &[u8]| {

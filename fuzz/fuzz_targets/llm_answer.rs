@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use spillway::config::ProviderApi;
+use spillway::llm::config::ProviderApi;
 use spillway::llm::client::{
     classify_error, parse_completion, rate_headers, retry_after, CallError,
 };

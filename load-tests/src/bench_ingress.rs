@@ -610,8 +610,8 @@ async fn serve_hmac(addr: SocketAddr, kafka: Option<(String, String)>) {
 /// `bench-ingress serve-ingress CONFIG`: the ingress service exactly as `spillway ingress`
 /// runs it.
 async fn serve_ingress(config: &str) {
-    spillway::telemetry::init_logging(spillway::config::LogFormat::Text);
-    let config = spillway::config::ingress::IngressConfig::load(std::path::Path::new(config))
+    spillway::telemetry::init_logging(spillway::telemetry::LogFormat::Text);
+    let config = spillway::ingress::config::IngressConfig::load(std::path::Path::new(config))
         .expect("bench ingress config");
     spillway::ingress::run(config, spillway::shutdown::on_signal())
         .await

@@ -203,7 +203,7 @@ where
 }
 
 fn ingress(path: &std::path::Path, check: bool) -> Result<(), ExitCode> {
-    let config = crate::config::ingress::IngressConfig::load(path).map_err(invalid)?;
+    let config = crate::ingress::config::IngressConfig::load(path).map_err(invalid)?;
     crate::ingress::check(&config).map_err(invalid)?;
     if check {
         println!("configuration is valid");
@@ -278,7 +278,7 @@ fn filter(f: &DlqFilter) -> Result<crate::cli::dlq::Filter, ExitCode> {
 }
 
 fn dlq(command: DlqCommand) -> ExitCode {
-    crate::telemetry::init_logging(crate::config::LogFormat::Text);
+    crate::telemetry::init_logging(crate::telemetry::LogFormat::Text);
     let result = match command {
         DlqCommand::List { filter: f, limit } => (|| {
             let config = load(&f.config)?;

@@ -12,6 +12,7 @@
 //! cache, so it scales out behind a load balancer.
 
 pub mod auth;
+pub mod config;
 pub mod http;
 pub mod limit;
 pub mod produce;
@@ -30,8 +31,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ingress::{IngressConfig, TlsConfig};
 use crate::config::ConfigError;
+use crate::ingress::config::{IngressConfig, TlsConfig};
 use crate::telemetry::{Health, IngressMetrics};
 
 /// Why the ingress could not start or stop cleanly.

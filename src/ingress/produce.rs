@@ -18,8 +18,8 @@ use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{CodecError, Envelope, EnvelopeEncoder};
-use crate::config::ingress::IngressConfig;
 use crate::config::ConfigError;
+use crate::ingress::config::IngressConfig;
 use crate::telemetry::{Health, IngressMetrics};
 
 /// Header carrying the ingress receive time in unix milliseconds (the record timestamp is

@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 use super::auth::{Encoding, Scheme, Secret};
 use super::limit::Rate;
-use crate::config::ingress::{FieldRef, SchemeName, SignatureEncoding, SourceConfig};
 use crate::config::ConfigError;
+use crate::ingress::config::{FieldRef, SchemeName, SignatureEncoding, SourceConfig};
 
 /// A source ready to serve requests.
 pub struct Source {

@@ -25,6 +25,7 @@
 //!   as done.
 
 mod changelog;
+pub mod config;
 pub mod store;
 pub mod txn;
 
@@ -41,7 +42,8 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::{Notify, OnceCell};
 
 use crate::codec::Event;
-use crate::config::{JournalConfig, KafkaConfig};
+use crate::journal::config::JournalConfig;
+use crate::kafka::KafkaConfig;
 use crate::telemetry::{now_ms, Health, Metrics};
 use store::{Opened, Store, StoreError};
 

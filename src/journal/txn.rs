@@ -31,7 +31,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::KafkaConfig;
+use crate::kafka::KafkaConfig;
 use crate::step::OutRecord;
 use crate::telemetry::Metrics;
 

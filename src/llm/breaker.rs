@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::BreakerConfig;
+use crate::llm::config::BreakerConfig;
 use crate::processor::gate::Gate;
 use crate::telemetry::Metrics;
 

@@ -10,7 +10,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 use serde_json::{json, Value as Json};
 
-use crate::config::{ConfigError, ProviderApi, ProviderConfig};
+use crate::config::ConfigError;
+use crate::llm::config::ProviderApi;
+use crate::llm::config::ProviderConfig;
 
 /// Who said a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
 use super::client::RateHeaders;
-use crate::config::ProviderConfig;
+use crate::llm::config::ProviderConfig;
 
 /// A per-minute limit as a bucket that refills continuously and can be refunded and clamped.
 #[derive(Debug, Clone)]
@@ -343,7 +343,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ProviderApi;
+    use crate::llm::config::ProviderApi;
     use std::collections::BTreeMap;
 
     fn provider() -> ProviderConfig {

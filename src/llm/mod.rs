@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod config;
 pub mod limit;
 pub mod prompt;
 pub mod step;

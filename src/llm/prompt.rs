@@ -6,7 +6,9 @@
 
 use serde_json::Value as Json;
 
-use crate::config::{ConfigError, OutputConfig, OutputFormat};
+use crate::config::ConfigError;
+use crate::llm::config::OutputConfig;
+use crate::llm::config::OutputFormat;
 use crate::step::EventContext;
 use crate::template::{Escape, Templates};
 

@@ -14,7 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
-use crate::config::{KafkaConfig, RetryConfig};
+use crate::kafka::KafkaConfig;
+use crate::processor::config::RetryConfig;
 use crate::telemetry::Metrics;
 
 /// Why a record is dead-lettered.

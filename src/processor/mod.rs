@@ -8,6 +8,7 @@
 //! * [`step`]: the trait steps implement. [`retry`]: backoff. [`dlq`]: the DLQ writer.
 //! * [`gate`]: closed by steps whose dependency is down; pauses intake.
 
+pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod gate;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::config::RetryConfig;
+use crate::processor::config::RetryConfig;
 
 /// Delay before retry number `retry` (1 for the first retry).
 ///

@@ -35,7 +35,7 @@ use super::consumer::{tpl_of, Input, KafkaConsumer, Partition};
 use super::gate::Gate;
 use super::offsets::{OffsetTracker, Tracked};
 use super::worker::{Outcome, Worker};
-use crate::config::ProcessorConfig;
+use crate::processor::config::ProcessorConfig;
 use crate::telemetry::{Health, Metrics};
 
 /// Scheduling state of one assigned partition.

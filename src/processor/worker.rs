@@ -16,9 +16,9 @@ use tracing::Instrument;
 use super::dlq::{DlqWriter, Failure};
 use super::retry::backoff;
 use crate::codec::{Codec, CodecError};
-use crate::config::RetryConfig;
 use crate::fault;
 use crate::journal::{Begin, Journal, JournalError, Session};
+use crate::processor::config::RetryConfig;
 use crate::step::{Action, Attempt, EventContext, Pipeline, Spend, StepError, StepOutput};
 use crate::telemetry::{now_ms, Metrics};
 

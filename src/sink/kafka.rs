@@ -15,11 +15,16 @@
 use std::time::Duration;
 
 use crate::codec::{CodecError, ResultEncoder, ResultRecord};
-use crate::config::{CodecConfig, ConfigError, KafkaSinkConfig, ResultFormat};
+use crate::config::ConfigError;
+use crate::codec::CodecConfig;
 use crate::step::{Attempt, BoxFuture, EventContext, OutRecord, Step, StepError, StepOutput};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::Producer;
+use serde::Deserialize;
+use std::sync::Arc;
+use crate::config::{default_true, Config};
+use crate::pipeline::{Assembly, StepKind};
 
 /// Renders each event's result for the result topic.
 pub struct KafkaSink {
@@ -35,7 +40,7 @@ impl KafkaSink {
     pub fn new(
         config: &KafkaSinkConfig,
         codec: &CodecConfig,
-        kafka: &crate::config::KafkaConfig,
+        kafka: &crate::kafka::KafkaConfig,
     ) -> Result<Self, ConfigError> {
         let encoder = match config.format {
             ResultFormat::Json => None,
@@ -171,5 +176,93 @@ impl Step for KafkaSink {
 
     fn output_topic(&self) -> Option<&str> {
         Some(&self.topic)
+    }
+}
+
+// ---- Configuration: `[[steps]] type = "kafka"` ----
+
+/// The Kafka result-topic sink. Transactional (the default), it needs `[journal]`: the result
+/// record and the event's journal entry are written in one Kafka transaction, so a consumer
+/// reading the topic with `isolation.level=read_committed` sees exactly one result per dedup
+/// key. `transactional = false` is for brokers without transactions: the record is produced
+/// idempotently and acknowledged before the step finishes, so a crash can repeat it once
+/// (same key, same `ce_id`) for consumers to drop, like the webhook sink's repeat.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `kafka`.
+    #[serde(default = "default_kafka_sink_name")]
+    pub name: String,
+    /// The result topic. Records are keyed by the dedup key.
+    pub topic: String,
+    /// `avro` (Confluent-framed `schemas/result.avsc`; needs `codec.schema_registry_url`) or
+    /// `json` (the same fields as a JSON object).
+    #[serde(default = "default_result_format")]
+    pub format: ResultFormat,
+    /// Write the result and the journal entry in one transaction (needs a broker with Kafka
+    /// transactions: Apache Kafka, Confluent, Redpanda; `false` for Kafka-protocol brokers
+    /// without them, such as tansu 0.6, which lacks EndTxn).
+    #[serde(default = "default_true")]
+    pub transactional: bool,
+}
+
+/// How the result-topic sink encodes its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultFormat {
+    /// Confluent-framed Avro of `schemas/result.avsc`.
+    Avro,
+    /// A JSON object with the fields of `schemas/result.avsc`.
+    Json,
+}
+
+fn default_kafka_sink_name() -> String {
+    "kafka".to_string()
+}
+
+fn default_result_format() -> ResultFormat {
+    ResultFormat::Avro
+}
+
+impl StepKind for KafkaSinkConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self, at: &str, config: &Config) -> Result<(), ConfigError> {
+        let c = self;
+        if c.transactional && config.journal.is_none() {
+            return Err(ConfigError::invalid(
+                at.to_string(),
+                "the kafka sink writes its result and the journal entry in one transaction; \
+                 configure [journal] (or set transactional = false for at-least-once)",
+            ));
+        }
+        let journal_topic = config.journal.as_ref().map(|j| j.topic.as_str());
+        if c.topic.trim().is_empty()
+            || config.kafka.topics.contains(&c.topic)
+            || c.topic == config.dlq.topic
+            || Some(c.topic.as_str()) == journal_topic
+        {
+            return Err(ConfigError::invalid(
+                format!("{at}.topic"),
+                "must be set and differ from the input, DLQ and journal topics",
+            ));
+        }
+        if c.format == ResultFormat::Avro && config.codec.schema_registry_url.is_none() {
+            return Err(ConfigError::invalid(
+                format!("{at}.format"),
+                "\"avro\" needs codec.schema_registry_url (or set format = \"json\")",
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, cx: &Assembly<'_>) -> Result<Arc<dyn Step>, ConfigError> {
+        Ok(Arc::new(KafkaSink::new(
+            self,
+            &cx.config.codec,
+            &cx.config.kafka,
+        )?))
     }
 }

@@ -22,9 +22,14 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value as Json};
 
-use crate::config::{ConfigError, SlackConfig};
+use crate::config::ConfigError;
 use crate::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput};
 use crate::template::{Escape, Templates};
+use serde::Deserialize;
+use std::sync::Arc;
+use crate::config::{bounded, default_true, duration_ms, Config, PropertyValue};
+use crate::pipeline::{Assembly, StepKind};
+use crate::sink::webhook::default_webhook_timeout_ms;
 
 /// The metadata event type Spillway's messages carry.
 pub const METADATA_EVENT_TYPE: &str = "spillway_event";
@@ -327,6 +332,94 @@ impl Step for SlackSink {
 
     fn records_intent(&self) -> bool {
         matches!(self.target, Target::Bot { .. })
+    }
+}
+
+// ---- Configuration: `[[steps]] type = "slack"` ----
+
+/// The Slack sink. Set `webhook_url`, or `token` and `channel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `slack`.
+    #[serde(default = "default_slack_name")]
+    pub name: String,
+    /// An incoming webhook URL (a secret: from the environment or a file).
+    #[serde(default)]
+    pub webhook_url: Option<PropertyValue>,
+    /// A bot token (`xoxb-...`) for `chat.postMessage`.
+    #[serde(default)]
+    pub token: Option<PropertyValue>,
+    /// The channel id for `chat.postMessage`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Slack's Web API base URL.
+    #[serde(default = "default_slack_api_url")]
+    pub api_url: String,
+    /// The message, a minijinja template over `event`, `data` and `outputs`.
+    pub text: String,
+    /// Escape `&`, `<` and `>` in every value the template renders (Slack's rules), so event
+    /// text such as `<!channel>` cannot ping a channel or forge a link. The template's own
+    /// text is never escaped, and `{{ x | safe }}` renders one value as is. `false` turns it
+    /// off for this template: only for values that are trusted Slack markup.
+    #[serde(default = "default_true")]
+    pub escape: bool,
+    /// Minimum time between two posts to the channel, in milliseconds (Slack: ~1 per second).
+    #[serde(default = "default_slack_pacing_ms")]
+    pub pacing_ms: u64,
+    /// Timeout of one request, in milliseconds.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How many recent channel messages reconciliation looks through.
+    #[serde(default = "default_slack_history")]
+    pub reconcile_history: u32,
+}
+
+fn default_slack_name() -> String {
+    "slack".to_string()
+}
+
+fn default_slack_api_url() -> String {
+    "https://slack.com/api".to_string()
+}
+
+fn default_slack_pacing_ms() -> u64 {
+    1_000
+}
+
+fn default_slack_history() -> u32 {
+    100
+}
+
+impl StepKind for SlackConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self, at: &str, _config: &Config) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        duration_ms(&key("timeout_ms"), self.timeout_ms, 1)?;
+        duration_ms(&key("pacing_ms"), self.pacing_ms, 0)?;
+        // conversations.history answers at most 999 messages a page.
+        bounded(
+            &key("reconcile_history"),
+            self.reconcile_history.into(),
+            1,
+            999,
+            "messages",
+        )?;
+        let bot = self.token.is_some() && self.channel.is_some();
+        if bot == self.webhook_url.is_some() || (self.token.is_some() != self.channel.is_some()) {
+            return Err(ConfigError::invalid(
+                key("token"),
+                "set either webhook_url, or token and channel",
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, _cx: &Assembly<'_>) -> Result<Arc<dyn Step>, ConfigError> {
+        Ok(Arc::new(SlackSink::new(self)?))
     }
 }
 

@@ -15,8 +15,15 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use crate::codec::Event;
-use crate::config::{ConfigError, WebhookConfig};
+use crate::config::ConfigError;
 use crate::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use crate::config::PropertyValue;
+use crate::config::duration_ms;
+use crate::config::Config;
+use crate::pipeline::{Assembly, StepKind};
 
 /// Body of the POST.
 #[derive(Serialize)]
@@ -170,6 +177,58 @@ impl Step for WebhookSink {
         _attempt: Attempt,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move { self.post(ctx).await.map(|()| StepOutput::none()) })
+    }
+}
+
+// ---- Configuration: `[[steps]] type = "webhook"` ----
+
+/// The generic webhook sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Step name used in metrics and DLQ headers; defaults to `webhook`.
+    #[serde(default = "default_webhook_name")]
+    pub name: String,
+    /// Target URL.
+    pub url: String,
+    /// Timeout of one attempt (connect, send and response), in milliseconds.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Extra request headers. Values may be literals or secret references.
+    #[serde(default)]
+    pub headers: BTreeMap<String, PropertyValue>,
+    /// Standard Webhooks secret (`whsec_<base64>`): when set, each request carries
+    /// `webhook-id` (the dedup key), `webhook-timestamp` and `webhook-signature`.
+    #[serde(default)]
+    pub signing_secret: Option<PropertyValue>,
+}
+
+fn default_webhook_name() -> String {
+    "webhook".to_string()
+}
+
+pub(crate) fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+
+impl StepKind for WebhookConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self, at: &str, _config: &Config) -> Result<(), ConfigError> {
+        duration_ms(&format!("{at}.timeout_ms"), self.timeout_ms, 1)?;
+        let key = format!("{at}.url");
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| ConfigError::invalid(key.clone(), e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid(key, "must be an http(s) URL"));
+        }
+        Ok(())
+    }
+
+    fn build(&self, _cx: &Assembly<'_>) -> Result<Arc<dyn Step>, ConfigError> {
+        Ok(Arc::new(WebhookSink::new(self)?))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Configuration of the ingress service (`spillway ingress --config F`).
 //!
-//! A separate top-level type from the processor's [`super::Config`]: ingress has no consumer
+//! A separate top-level type from the processor's [`crate::config::Config`]: ingress has no consumer
 //! group, topics to consume or DLQ, and the processor has no listener, sources or secrets.
 //! The same conventions hold: typed TOML, `deny_unknown_fields`, a documented default from a
 //! named function for every optional key, `SPILLWAY_<SECTION>__<KEY>` environment overrides,
@@ -14,11 +14,10 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
-use super::{
-    bounded, check_properties, duration_ms, env_overrides, ConfigError, PropertyValue,
-    TelemetryConfig,
-};
+use crate::config::{bounded, duration_ms, env_overrides, ConfigError, PropertyValue};
 use crate::ingress::limit::Rate;
+use crate::kafka::check_properties;
+use crate::telemetry::TelemetryConfig;
 
 /// Sections that `SPILLWAY_<SECTION>__<KEY>` environment variables may override.
 const INGRESS_ENV_SECTIONS: &[&str] = &["server", "kafka", "registry", "replay", "telemetry"];
