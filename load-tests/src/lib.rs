@@ -1,156 +1,25 @@
-//! Shared by the load-test binaries: an Apache Kafka broker (`scripts/broker.sh run`) and a
-//! rivven-schema registry on free loopback ports, topic creation and a bulk producer.
+//! Shared by the load-test binaries: the broker, registry, ports and topics of the shared test
+//! kit (`spillway-testkit`, also used by `tests/`), a bulk producer and event generators.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-/// A running Apache Kafka broker (single KRaft node), killed on drop with its data.
-pub struct Broker {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
+pub use spillway_testkit::{create_topic, free_port, BrokerProcess, Registry};
 
-impl Broker {
-    /// The broker's process id (to charge its CPU in benchmarks).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The path of a tool from `env` or, failing that, from `scripts/tools.sh` (which installs
-/// it once and caches it).
-fn tool(env: &str, name: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
-    let out = Command::new(script)
-        .arg(name)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/tools.sh");
-    assert!(out.status.success(), "installing {name} failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// A running rivven-schema registry (Confluent-compatible REST API), killed on drop.
-pub struct Registry {
-    child: Child,
-    port: u16,
-}
-
-impl Registry {
-    /// Its base URL.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts rivven-schema on a free port and waits until it accepts connections.
+/// Starts a rivven-schema registry on a free port (the shared test kit's).
 pub fn start_registry() -> Registry {
-    let port = free_port();
-    let child = Command::new(tool("SPILLWAY_RIVVEN_BIN", "rivven-schema"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start rivven-schema");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "rivven-schema did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Registry { child, port }
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    Registry::start()
 }
 
 /// Starts Apache Kafka (`scripts/broker.sh run`, which installs it once) on a free port;
-/// returns it and its bootstrap address.
-pub fn start_broker() -> (Broker, String) {
-    let port = free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = std::fs::File::create(dir.path().join("broker.log")).expect("broker log");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh");
-    let child = Command::new(script)
-        .arg("run")
-        .env("BROKER_PORT", port.to_string())
-        .env("BROKER_CONTROLLER_PORT", free_port().to_string())
-        .env("BROKER_DIR", dir.path())
-        .stdout(log.try_clone().expect("log fd"))
-        .stderr(log)
-        .spawn()
-        .expect("start scripts/broker.sh run");
-    let bootstrap = format!("127.0.0.1:{port}");
-    let probe: rdkafka::producer::BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || probe
-            .client()
-            .fetch_metadata(None, Duration::from_secs(2))
-            .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "Apache Kafka did not start; see {}",
-            dir.path().join("broker.log").display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (Broker { child, _dir: dir }, bootstrap)
-}
-
-/// Creates `topic` with `partitions` partitions.
-pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin");
-    for r in admin
-        .create_topics(
-            [&NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topics")
-    {
-        r.expect("topic created");
-    }
+/// returns it (killed, with its data, on drop) and its bootstrap address.
+pub fn start_broker() -> (BrokerProcess, String) {
+    let broker = BrokerProcess::start();
+    let bootstrap = broker.bootstrap();
+    (broker, bootstrap)
 }
 
 /// Produces `(key, value)` records with an idempotent producer and waits for every ack.

@@ -24,6 +24,14 @@
 //! `GET /stats` returns counters of what was received and refused, per-second counts, request
 //! arrival times, and requests that came before a `retry-after` deadline.
 
+mod faults;
+mod responses;
+
+pub use faults::Fault;
+use faults::{parse_rates, parse_script};
+use responses::*;
+pub use responses::{estimate_tokens, label_for};
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -115,73 +123,6 @@ pub enum SimulatorError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// An injected behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fault {
-    /// Answer normally.
-    Ok,
-    /// 500 internal error.
-    ServerError,
-    /// 529 overloaded.
-    Overloaded,
-    /// Never answer.
-    Hang,
-    /// 429 `insufficient_quota`.
-    Quota,
-    /// 400 context window exceeded.
-    Overflow,
-    /// 200 with a truncated JSON body.
-    Malformed,
-    /// 429 rate limit with `retry-after` of `--retry-after-ms`.
-    RateLimit,
-    /// 200 whose answer text is not JSON (bad structured output).
-    Invalid,
-}
-
-impl Fault {
-    fn parse(s: &str) -> Result<Fault, SimulatorError> {
-        Ok(match s.trim() {
-            "ok" => Fault::Ok,
-            "500" => Fault::ServerError,
-            "529" => Fault::Overloaded,
-            "hang" => Fault::Hang,
-            "quota" => Fault::Quota,
-            "overflow" => Fault::Overflow,
-            "malformed" => Fault::Malformed,
-            "429" => Fault::RateLimit,
-            "invalid" => Fault::Invalid,
-            other => return Err(SimulatorError::BadFault(other.to_string())),
-        })
-    }
-}
-
-fn parse_script(s: &str) -> Result<VecDeque<Fault>, SimulatorError> {
-    s.split(',')
-        .filter(|e| !e.trim().is_empty())
-        .map(Fault::parse)
-        .collect()
-}
-
-fn parse_rates(s: &str) -> Result<Vec<(Fault, f64)>, SimulatorError> {
-    s.split(',')
-        .filter(|e| !e.trim().is_empty())
-        .map(|entry| {
-            let (kind, rate) = entry
-                .split_once('=')
-                .ok_or_else(|| SimulatorError::BadFault(entry.to_string()))?;
-            let rate: f64 = rate
-                .trim()
-                .parse()
-                .map_err(|_| SimulatorError::BadFault(entry.to_string()))?;
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(SimulatorError::BadFault(entry.to_string()));
-            }
-            Ok((Fault::parse(kind)?, rate))
-        })
-        .collect()
 }
 
 /// A per-minute limit as a continuously refilling bucket holding `burst_ms` worth of it.
@@ -443,81 +384,6 @@ fn control(s: &Shared, c: Control) -> Response {
 /// Locks a mutex, recovering the data if a holder panicked (counters stay usable).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Approximate token count: one token per four characters, at least one.
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4).max(1)
-}
-
-/// The prompt text of a request: every message's text content, system included.
-fn prompt_text(api: Api, req: &Json) -> Option<String> {
-    let mut out = String::new();
-    if api == Api::Anthropic {
-        match &req["system"] {
-            Json::String(s) => out.push_str(s),
-            Json::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p["text"].as_str())
-                .for_each(|t| out.push_str(t)),
-            _ => {}
-        }
-    }
-    for m in req["messages"].as_array()? {
-        match &m["content"] {
-            Json::String(s) => out.push_str(s),
-            Json::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p["text"].as_str())
-                .for_each(|t| out.push_str(t)),
-            _ => return None,
-        }
-        out.push('\n');
-    }
-    Some(out)
-}
-
-/// FNV-1a: a stable hash, so answers are the same across runs and platforms.
-fn stable_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The text of the first user message: the label depends on it alone, so a system prompt or
-/// a repair conversation does not change the answer.
-fn first_user_text(req: &Json) -> String {
-    let Some(first) = req["messages"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["role"] == "user"))
-    else {
-        return String::new();
-    };
-    match &first["content"] {
-        Json::String(s) => s.clone(),
-        Json::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
-        _ => String::new(),
-    }
-}
-
-/// The deterministic label the simulator answers for a first user message.
-pub fn label_for(prompt: &str) -> &'static str {
-    ["positive", "negative", "neutral"][(stable_hash(prompt) % 3) as usize]
-}
-
-fn answer(prompt: &str, tokens: u32, json_mode: bool) -> String {
-    let label = label_for(prompt);
-    let head = if json_mode {
-        format!(r#"{{"label":"{label}"}}"#)
-    } else {
-        format!("label: {label}")
-    };
-    // One filler word per remaining token keeps `usage` exact for the simulator's accounting.
-    let mut text = head;
-    for _ in 1..tokens {
-        text.push_str(if json_mode { " " } else { " ok" });
-    }
-    text
 }
 
 /// Counts a request as in progress until its handler finishes or is dropped.
@@ -797,158 +663,5 @@ fn next_fault(s: &Shared, first_user: &str) -> Fault {
     Fault::Ok
 }
 
-fn bad_request(s: &Shared, api: Api, message: &str) -> Response {
-    lock(&s.stats).bad_requests += 1;
-    error(
-        api,
-        StatusCode::BAD_REQUEST,
-        "invalid_request_error",
-        message,
-        HeaderMap::new(),
-    )
-}
-
-fn error(api: Api, status: StatusCode, kind: &str, message: &str, headers: HeaderMap) -> Response {
-    let body = match api {
-        Api::OpenAi => {
-            let code = match kind {
-                "api_error" | "overloaded_error" => Json::Null,
-                other => Json::String(other.to_string()),
-            };
-            let error_type = match kind {
-                "insufficient_quota" => "insufficient_quota",
-                "rate_limit_exceeded" => "requests",
-                "context_length_exceeded" | "invalid_request_error" => "invalid_request_error",
-                _ => "server_error",
-            };
-            json!({"error": {"message": message, "type": error_type, "code": code}})
-        }
-        Api::Anthropic => {
-            let error_type = match kind {
-                "rate_limit_exceeded" => "rate_limit_error",
-                "insufficient_quota" => "billing_error",
-                "context_length_exceeded" | "invalid_request_error" => "invalid_request_error",
-                "overloaded_error" => "overloaded_error",
-                _ => "api_error",
-            };
-            json!({"type": "error", "error": {"type": error_type, "message": message}})
-        }
-    };
-    (status, headers, axum::Json(body)).into_response()
-}
-
-fn secs_header(d: Duration) -> String {
-    format!("{:.3}s", d.as_secs_f64())
-}
-
-/// Rate-limit headers in the provider's dialect, plus `retry-after` on a refusal.
-fn limit_headers(api: Api, l: &Limits, retry: Option<Duration>) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let mut put = |name: &str, value: String| {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            h.insert(n, v);
-        }
-    };
-    if let Some(wait) = retry {
-        put(
-            "retry-after",
-            wait.as_secs_f64().ceil().max(1.0).to_string(),
-        );
-        put("retry-after-ms", wait.as_millis().max(1).to_string());
-    }
-    let limit = |b: &Bucket| (b.limit_per_minute as u64).to_string();
-    match api {
-        // x-ratelimit-{limit,remaining,reset}-{requests,tokens}; reset as a duration.
-        Api::OpenAi => {
-            let tokens = if l.output.unlimited() {
-                &l.input
-            } else {
-                &l.output
-            };
-            for (kind, b) in [("requests", &l.requests), ("tokens", tokens)] {
-                if b.unlimited() {
-                    continue;
-                }
-                put(&format!("x-ratelimit-limit-{kind}"), limit(b));
-                put(
-                    &format!("x-ratelimit-remaining-{kind}"),
-                    b.remaining().to_string(),
-                );
-                put(&format!("x-ratelimit-reset-{kind}"), secs_header(b.reset()));
-            }
-        }
-        // anthropic-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset};
-        // reset as the Unix time the bucket is full again.
-        Api::Anthropic => {
-            for (kind, b) in [
-                ("requests", &l.requests),
-                ("input-tokens", &l.input),
-                ("output-tokens", &l.output),
-            ] {
-                if b.unlimited() {
-                    continue;
-                }
-                let full_at = (std::time::SystemTime::now() + b.reset())
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                put(&format!("anthropic-ratelimit-{kind}-limit"), limit(b));
-                put(
-                    &format!("anthropic-ratelimit-{kind}-remaining"),
-                    b.remaining().to_string(),
-                );
-                put(
-                    &format!("anthropic-ratelimit-{kind}-reset"),
-                    full_at.to_string(),
-                );
-            }
-        }
-    }
-    h
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_refills_continuously_and_caps_at_a_minute() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(600, 60_000, t0); // 10 per second
-        b.take(600.0);
-        assert_eq!(b.wait_for(10.0), Duration::from_secs(1));
-        b.refill(t0 + Duration::from_millis(500));
-        assert_eq!(b.remaining(), 5);
-        b.refill(t0 + Duration::from_secs(3600));
-        assert_eq!(b.remaining(), 600, "never more than one minute's worth");
-    }
-
-    #[test]
-    fn fault_specs_parse_and_reject_garbage() {
-        assert_eq!(
-            parse_script("500, ok,hang").unwrap(),
-            VecDeque::from([Fault::ServerError, Fault::Ok, Fault::Hang])
-        );
-        assert_eq!(
-            parse_rates("529=0.5").unwrap(),
-            vec![(Fault::Overloaded, 0.5)]
-        );
-        assert!(parse_rates("529=2").is_err());
-        assert!(parse_script("teapot").is_err());
-    }
-
-    #[test]
-    fn answers_are_deterministic_with_exact_token_counts() {
-        assert_eq!(label_for("great post!"), label_for("great post!"));
-        let a = answer("x", 5, false);
-        assert_eq!(
-            a.split_whitespace().count(),
-            6,
-            "label: X plus four fillers"
-        );
-        assert!(answer("x", 1, true).starts_with(r#"{"label":"#));
-    }
-}
+mod tests;

@@ -12,6 +12,7 @@
 //! cache, so it scales out behind a load balancer.
 
 pub mod auth;
+mod body;
 pub mod config;
 pub mod http;
 pub mod limit;
