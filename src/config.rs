@@ -84,6 +84,72 @@ pub(crate) fn duration_ms(key: &str, value: u64, min_ms: u64) -> Result<(), Conf
     bounded(key, value, min_ms, MAX_DURATION_MS, "ms")
 }
 
+/// A setting written as text and parsed once, when the configuration is read (a URL, a rate).
+/// A value that does not parse keeps its error, so the section's rules name its key
+/// ([`Parsed::get`]); the component then takes the parsed value, never the text again.
+#[derive(Clone)]
+pub struct Parsed<T> {
+    text: String,
+    value: Result<T, String>,
+}
+
+impl<T> Parsed<T> {
+    /// The setting as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed value, or an error that names `key` and says why it did not parse.
+    pub fn get(&self, key: &str) -> Result<&T, ConfigError> {
+        self.value
+            .as_ref()
+            .map_err(|message| ConfigError::invalid(key, message.clone()))
+    }
+}
+
+impl<T: std::str::FromStr> From<&str> for Parsed<T>
+where
+    T::Err: fmt::Display,
+{
+    fn from(text: &str) -> Self {
+        Parsed {
+            text: text.to_string(),
+            value: text.parse().map_err(|e: T::Err| e.to_string()),
+        }
+    }
+}
+
+impl<'de, T: std::str::FromStr> Deserialize<'de> for Parsed<T>
+where
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|text| Parsed::from(text.as_str()))
+    }
+}
+
+impl<T> fmt::Debug for Parsed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+/// An `http` or `https` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl(pub reqwest::Url);
+
+impl std::str::FromStr for HttpUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(text).map_err(|e| e.to_string())?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("must be an http(s) URL".to_string());
+        }
+        Ok(HttpUrl(url))
+    }
+}
+
 /// The whole service configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

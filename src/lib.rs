@@ -1,7 +1,8 @@
 //! Spillway: event-driven LLM pipelines on Kafka.
 //!
-//! The library holds every service; `src/main.rs` only parses the command line, loads
-//! configuration, starts telemetry and calls into here. See `ARCHITECTURE.md` for the map.
+//! The library holds every service and the command line ([`cli`]); `src/main.rs` only parses
+//! the arguments and calls [`cli::main`], which loads configuration, starts logging and runs
+//! the command. See `ARCHITECTURE.md` for the map.
 
 pub mod cli;
 pub mod codec;

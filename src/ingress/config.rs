@@ -14,7 +14,9 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
-use crate::config::{bounded, duration_ms, env_overrides, ConfigError, PropertyValue};
+use crate::config::{
+    bounded, duration_ms, env_overrides, ConfigError, HttpUrl, Parsed, PropertyValue,
+};
 use crate::ingress::limit::Rate;
 use crate::kafka::check_properties;
 use crate::telemetry::TelemetryConfig;
@@ -77,7 +79,7 @@ pub struct ServerConfig {
     /// Cheap per-client-IP limit applied before any signature work, e.g. `100/s`. Unset: no
     /// per-IP limit (behind a load balancer every request may share one IP).
     #[serde(default)]
-    pub ip_rate: Option<String>,
+    pub ip_rate: Option<Parsed<Rate>>,
     /// `Retry-After` seconds on a 503 (Kafka or the schema registry could not take the event).
     #[serde(default = "default_unavailable_retry_after_secs")]
     pub unavailable_retry_after_secs: u64,
@@ -133,7 +135,7 @@ pub struct ProducerConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Confluent-compatible schema registry URL.
-    pub url: String,
+    pub url: Parsed<HttpUrl>,
     /// Timeout of one registry request, in milliseconds.
     #[serde(default = "default_ingress_registry_timeout_ms")]
     pub timeout_ms: u64,
@@ -225,7 +227,7 @@ pub struct SourceConfig {
     /// Requests per period for this source after authentication, e.g. `10/min`; over it
     /// gets 429 with `Retry-After`. Unset: unlimited.
     #[serde(default)]
-    pub rate: Option<String>,
+    pub rate: Option<Parsed<Rate>>,
     /// Where the sender's delivery id is: a header or a JSON Pointer. Defaults per scheme:
     /// `webhook-id` (Standard Webhooks), `X-GitHub-Delivery` (GitHub), `/id` (Stripe),
     /// `/event_id` (Slack). Required for `hmac`.
@@ -345,7 +347,7 @@ impl IngressConfig {
         }
         self.validate_bounds()?;
         if let Some(r) = &s.ip_rate {
-            Rate::parse(r).map_err(|e| ConfigError::invalid("server.ip_rate", e))?;
+            r.get("server.ip_rate")?;
         }
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
@@ -385,14 +387,7 @@ impl IngressConfig {
             // producer refuses an oversized record and the sender gets a 413.
             Some(_) => usize::MAX,
         };
-        let url = reqwest::Url::parse(&self.registry.url)
-            .map_err(|e| ConfigError::invalid("registry.url", e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError::invalid(
-                "registry.url",
-                "must be an http(s) URL",
-            ));
-        }
+        self.registry.url.get("registry.url")?;
         if self.sources.is_empty() {
             return Err(ConfigError::invalid(
                 "sources",
@@ -555,7 +550,7 @@ fn validate_source(name: &str, src: &SourceConfig) -> Result<(), ConfigError> {
         ));
     }
     if let Some(r) = &src.rate {
-        Rate::parse(r).map_err(|e| ConfigError::invalid(key("rate"), e))?;
+        r.get(&key("rate"))?;
     }
     if src.topic.trim().is_empty() {
         return Err(ConfigError::invalid(key("topic"), "must not be empty"));

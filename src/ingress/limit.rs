@@ -20,6 +20,14 @@ pub struct Rate {
     pub per: Duration,
 }
 
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        Rate::parse(text)
+    }
+}
+
 impl Rate {
     /// Parses `<count>/<s|sec|second|min|minute|h|hour>`.
     pub fn parse(text: &str) -> Result<Rate, String> {

@@ -158,12 +158,7 @@ impl Ingress {
                 .filter_map(|s| s.rate.map(|r| (s.name.as_str(), r))),
         );
         let ip_limit = match &config.server.ip_rate {
-            Some(r) => Some(limit::IpLimit::new(limit::Rate::parse(r).map_err(|m| {
-                ConfigError::Invalid {
-                    key: "server.ip_rate".into(),
-                    message: m,
-                }
-            })?)),
+            Some(r) => Some(limit::IpLimit::new(*r.get("server.ip_rate")?)),
             None => None,
         };
         let shared = Arc::new(http::Shared {

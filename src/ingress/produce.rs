@@ -109,7 +109,7 @@ impl Producer {
                 message: format!("cannot create the producer: {e}"),
             })?;
         let encoder = EnvelopeEncoder::new(
-            &config.registry.url,
+            config.registry.url.text(),
             Duration::from_millis(config.registry.timeout_ms),
         )
         .map_err(|e| ConfigError::Invalid {

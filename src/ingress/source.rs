@@ -182,10 +182,7 @@ impl Source {
         };
         let rate = match &config.rate {
             None => None,
-            Some(r) => Some(Rate::parse(r).map_err(|m| ConfigError::Invalid {
-                key: key("rate"),
-                message: m,
-            })?),
+            Some(r) => Some(*r.get(&key("rate"))?),
         };
         Ok(Source {
             name: name.to_string(),

@@ -176,7 +176,12 @@ impl Provider {
     pub fn new(name: &str, config: &ProviderConfig) -> Result<Provider, ConfigError> {
         let key = |k: &str| format!("llm.providers.{name}.{k}");
         let invalid = |k: String, message: String| ConfigError::Invalid { key: k, message };
-        let base = config.base_url.trim_end_matches('/');
+        let base = config
+            .base_url
+            .get(&key("base_url"))?
+            .0
+            .as_str()
+            .trim_end_matches('/');
         let path = match config.api {
             ProviderApi::OpenAi => "/v1/chat/completions",
             ProviderApi::Anthropic => "/v1/messages",

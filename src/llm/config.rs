@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::config::{bounded, duration_ms, Config, ConfigError, PropertyValue};
+use crate::config::{bounded, duration_ms, Config, ConfigError, HttpUrl, Parsed, PropertyValue};
 use crate::pipeline::{Assembly, StepKind};
 use crate::step::Step;
 
@@ -42,7 +42,7 @@ pub struct ProviderConfig {
     /// `openai` or `anthropic`.
     pub api: ProviderApi,
     /// Base URL without the API path, e.g. `https://api.openai.com`.
-    pub base_url: String,
+    pub base_url: Parsed<HttpUrl>,
     /// API key, normally `{ env = "OPENAI_API_KEY" }` or `{ file = ".." }`; never logged.
     #[serde(default)]
     pub api_key: Option<PropertyValue>,
@@ -251,14 +251,7 @@ impl LlmConfig {
         }
         for (name, p) in &self.providers {
             let key = |k: &str| format!("llm.providers.{name}.{k}");
-            let url = reqwest::Url::parse(&p.base_url)
-                .map_err(|e| ConfigError::invalid(key("base_url"), e.to_string()))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError::invalid(
-                    key("base_url"),
-                    "must be an http(s) URL",
-                ));
-            }
+            p.base_url.get(&key("base_url"))?;
             // Below 0.001, a limit's refill interval (60 s / (limit × share)) stops being a
             // duration anyone means, and soon one that overflows.
             if !(p.share >= 0.001 && p.share <= 1.0) {

@@ -5,8 +5,11 @@
 //! * [`scheduler`]: per-key ordering, look-ahead buffers, pause/resume, commits, drain.
 //! * [`offsets`]: the per-partition low-watermark tracker, the only source of commits.
 //! * [`worker`]: one record's life: decode, steps with retries, DLQ.
-//! * [`step`]: the trait steps implement. [`retry`]: backoff. [`dlq`]: the DLQ writer.
+//! * [`retry`]: backoff. [`dlq`]: the DLQ writer. [`config`]: `[processor]` and `[dlq]`.
 //! * [`gate`]: closed by steps whose dependency is down; pauses intake.
+//!
+//! It knows steps only through the contract in [`crate::step`]; building them from config
+//! and starting a processor with them is [`crate::pipeline`]'s job.
 
 pub mod config;
 pub mod consumer;

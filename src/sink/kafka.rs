@@ -2,7 +2,7 @@
 //! the dedup key).
 //!
 //! - **Transactional** (default). The step only renders the record and hands it to the worker
-//!   (`ctx.staged`); the worker commits it in one Kafka transaction with the entry that marks
+//!   (`StepOutput::staged`); the worker commits it in one Kafka transaction with the entry that marks
 //!   the step finished ([`crate::journal::Journal::write_atomic`]). A crash before the commit
 //!   leaves nothing visible to `read_committed` readers and the event runs the step again; a
 //!   crash after it leaves a journal entry that makes the redelivery skip the step. Either

@@ -20,7 +20,7 @@ use crate::step::{Attempt, BoxFuture, EventContext, Step, StepError, StepOutput}
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use crate::config::PropertyValue;
+use crate::config::{HttpUrl, Parsed, PropertyValue};
 use crate::config::duration_ms;
 use crate::config::Config;
 use crate::pipeline::{Assembly, StepKind};
@@ -47,8 +47,7 @@ impl WebhookSink {
     /// Builds the sink; secret header values are resolved now and never logged.
     pub fn new(config: &WebhookConfig) -> Result<Self, ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid { key, message };
-        let url = reqwest::Url::parse(&config.url)
-            .map_err(|e| invalid(format!("steps.{}.url", config.name), e.to_string()))?;
+        let url = config.url.get(&format!("steps.{}.url", config.name))?.0.clone();
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
             let key = format!("steps.{}.headers.{name}", config.name);
@@ -190,7 +189,7 @@ pub struct WebhookConfig {
     #[serde(default = "default_webhook_name")]
     pub name: String,
     /// Target URL.
-    pub url: String,
+    pub url: Parsed<HttpUrl>,
     /// Timeout of one attempt (connect, send and response), in milliseconds.
     #[serde(default = "default_webhook_timeout_ms")]
     pub timeout_ms: u64,
@@ -218,12 +217,7 @@ impl StepKind for WebhookConfig {
 
     fn validate(&self, at: &str, _config: &Config) -> Result<(), ConfigError> {
         duration_ms(&format!("{at}.timeout_ms"), self.timeout_ms, 1)?;
-        let key = format!("{at}.url");
-        let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| ConfigError::invalid(key.clone(), e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError::invalid(key, "must be an http(s) URL"));
-        }
+        self.url.get(&format!("{at}.url"))?;
         Ok(())
     }
 

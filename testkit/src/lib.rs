@@ -121,11 +121,17 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts Apache Kafka on free loopback ports and waits until it answers metadata.
     pub fn start() -> BrokerProcess {
+        Self::start_in(&std::env::temp_dir().join("spillway-test-brokers"))
+    }
+
+    /// [`BrokerProcess::start`] with its data directory under `base` (the integration tests
+    /// use cargo's per-target temporary directory, so nothing is shared across checkouts).
+    pub fn start_in(base: &Path) -> BrokerProcess {
         let mut p = BrokerProcess {
             child: None,
             port: free_port(),
             controller_port: free_port(),
-            dir: broker_dir(),
+            dir: broker_dir(base),
         };
         p.spawn();
         p
@@ -215,15 +221,14 @@ impl BrokerProcess {
     }
 }
 
-/// A data directory under the system's temporary directory, named after this process.
+/// A data directory under `base`, named after this process.
 /// The shared broker's is never removed by its own process (the broker outlives every test),
 /// so each new one first removes those of test processes that are gone.
-fn broker_dir() -> tempfile::TempDir {
-    let base = std::env::temp_dir().join("spillway-test-brokers");
-    std::fs::create_dir_all(&base).expect("broker base directory");
+fn broker_dir(base: &Path) -> tempfile::TempDir {
+    std::fs::create_dir_all(base).expect("broker base directory");
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(|| {
-        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             let pid = name
                 .strip_prefix("broker-")
@@ -242,7 +247,7 @@ fn broker_dir() -> tempfile::TempDir {
     });
     tempfile::Builder::new()
         .prefix(&format!("broker-{}-", std::process::id()))
-        .tempdir_in(&base)
+        .tempdir_in(base)
         .expect("broker data directory")
 }
 

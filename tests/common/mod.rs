@@ -59,7 +59,9 @@ impl Broker {
     fn shared(lane: Lane) -> Broker {
         static SHARED: OnceLock<u16> = OnceLock::new();
         let port = *SHARED.get_or_init(|| {
-            let process = blocking(BrokerProcess::start);
+            let process = blocking(|| {
+                BrokerProcess::start_in(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("brokers"))
+            });
             let port = process.port();
             // Never stopped: it dies with this process (PR_SET_PDEATHSIG); its data directory
             // is removed by the next test process's `broker_dir`.
@@ -77,7 +79,9 @@ impl Broker {
     /// It runs with no other broker test of this binary beside it.
     pub fn start_own() -> Broker {
         let lane = Lane::exclusive();
-        let process = blocking(BrokerProcess::start);
+        let process = blocking(|| {
+            BrokerProcess::start_in(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("brokers"))
+        });
         Broker {
             port: process.port(),
             own: Some(process),
