@@ -24,6 +24,7 @@ use crate::codec::CodecConfig;
 use crate::journal::config::JournalConfig;
 use crate::kafka::KafkaConfig;
 use crate::llm::config::LlmConfig;
+pub use crate::pipeline::StepEntry;
 use crate::processor::config::{DlqConfig, ProcessorConfig};
 pub use crate::sink::StepConfig;
 use crate::telemetry::TelemetryConfig;
@@ -166,7 +167,7 @@ pub struct Config {
     pub codec: CodecConfig,
     /// The per-event chain of steps, run in order.
     #[serde(default)]
-    pub steps: Vec<StepConfig>,
+    pub steps: Vec<StepEntry>,
     /// LLM providers, prices and the circuit breaker, shared by every LLM step.
     #[serde(default)]
     pub llm: LlmConfig,
@@ -297,8 +298,10 @@ impl Config {
         self.telemetry.validate()?;
         self.dlq.validate(&self.kafka.topics)?;
         self.validate_step_names()?;
-        for (i, step) in self.steps.iter().enumerate() {
-            step.kind().validate(&format!("steps[{i}]"), self)?;
+        for (i, entry) in self.steps.iter().enumerate() {
+            let at = format!("steps[{i}]");
+            entry.step.kind().validate(&at, self)?;
+            entry.validate(&at, &self.steps[..i])?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod llm;
 pub mod outbound;
 pub mod pipeline;
 pub mod processor;
+pub mod route;
 pub mod shutdown;
 pub mod signing;
 pub mod sink;

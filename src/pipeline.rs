@@ -8,6 +8,7 @@ use crate::config::{Config, ConfigError};
 use crate::llm::step::Accounts;
 use crate::processor::gate::Gate;
 use crate::processor::{Processor, ProcessorError};
+use crate::sink::StepConfig;
 use crate::step::{Pipeline, Step};
 use crate::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +72,144 @@ macro_rules! step_types {
     };
 }
 
+/// One `[[steps]]` entry: the step type's own settings (tagged by `type`) and when it runs.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct StepEntry {
+    /// Run the step only when this expression holds: minijinja over `event`, `data` and the
+    /// earlier steps' `outputs`, e.g. `outputs.classify.json.label == "negative"`. A step whose
+    /// condition is false is recorded as skipped (`{"skipped": true}`) in the journal, so a
+    /// redelivered event skips it too; one that cannot be evaluated for an event (a missing
+    /// field) dead-letters it as `condition_error`.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// Run the step only when the nearest `type = "route"` step before it chose this case.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// The step type and its settings.
+    #[serde(flatten)]
+    pub step: StepConfig,
+}
+
+impl StepEntry {
+    /// The step's name: its journal entry, its output's key, its metrics label.
+    pub fn name(&self) -> &str {
+        self.step.name()
+    }
+
+    /// The step's full condition: its `when` and its route, or `None` if it always runs.
+    /// `steps` are the entries before it (for the route step it refers to).
+    pub fn condition_source(&self, before: &[StepEntry]) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(when) = &self.when {
+            parts.push(format!("({when})"));
+        }
+        if let Some(case) = &self.route {
+            let router = before
+                .iter()
+                .rev()
+                .find(|s| matches!(s.step, StepConfig::Route(_)))?;
+            let outputs = format!("outputs[{}]", json_string(router.name()));
+            parts.push(format!(
+                "({outputs}.route is defined and {outputs}.route == {})",
+                json_string(case)
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join(" and "))
+    }
+
+    /// The entry's own rules beyond its type's: its condition compiles, and its route names a
+    /// case of a route step before it. `at` is its key (`steps[2]`).
+    pub fn validate(&self, at: &str, before: &[StepEntry]) -> Result<(), ConfigError> {
+        if let Some(when) = &self.when {
+            crate::template::Condition::new(&format!("{at}.when"), when)?;
+        }
+        if let Some(case) = &self.route {
+            let Some(router) = before.iter().rev().find_map(|s| match &s.step {
+                StepConfig::Route(r) => Some(r),
+                _ => None,
+            }) else {
+                return Err(ConfigError::invalid(
+                    format!("{at}.route"),
+                    "needs a step with type = \"route\" before this one",
+                ));
+            };
+            if !router.routes().any(|r| r == case) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.route"),
+                    format!(
+                        "`{case}` is not a case of the route step `{}` (its cases: {})",
+                        router.name,
+                        router.routes().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `text` as a string literal (JSON's syntax, which minijinja expressions accept).
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// A step that runs only when its condition holds (`when`, `route`); everything else is the
+/// inner step's.
+pub struct Conditional {
+    inner: Arc<dyn Step>,
+    condition: crate::template::Condition,
+}
+
+impl Conditional {
+    /// `inner`, run only for events where `condition` holds.
+    pub fn new(inner: Arc<dyn Step>, condition: crate::template::Condition) -> Conditional {
+        Conditional { inner, condition }
+    }
+}
+
+impl Step for Conditional {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn run<'a>(
+        &'a self,
+        ctx: &'a crate::step::EventContext,
+        attempt: crate::step::Attempt,
+    ) -> crate::step::BoxFuture<'a, Result<crate::step::StepOutput, crate::step::StepError>> {
+        self.inner.run(ctx, attempt)
+    }
+
+    fn records_intent(&self) -> bool {
+        self.inner.records_intent()
+    }
+
+    fn stages_records(&self) -> bool {
+        self.inner.stages_records()
+    }
+
+    fn output_topics(&self) -> Vec<String> {
+        self.inner.output_topics()
+    }
+
+    fn applies(&self, ctx: &crate::step::EventContext) -> Result<bool, crate::step::StepError> {
+        self.condition.holds(ctx).map_err(|e| {
+            crate::step::StepError::deterministic(
+                "condition_error",
+                format!(
+                    "steps.{}.when `{}` cannot be evaluated for this event: {e}",
+                    self.inner.name(),
+                    self.condition.source()
+                ),
+            )
+        })
+    }
+
+    fn ready(&self) -> crate::step::BoxFuture<'_, ()> {
+        self.inner.ready()
+    }
+}
+
 /// Builds every step of `config.steps`. Provider accounts (clients, limits, breakers) are
 /// built once and shared by the steps that use them; their breakers report to `gate`.
 pub fn build(
@@ -88,8 +227,19 @@ pub fn build(
     config
         .steps
         .iter()
-        .map(|s| s.kind().build(&cx))
-        .collect::<Result<Vec<_>, _>>()
+        .enumerate()
+        .map(|(i, entry)| {
+            let step = entry.step.kind().build(&cx)?;
+            Ok(match entry.condition_source(&config.steps[..i]) {
+                None => step,
+                Some(source) => {
+                    let key = format!("steps.{}.when", entry.name());
+                    let condition = crate::template::Condition::new(&key, &source)?;
+                    Arc::new(Conditional::new(step, condition)) as Arc<dyn Step>
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()
         .map(Into::into)
 }
 

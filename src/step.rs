@@ -290,10 +290,18 @@ pub trait Step: Send + Sync + 'static {
         false
     }
 
-    /// The Kafka topic the step writes to, if any (created with the others in development,
+    /// The Kafka topics the step may write to (created with the others in development,
     /// `kafka.create_topics_partitions`).
-    fn output_topic(&self) -> Option<&str> {
-        None
+    fn output_topics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether the step runs for this event (its `when` condition, its route). `Ok(false)`:
+    /// the worker records the step as skipped (`{"skipped": true}`) in the journal, so a
+    /// redelivered event decides the same way; an error is deterministic (the condition
+    /// cannot be evaluated for this event). Steps without a condition always apply.
+    fn applies(&self, _ctx: &EventContext) -> Result<bool, StepError> {
+        Ok(true)
     }
 
     /// Resolves when the step's dependencies can take work again. The worker awaits it after

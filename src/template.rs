@@ -12,6 +12,7 @@ use serde_json::Value as Json;
 
 use crate::config::ConfigError;
 use crate::step::EventContext;
+use minijinja::ErrorKind;
 
 /// How rendered values are escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +92,55 @@ impl Templates {
             .get_template(key)
             .and_then(|t| t.render(vars))
             .map_err(|e| format!("{key} template: {}", e.kind()))
+    }
+}
+
+/// A step's `when` condition: a minijinja expression over `event`, `data` and `outputs`,
+/// compiled once at start-up. Undefined names are strict: a condition that reads a field the
+/// event lacks fails to evaluate (write `data.x is defined and ...` to allow it).
+pub struct Condition {
+    source: String,
+    expr: minijinja::Expression<'static, 'static>,
+}
+
+/// The one environment conditions compile in (strict undefined, no templates).
+fn expression_env() -> &'static minijinja::Environment<'static> {
+    static ENV: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env
+    })
+}
+
+impl Condition {
+    /// Compiles `source`; a syntax error fails at start-up naming `key`.
+    pub fn new(key: &str, source: &str) -> Result<Condition, ConfigError> {
+        let expr = expression_env()
+            .compile_expression_owned(source.to_string())
+            .map_err(|e| ConfigError::invalid(key, format!("condition error: {e}")))?;
+        Ok(Condition {
+            source: source.to_string(),
+            expr,
+        })
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the condition holds for an event. The error says what went wrong (an
+    /// undefined name, a type error), never a value.
+    pub fn holds(&self, ctx: &EventContext) -> Result<bool, String> {
+        let value = self
+            .expr
+            .eval(Templates::vars(ctx))
+            .map_err(|e| e.kind().to_string())?;
+        if value.is_undefined() {
+            return Err(ErrorKind::UndefinedError.to_string());
+        }
+        Ok(value.is_true())
     }
 }
 
@@ -198,5 +248,29 @@ mod tests {
             matches!(&err, ConfigError::Invalid { key, .. } if key == "steps.alert.text"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_condition_holds_fails_or_refuses_a_missing_field() {
+        let c = ctx(serde_json::json!({"text": "hi", "score": 7}));
+        let holds = |expr: &str| Condition::new("steps[0].when", expr).unwrap().holds(&c);
+        assert_eq!(holds("data.score > 5"), Ok(true));
+        assert_eq!(
+            holds("data.text == \"bye\" or event.type == \"other\""),
+            Ok(false)
+        );
+        assert_eq!(holds("data.missing is defined and data.missing"), Ok(false));
+        for missing in [
+            "data.missing",
+            "data.missing == 1",
+            "outputs.classify.json.label == \"x\"",
+        ] {
+            let err = holds(missing).expect_err(missing);
+            assert!(err.contains("undefined"), "{missing}: {err}");
+        }
+        let refused = Condition::new("steps[3].when", "data.score >")
+            .err()
+            .unwrap();
+        assert!(refused.to_string().contains("steps[3].when"), "{refused}");
     }
 }

@@ -114,7 +114,7 @@ async fn a_redirecting_slack_or_llm_endpoint_is_a_deterministic_error_and_no_key
             ),
         );
         let config = Config::from_toml(&toml).unwrap();
-        let StepConfig::Slack(slack) = &config.steps[0] else {
+        let StepConfig::Slack(slack) = &config.steps[0].step else {
             unreachable!()
         };
         let sink = spillway::sink::slack::SlackSink::new(slack).unwrap();

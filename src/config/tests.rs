@@ -380,3 +380,30 @@ fn env_overrides_file_values() {
         Ok(())
     });
 }
+
+#[test]
+fn a_step_keeps_refusing_unknown_keys_beside_its_condition_and_route() {
+    let step = |extra: &str| {
+        format!("{MINIMAL}\n[[steps]]\ntype = \"webhook\"\nurl = \"http://h/\"\n{extra}\n")
+    };
+    let err = Config::from_toml(&step("when = \"true\"\nbogus = 1")).unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+    let config = Config::from_toml(&step("when = \"data.score > 3\"")).unwrap();
+    assert_eq!(config.steps[0].when.as_deref(), Some("data.score > 3"));
+    assert_eq!(refused(&step("when = \"data.score >\"")).0, "steps[0].when");
+    // A route names a case of a route step before it.
+    assert_eq!(refused(&step("route = \"billing\"")).0, "steps[0].route");
+    let routed = |case: &str| {
+        format!(
+            "{MINIMAL}\n[[steps]]\ntype = \"route\"\nvalue = \"{{{{ data.team }}}}\"\n\
+             cases = [\"billing\", \"tech\"]\ndefault = \"general\"\n\
+             [[steps]]\ntype = \"webhook\"\nurl = \"http://h/\"\nroute = \"{case}\"\n"
+        )
+    };
+    for case in ["billing", "tech", "general"] {
+        Config::from_toml(&routed(case)).unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    let (key, message) = refused(&routed("sales"));
+    assert_eq!(key, "steps[1].route");
+    assert!(message.contains("billing, tech, general"), "{message}");
+}

@@ -115,7 +115,8 @@ impl Processor {
         if let Some(partitions) = config.kafka.create_topics_partitions {
             let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
             topics.push(&config.dlq.topic);
-            topics.extend(steps.iter().filter_map(|s| s.output_topic()));
+            let outputs: Vec<String> = steps.iter().flat_map(|s| s.output_topics()).collect();
+            topics.extend(outputs.iter().map(String::as_str));
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
             if let Some(j) = &config.journal {
                 crate::kafka::ensure_journal_topic(&config.kafka, j, partitions).await?;

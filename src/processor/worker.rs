@@ -342,6 +342,54 @@ impl Worker {
                     continue;
                 }
             }
+            let applies = AssertUnwindSafe(async { step.applies(ctx) })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(StepError::deterministic(
+                        "step_panicked",
+                        format!("condition panicked: {}", panic_message(&*panic)),
+                    ))
+                });
+            match applies {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Recorded like a finished step, so a redelivered event skips it too,
+                    // whatever the condition would say now.
+                    self.metrics
+                        .step_skips
+                        .with_label_values(&[step.name()])
+                        .inc();
+                    let skipped = serde_json::json!({ "skipped": true });
+                    if let Some(session) = journal {
+                        let done = index + 1 == count;
+                        if let Err(o) = self
+                            .journal_retry(record, "journal_write", || {
+                                session.record(step.name(), skipped.clone(), done, &[])
+                            })
+                            .await
+                        {
+                            return o;
+                        }
+                        fault::point(
+                            if done { "after_done" } else { "after_journal" },
+                            step.name(),
+                        );
+                    }
+                    ctx.outputs.insert(step.name().to_string(), skipped);
+                    continue;
+                }
+                Err(err) => {
+                    let failure = Attempts::new().failure(
+                        err.code,
+                        format!("step.{}", step.name()),
+                        "spillway::processor::StepError",
+                        err.message,
+                        1,
+                    );
+                    return self.dead_letter(record, failure).await;
+                }
+            }
             let mut intent_recorded = false;
             if let Some(session) = journal {
                 if step.records_intent() {

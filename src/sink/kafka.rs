@@ -174,8 +174,8 @@ impl Step for KafkaSink {
         self.direct.is_none()
     }
 
-    fn output_topic(&self) -> Option<&str> {
-        Some(&self.topic)
+    fn output_topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
     }
 }
 

@@ -15,4 +15,6 @@ crate::step_types! {
     Slack(slack::SlackConfig) in mod slack,
     /// A result record on a Kafka topic, written in a transaction with the journal entry.
     Kafka(kafka::KafkaSinkConfig) in mod kafka,
+    /// Picks one of several routes for the event; steps with `route = "<case>"` run for it.
+    Route(crate::route::RouteConfig),
 }

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub end_to_end: Histogram,
     /// Step runs deferred because a dependency is throttling or down, by step and reason.
     pub deferrals: IntCounterVec,
+    /// Steps not run for an event because their condition (`when`, `route`) was false.
+    pub step_skips: IntCounterVec,
     /// LLM tokens (input + output) one event cost, over all its calls.
     pub event_tokens: Histogram,
     /// USD one event cost, over all its calls.
@@ -266,6 +268,11 @@ impl Metrics {
                 "spillway_step_deferrals_total",
                 "Step runs deferred because a dependency is throttling or down (not failures).",
                 &["step", "reason"]
+            )),
+            step_skips: reg!(counter_vec(
+                "spillway_step_skips_total",
+                "Steps not run for an event because their condition (when, route) was false.",
+                &["step"]
             )),
             event_tokens: reg!(Histogram::with_opts(
                 HistogramOpts::new(
