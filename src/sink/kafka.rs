@@ -25,11 +25,23 @@ use serde::Deserialize;
 use std::sync::Arc;
 use crate::config::{default_true, Config};
 use crate::pipeline::{Assembly, StepKind};
+use crate::template::{Escape, Templates};
+
+/// Where a result goes.
+enum Topic {
+    /// Always this topic.
+    Fixed(String),
+    /// A template rendered per event, checked against the allow-list.
+    Template {
+        template: Box<Templates>,
+        allowed: Vec<String>,
+    },
+}
 
 /// Renders each event's result for the result topic.
 pub struct KafkaSink {
     name: String,
-    topic: String,
+    topic: Topic,
     encoder: Option<ResultEncoder>,
     /// The producer of the non-transactional mode.
     direct: Option<FutureProducer>,
@@ -73,15 +85,53 @@ impl KafkaSink {
                     })?,
             )
         };
+        let topic = if config.topics.is_empty() {
+            Topic::Fixed(config.topic.clone())
+        } else {
+            Topic::Template {
+                template: Box::new(Templates::new(
+                    &config.name,
+                    &[("topic", &config.topic)],
+                    Escape::None,
+                )?),
+                allowed: config.topics.clone(),
+            }
+        };
         Ok(KafkaSink {
             name: config.name.clone(),
-            topic: config.topic.clone(),
+            topic,
             encoder,
             direct,
         })
     }
 
+    /// The topic of this event's result.
+    fn topic_for(&self, ctx: &EventContext) -> Result<String, StepError> {
+        let (template, allowed) = match &self.topic {
+            Topic::Fixed(topic) => return Ok(topic.clone()),
+            Topic::Template { template, allowed } => (template, allowed),
+        };
+        let rendered = template.render("topic", ctx).map_err(|e| {
+            StepError::deterministic("kafka_topic_template", format!("steps.{}.{e}", self.name))
+        })?;
+        let rendered = rendered.trim();
+        match allowed.iter().find(|t| *t == rendered) {
+            Some(topic) => Ok(topic.clone()),
+            // The rendered text may be model output: it stays out of the DLQ headers.
+            None => Err(StepError::deterministic(
+                "kafka_topic_not_allowed",
+                format!(
+                    "steps.{}: the templated topic rendered to a topic outside steps.{}.topics ({})",
+                    self.name,
+                    self.name,
+                    allowed.join(", ")
+                ),
+            )),
+        }
+    }
+
     async fn stage(&self, ctx: &EventContext) -> Result<StepOutput, StepError> {
+        let topic = self.topic_for(ctx)?;
         let result = ResultRecord {
             dedup_key: &ctx.dedup_key,
             event: &ctx.event,
@@ -100,7 +150,7 @@ impl KafkaSink {
             ),
             Some(encoder) => (
                 encoder
-                    .encode(&self.topic, &result)
+                    .encode(&topic, &result)
                     .await
                     .map_err(|e| match e {
                         CodecError::RegistryUnavailable(_) => {
@@ -125,13 +175,13 @@ impl KafkaSink {
             ("content-type".to_string(), content_type.as_bytes().to_vec()),
         ];
         let record = OutRecord {
-            topic: self.topic.clone(),
+            topic: topic.clone(),
             partition: None,
             key: ctx.dedup_key.clone(),
             payload,
             headers,
         };
-        let mut output = StepOutput::value(serde_json::json!({ "topic": self.topic }));
+        let mut output = StepOutput::value(serde_json::json!({ "topic": topic }));
         match &self.direct {
             None => output.staged.push(record),
             Some(producer) => Self::produce(producer, &record).await?,
@@ -175,7 +225,10 @@ impl Step for KafkaSink {
     }
 
     fn output_topics(&self) -> Vec<String> {
-        vec![self.topic.clone()]
+        match &self.topic {
+            Topic::Fixed(topic) => vec![topic.clone()],
+            Topic::Template { allowed, .. } => allowed.clone(),
+        }
     }
 }
 
@@ -193,8 +246,14 @@ pub struct KafkaSinkConfig {
     /// Step name used in metrics and DLQ headers; defaults to `kafka`.
     #[serde(default = "default_kafka_sink_name")]
     pub name: String,
-    /// The result topic. Records are keyed by the dedup key.
+    /// The result topic. Records are keyed by the dedup key. It may be a template over
+    /// `event`, `data` and `outputs` (e.g. `tickets.{{ outputs.route.route }}`, to route by the
+    /// LLM's answer); the rendered topic must then be one of `topics`.
     pub topic: String,
+    /// With a templated `topic`: the topics it may render to (the allow-list). A rendered
+    /// topic outside it dead-letters the event as `kafka_topic_not_allowed`.
+    #[serde(default)]
+    pub topics: Vec<String>,
     /// `avro` (Confluent-framed `schemas/result.avsc`; needs `codec.schema_registry_url`) or
     /// `json` (the same fields as a JSON object).
     #[serde(default = "default_result_format")]
@@ -239,13 +298,33 @@ impl StepKind for KafkaSinkConfig {
             ));
         }
         let journal_topic = config.journal.as_ref().map(|j| j.topic.as_str());
-        if c.topic.trim().is_empty()
-            || config.kafka.topics.contains(&c.topic)
-            || c.topic == config.dlq.topic
-            || Some(c.topic.as_str()) == journal_topic
-        {
+        let templated = c.topic.contains("{{") || c.topic.contains("{%");
+        let (key, targets) = if templated {
+            if c.topics.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.topics"),
+                    "must list the topics the templated topic may render to",
+                ));
+            }
+            Templates::new(&c.name, &[("topic", &c.topic)], Escape::None)?;
+            (format!("{at}.topics"), c.topics.as_slice())
+        } else {
+            if !c.topics.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.topics"),
+                    "applies only to a templated topic (one with {{ }})",
+                ));
+            }
+            (format!("{at}.topic"), std::slice::from_ref(&c.topic))
+        };
+        if targets.iter().any(|t| {
+            t.trim().is_empty()
+                || config.kafka.topics.contains(t)
+                || *t == config.dlq.topic
+                || Some(t.as_str()) == journal_topic
+        }) {
             return Err(ConfigError::invalid(
-                format!("{at}.topic"),
+                key,
                 "must be set and differ from the input, DLQ and journal topics",
             ));
         }

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod routing;
 mod stores;
 
 use std::collections::HashMap;
