@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod failover;
+mod routing;
 mod step;
 
 use std::net::SocketAddr;
