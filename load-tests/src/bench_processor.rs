@@ -103,6 +103,7 @@ async fn run_processor(
     n: usize,
     latency: Duration,
     events: u64,
+    when: Option<&str>,
 ) -> (Processed, Duration, f64) {
     let done = Arc::new(Mutex::new(Vec::with_capacity(events as usize)));
     let first_start = Arc::new(Mutex::new(None));
@@ -111,16 +112,23 @@ async fn run_processor(
         first_start: first_start.clone(),
         done: done.clone(),
     });
+    let step: Arc<dyn Step> = match when {
+        None => step,
+        Some(expr) => Arc::new(spillway::pipeline::Conditional::new(
+            step,
+            spillway::template::Condition::new("bench.when", expr).expect("condition compiles"),
+        )),
+    };
     let stop = CancellationToken::new();
     let cpu0 = cpu_time();
     let started = Instant::now();
-    let p = spillway::processor::Processor::start(
-        config(bootstrap, topic, n),
-        vec![step as Arc<dyn Step>].into(),
-        stop.clone(),
-    )
-    .await
-    .expect("processor starts");
+    let mut config = config(bootstrap, topic, n);
+    if when.is_some() {
+        config.kafka.group_id += "-when";
+    }
+    let p = spillway::processor::Processor::start(config, vec![step].into(), stop.clone())
+        .await
+        .expect("processor starts");
     let task = tokio::spawn(p.run());
     while (done.lock().unwrap().len() as u64) < events {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -267,7 +275,7 @@ fn main() {
             let topic = format!("bench-latency-{n}");
             create_topic(&bootstrap, &topic, PARTITIONS).await;
             produce(&bootstrap, &topic, events, keys).await;
-            let (processed, _, _) = run_processor(&bootstrap, &topic, n, STEP_LATENCY, events).await;
+            let (processed, _, _) = run_processor(&bootstrap, &topic, n, STEP_LATENCY, events, None).await;
             let rate = processed.rate();
             println!(
                 "| {n} | {keys} | {events} | {rate:.0} | {ideal:.0} | {:.3} | {serial:.1} | {:.0}x |",
@@ -282,7 +290,12 @@ fn main() {
         create_topic(&bootstrap, topic, PARTITIONS).await;
         let produced_in = produce(&bootstrap, topic, events, 1_000).await;
         let (raw_elapsed, raw_cpu) = tokio::task::block_in_place(|| raw_drain(&bootstrap, topic, events));
-        let (_, elapsed, cpu) = run_processor(&bootstrap, topic, 1024, Duration::ZERO, events).await;
+        let (_, elapsed, cpu) = run_processor(&bootstrap, topic, 1024, Duration::ZERO, events, None).await;
+        // The same backlog again, in another group, with a condition on the step that reads the
+        // event and holds for every one (issue 22's overhead target).
+        let when = "data.seq >= 0 and event.type != \"never\"";
+        let (_, when_elapsed, when_cpu) =
+            run_processor(&bootstrap, topic, 1024, Duration::ZERO, events, Some(when)).await;
         println!("| consumer | events/s | CPU µs/event |");
         println!("|---|---|---|");
         println!(
@@ -294,6 +307,11 @@ fn main() {
             "| spillway processor | {:.0} | {:.1} |",
             events as f64 / elapsed.as_secs_f64(),
             cpu * 1e6 / events as f64
+        );
+        println!(
+            "| spillway processor, `when = '{when}'` on the step | {:.0} | {:.1} |",
+            events as f64 / when_elapsed.as_secs_f64(),
+            when_cpu * 1e6 / events as f64
         );
         println!(
             "(producing the backlog took {produced_in:.1?}; processor figures include start-up and the group join)"
