@@ -6,9 +6,8 @@
 //! deterministic error naming the template, never a value) instead of rendering a hole.
 //! [`Escape::Slack`] escapes Slack's control characters in every rendered value.
 
-use serde_json::json;
 #[cfg(test)]
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 
 use crate::config::ConfigError;
 use crate::step::EventContext;
@@ -72,12 +71,19 @@ impl Templates {
 
     /// The variables an event's templates see.
     pub fn vars(ctx: &EventContext) -> minijinja::Value {
+        use minijinja::Value;
         let e = &ctx.event;
-        minijinja::Value::from(minijinja::value::Serde(json!({
-            "event": {"id": e.id, "source": e.source, "type": e.event_type, "time": e.time},
-            "data": e.data,
-            "outputs": ctx.outputs,
-        })))
+        // Built directly (no intermediate JSON copy): conditions build this for every event.
+        minijinja::context! {
+            event => minijinja::context! {
+                id => e.id.as_str(),
+                source => e.source.as_str(),
+                type => e.event_type.as_str(),
+                time => e.time.as_deref(),
+            },
+            data => Value::from(minijinja::value::Serde(&e.data)),
+            outputs => Value::from(minijinja::value::Serde(&ctx.outputs)),
+        }
     }
 
     /// Renders template `key` for an event. The error names the template and what went
@@ -273,4 +279,6 @@ mod tests {
             .unwrap();
         assert!(refused.to_string().contains("steps[3].when"), "{refused}");
     }
+
+
 }
