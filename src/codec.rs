@@ -39,8 +39,8 @@ pub struct Event {
     /// RFC 3339 time of the occurrence, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
-    /// The payload.
-    pub data: Json,
+    /// The payload, shared (never copied) with the templates that read it lazily.
+    pub data: std::sync::Arc<Json>,
 }
 
 /// Why a value could not be decoded.
@@ -455,7 +455,7 @@ fn event_from_headers(data: Json, record: &OwnedMessage) -> Event {
             .unwrap_or("spillway.record")
             .to_string(),
         time: header_str(record, "ce_time").map(str::to_string),
-        data,
+        data: std::sync::Arc::new(data),
     }
 }
 
@@ -488,7 +488,7 @@ fn event_from_avro(value: AvroValue, record: &OwnedMessage) -> Event {
                 source,
                 event_type,
                 time: string("time"),
-                data,
+                data: std::sync::Arc::new(data),
             };
         }
     }

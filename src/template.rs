@@ -81,7 +81,7 @@ impl Templates {
                 type => e.event_type.as_str(),
                 time => e.time.as_deref(),
             },
-            data => Value::from(minijinja::value::Serde(&e.data)),
+            data => lazy(&e.data),
             outputs => Value::from(minijinja::value::Serde(&ctx.outputs)),
         }
     }
@@ -98,6 +98,50 @@ impl Templates {
             .get_template(key)
             .and_then(|t| t.render(vars))
             .map_err(|e| format!("{key} template: {}", e.kind()))
+    }
+}
+
+/// `json` as a template value that converts only what a template reads: a condition on
+/// `data.score` looks up one field instead of converting the whole payload for every event.
+fn lazy(json: &std::sync::Arc<serde_json::Value>) -> minijinja::Value {
+    use serde_json::Value as J;
+    match &**json {
+        J::Object(_) | J::Array(_) => minijinja::Value::from_object(LazyJson(json.clone())),
+        scalar => minijinja::Value::from(minijinja::value::Serde(scalar)),
+    }
+}
+
+/// A JSON object or array whose members are converted when read.
+#[derive(Debug)]
+struct LazyJson(std::sync::Arc<serde_json::Value>);
+
+impl minijinja::value::Object for LazyJson {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        match &*self.0 {
+            serde_json::Value::Array(_) => minijinja::value::ObjectRepr::Seq,
+            _ => minijinja::value::ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        let member = match &*self.0 {
+            serde_json::Value::Object(map) => map.get(key.as_str()?),
+            serde_json::Value::Array(items) => items.get(key.as_usize()?),
+            _ => None,
+        }?;
+        Some(minijinja::Value::from(minijinja::value::Serde(member)))
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        match &*self.0 {
+            serde_json::Value::Object(map) => minijinja::value::Enumerator::Values(
+                map.keys()
+                    .map(|k| minijinja::Value::from(k.as_str()))
+                    .collect(),
+            ),
+            serde_json::Value::Array(items) => minijinja::value::Enumerator::Seq(items.len()),
+            _ => minijinja::value::Enumerator::Empty,
+        }
     }
 }
 
@@ -182,7 +226,7 @@ pub(crate) fn test_context(data: Json) -> EventContext {
             source: "/webhooks/blog".into(),
             event_type: "comment".into(),
             time: None,
-            data,
+            data: data.into(),
         },
         dedup_key: "test|1".into(),
         outputs: serde_json::Map::new(),
@@ -280,5 +324,37 @@ mod tests {
         assert!(refused.to_string().contains("steps[3].when"), "{refused}");
     }
 
-
+    #[test]
+    fn lazy_payload_variables_render_like_the_payload_itself() {
+        let templates = [
+            "{{ data.user.name }}|{{ data.items[1] }}|{{ data.items | length }}",
+            "{% for k in data %}{{ k }},{% endfor %}|{{ data.user.tags | join('-') }}",
+            "{{ data.missing is defined }}|{{ data.n * 2 }}|{{ data | tojson }}|{{ data }}",
+            "{{ data | length }}|{{ data.user }}|{{ data.items | last }}",
+        ];
+        for payload in [
+            json!({"user": {"name": "ann", "tags": ["a", "b"]}, "items": [1, 2, 3], "n": 2.5}),
+            json!([{"user": {"name": "bo", "tags": []}, "items": [4], "n": 1}, 7]),
+        ] {
+            let c = ctx(payload.clone());
+            let eager = minijinja::context! {
+                data => minijinja::Value::from(minijinja::value::Serde(&payload)),
+            };
+            for (n, source) in templates.iter().enumerate() {
+                let source = if payload.is_array() {
+                    source
+                        .replace("data.", "data[0].")
+                        .replace("data |", "data[0] |")
+                } else {
+                    source.to_string()
+                };
+                let t = Templates::new("s", &[("t", &source)], Escape::None).unwrap();
+                assert_eq!(
+                    t.render("t", &c),
+                    t.render_with("t", &eager),
+                    "template {n}: {source}"
+                );
+            }
+        }
+    }
 }

@@ -31,7 +31,7 @@ fn context(id: &str) -> EventContext {
             source: "/webhooks/blog".into(),
             event_type: "comment".into(),
             time: None,
-            data: serde_json::json!({"text": "hello"}),
+            data: serde_json::json!({"text": "hello"}).into(),
         },
         dedup_key: id.into(),
         outputs: Default::default(),

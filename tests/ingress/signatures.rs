@@ -158,7 +158,7 @@ async fn every_scheme_is_accepted_with_a_valid_signature_and_lands_in_kafka_conf
         assert_eq!(event.id, *id);
         assert_eq!(event.source, format!("/webhooks/{source}"));
         let sent: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert_eq!(event.data, sent, "the sender's JSON, unchanged");
+        assert_eq!(*event.data, sent, "the sender's JSON, unchanged");
     }
     assert_eq!(
         header_str(by_id["stripe:evt_1"], "ce_type"),

@@ -45,7 +45,7 @@ fn context(text: &str) -> EventContext {
             source: "test".into(),
             event_type: "comment".into(),
             time: None,
-            data: json!({ "text": text }),
+            data: json!({ "text": text }).into(),
         },
         dedup_key: "test|1".into(),
         outputs: serde_json::Map::new(),
