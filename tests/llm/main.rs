@@ -4,6 +4,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod examples;
 mod failover;
 mod routing;
 mod step;
