@@ -303,3 +303,74 @@ async fn channel_not_found_goes_to_the_dlq_without_retries() {
     assert_eq!(slack.posts.lock().unwrap().len(), 1, "not retried");
     p.stop().await;
 }
+
+/// A Slack bot step that posted, then crashed before its result was journaled, runs again to
+/// reconcile even if its condition is now false: it is never recorded as skipped after it may
+/// have acted, and it does not post twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_may_have_happened_is_reconciled_even_when_its_condition_turned_false() {
+    let (addr, slack) = slack_server().await;
+    let broker = Broker::start_exclusive();
+    let (topic, dlq, group, journal) = (
+        unique("slack-when"),
+        unique("slack-when-dlq"),
+        unique("g"),
+        unique("slack-when-journal"),
+    );
+    for t in [&topic, &dlq, &journal] {
+        create_topic(&broker.bootstrap(), t, 1).await;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let config = |when: &str| {
+        config_toml(
+            &broker.bootstrap(),
+            &group,
+            &topic,
+            &dlq,
+            &format!(
+                r#"
+[processor]
+commit_interval_ms = 60000
+
+[journal]
+topic = "{journal}"
+state_dir = "{state}"
+
+[[steps]]
+type = "slack"
+name = "notify"
+when = "{when}"
+token = "{TOKEN}"
+channel = "C9"
+api_url = "http://{addr}/api"
+text = "New comment: {{{{ data.text }}}}"
+pacing_ms = 0
+timeout_ms = 1000
+"#,
+                state = state.path().display()
+            ),
+        )
+    };
+    produce_all(&broker.bootstrap(), &topic, [event("k", "evt-0")]).await;
+    // The post is made, then the process dies before the step's result is journaled.
+    crash_at(&config("true"), "after_step:notify:1");
+    assert_eq!(slack.posts.lock().unwrap().len(), 1);
+    let mut p = SpillwayProc::spawn(&config("false"));
+    p.wait_finished(1, "redelivered").await;
+    let metrics = p.try_scrape().await.unwrap_or_default();
+    p.terminate();
+    assert_eq!(
+        metric_sum(&metrics, "spillway_step_skips_total"),
+        0.0,
+        "a step that may have acted is not recorded as skipped"
+    );
+    assert!(
+        slack.history_calls.load(Ordering::SeqCst) >= 1,
+        "it looked its post up in the channel"
+    );
+    assert_eq!(
+        slack.posts.lock().unwrap().len(),
+        1,
+        "and did not post again"
+    );
+}

@@ -342,15 +342,23 @@ impl Worker {
                     continue;
                 }
             }
-            let applies = AssertUnwindSafe(async { step.applies(ctx) })
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(StepError::deterministic(
-                        "step_panicked",
-                        format!("condition panicked: {}", panic_message(&*panic)),
-                    ))
-                });
+            // A step whose intent an earlier run recorded may already have acted: it runs (and
+            // reconciles) whatever its condition says now, rather than being recorded as skipped.
+            let may_have_acted =
+                journal.is_some_and(|s| step.records_intent() && s.intent_recorded(step.name()));
+            let applies = if may_have_acted {
+                Ok(true)
+            } else {
+                AssertUnwindSafe(async { step.applies(ctx) })
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(StepError::deterministic(
+                            "step_panicked",
+                            format!("condition panicked: {}", panic_message(&*panic)),
+                        ))
+                    })
+            };
             match applies {
                 Ok(true) => {}
                 Ok(false) => {

@@ -182,6 +182,13 @@ async fn each_example_sends_every_event_where_its_llm_answer_says() {
         }
         stop.cancel();
         task.await.unwrap().unwrap();
+        // Stopped: every post it made is in, late ones included.
+        let expected_posts = match name {
+            "moderation" => of("positive").len() + of("neutral").len(),
+            "lead-scoring" => of("positive").len(),
+            _ => 0,
+        };
+        assert_eq!(received.len(), expected_posts, "{name}: posts");
         assert_eq!(duplicates(&received), 0, "{name}: nothing posted twice");
     }
 }
