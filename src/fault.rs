@@ -19,7 +19,7 @@
 //! the journal producer before the `n`-th entry write after `<step>` ([`fatal_at`]).
 //!
 //! Testing only. Built only with the `fault-injection` feature, which the tests turn on and
-//! release builds leave out: without it [`point`] and [`fatal_at`] do nothing and
+//! release builds leave out: without it [`point`] does nothing, `fatal_at` does not exist, and
 //! `SPILLWAY_FAULT` is ignored. With it and unset, a check is one relaxed atomic load.
 
 #[cfg(not(feature = "fault-injection"))]
@@ -27,12 +27,6 @@ mod disabled {
     /// Does nothing: this build has no fault injection.
     #[inline(always)]
     pub fn point(_point: &str, _step: &str) {}
-
-    /// Always false: this build has no fault injection.
-    #[inline(always)]
-    pub fn fatal_at(_point: &str, _step: &str) -> bool {
-        false
-    }
 }
 #[cfg(not(feature = "fault-injection"))]
 pub use disabled::*;

@@ -67,12 +67,12 @@ impl Session<'_> {
     pub async fn record(
         &self,
         step: &str,
-        output: Json,
+        output: &Json,
         last: bool,
         staged: &[crate::step::OutRecord],
     ) -> Result<(), JournalError> {
         let mut entry = self.entry().clone();
-        entry.steps.insert(step.to_string(), output);
+        entry.steps.insert(step.to_string(), output.clone());
         entry.done = last;
         if staged.is_empty() {
             self.journal

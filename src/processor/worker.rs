@@ -344,20 +344,19 @@ impl Worker {
             }
             // A step whose intent an earlier run recorded may already have acted: it runs (and
             // reconciles) whatever its condition says now, rather than being recorded as skipped.
-            let may_have_acted =
+            let intent_recorded =
                 journal.is_some_and(|s| step.records_intent() && s.intent_recorded(step.name()));
-            let applies = if may_have_acted {
+            let applies = if intent_recorded {
                 Ok(true)
             } else {
-                AssertUnwindSafe(async { step.applies(ctx) })
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| step.applies(ctx))).unwrap_or_else(
+                    |panic| {
                         Err(StepError::deterministic(
                             "step_panicked",
                             format!("condition panicked: {}", panic_message(&*panic)),
                         ))
-                    })
+                    },
+                )
             };
             match applies {
                 Ok(true) => {}
@@ -372,17 +371,11 @@ impl Worker {
                     if let Some(session) = journal {
                         let done = index + 1 == count;
                         if let Err(o) = self
-                            .journal_retry(record, "journal_write", || {
-                                session.record(step.name(), skipped.clone(), done, &[])
-                            })
+                            .journal_step(record, session, step.name(), &skipped, done, &[])
                             .await
                         {
                             return o;
                         }
-                        fault::point(
-                            if done { "after_done" } else { "after_journal" },
-                            step.name(),
-                        );
                     }
                     ctx.outputs.insert(step.name().to_string(), skipped);
                     continue;
@@ -398,12 +391,9 @@ impl Worker {
                     return self.dead_letter(record, failure).await;
                 }
             }
-            let mut intent_recorded = false;
             if let Some(session) = journal {
-                if step.records_intent() {
-                    if session.intent_recorded(step.name()) {
-                        intent_recorded = true;
-                    } else if let Err(o) = self
+                if step.records_intent() && !intent_recorded {
+                    if let Err(o) = self
                         .journal_retry(record, "journal_write", || {
                             session.record_intent(step.name())
                         })
@@ -539,33 +529,44 @@ impl Worker {
                 if fault::fatal_at("journal_write", step.name()) {
                     session.raise_fatal_for_test();
                 }
+                static NULL: Json = Json::Null;
                 let done = index + 1 == count;
-                let value = output.value.clone().unwrap_or(Json::Null);
-                // A step's records and its entry commit in one transaction.
-                let staged = &output.staged;
-                let what = if staged.is_empty() {
-                    "journal_write"
-                } else {
-                    "journal_transaction"
-                };
+                let value = output.value.as_ref().unwrap_or(&NULL);
                 if let Err(o) = self
-                    .journal_retry(record, what, || {
-                        session.record(step.name(), value.clone(), done, staged)
-                    })
+                    .journal_step(record, session, step.name(), value, done, &output.staged)
                     .await
                 {
                     return o;
                 }
-                fault::point(
-                    if done { "after_done" } else { "after_journal" },
-                    step.name(),
-                );
             }
             if let Some(value) = output.value {
                 ctx.outputs.insert(step.name().to_string(), value);
             }
         }
         Outcome::Succeeded
+    }
+
+    /// Makes a step's result (or its skip) durable in the journal, with the records it staged
+    /// in one transaction, retrying like any journal write; then passes the step's crash point.
+    async fn journal_step(
+        &self,
+        record: &OwnedMessage,
+        session: &Session<'_>,
+        step: &str,
+        value: &Json,
+        done: bool,
+        staged: &[crate::step::OutRecord],
+    ) -> Result<(), Outcome> {
+        // A step's records and its entry commit in one transaction.
+        let what = if staged.is_empty() {
+            "journal_write"
+        } else {
+            "journal_transaction"
+        };
+        self.journal_retry(record, what, || session.record(step, value, done, staged))
+            .await?;
+        fault::point(if done { "after_done" } else { "after_journal" }, step);
+        Ok(())
     }
 
     /// Decodes with retries for an unavailable registry; any other failure finishes the record.

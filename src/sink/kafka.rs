@@ -106,9 +106,9 @@ impl KafkaSink {
     }
 
     /// The topic of this event's result.
-    fn topic_for(&self, ctx: &EventContext) -> Result<String, StepError> {
+    fn topic_for(&self, ctx: &EventContext) -> Result<&str, StepError> {
         let (template, allowed) = match &self.topic {
-            Topic::Fixed(topic) => return Ok(topic.clone()),
+            Topic::Fixed(topic) => return Ok(topic),
             Topic::Template { template, allowed } => (template, allowed),
         };
         let rendered = template.render("topic", ctx).map_err(|e| {
@@ -116,7 +116,7 @@ impl KafkaSink {
         })?;
         let rendered = rendered.trim();
         match allowed.iter().find(|t| *t == rendered) {
-            Some(topic) => Ok(topic.clone()),
+            Some(topic) => Ok(topic),
             // The rendered text may be model output: it stays out of the DLQ headers.
             None => Err(StepError::deterministic(
                 "kafka_topic_not_allowed",
@@ -150,7 +150,7 @@ impl KafkaSink {
             ),
             Some(encoder) => (
                 encoder
-                    .encode(&topic, &result)
+                    .encode(topic, &result)
                     .await
                     .map_err(|e| match e {
                         CodecError::RegistryUnavailable(_) => {
@@ -175,7 +175,7 @@ impl KafkaSink {
             ("content-type".to_string(), content_type.as_bytes().to_vec()),
         ];
         let record = OutRecord {
-            topic: topic.clone(),
+            topic: topic.to_string(),
             partition: None,
             key: ctx.dedup_key.clone(),
             payload,

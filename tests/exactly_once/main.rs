@@ -138,6 +138,11 @@ async fn names(broker: &Broker, prefix: &str) -> Names {
 /// rarely, so a crash redelivers everything: only the journal stands between a redelivery
 /// and a second LLM call or post.
 fn toml(broker: &Broker, n: &Names, sim: &Sim, sink: SocketAddr) -> String {
+    classify_then(broker, n, sim, IN_FLIGHT, &webhook("notify", sink, ""))
+}
+
+/// The journal and the LLM classification step, then `steps`, with `in_flight` events at once.
+fn classify_then(broker: &Broker, n: &Names, sim: &Sim, in_flight: u64, steps: &str) -> String {
     config_toml(
         &broker.bootstrap(),
         &n.group,
@@ -146,7 +151,7 @@ fn toml(broker: &Broker, n: &Names, sim: &Sim, sink: SocketAddr) -> String {
         &format!(
             r#"
 [processor]
-max_in_flight = {IN_FLIGHT}
+max_in_flight = {in_flight}
 commit_interval_ms = 60000
 
 [journal]
@@ -164,12 +169,7 @@ user = "Comment: {{{{ data.text }}}}"
 max_tokens = 64
 output = {{ format = "json" }}
 
-[[steps]]
-type = "webhook"
-name = "notify"
-url = "http://{sink}/events"
-timeout_ms = 10000
-signing_secret = "{SIGNING}"
+{steps}
 
 [llm.providers.sim]
 api = "openai"
@@ -180,6 +180,14 @@ requests_per_minute = 60000
             journal = n.journal,
             base = sim.base,
         ),
+    )
+}
+
+/// A signed webhook step named `name` to `sink`, with `extra` settings (`when`, `route`).
+fn webhook(name: &str, sink: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[steps]]\ntype = \"webhook\"\nname = \"{name}\"\nurl = \"http://{sink}/events\"\n\
+         timeout_ms = 10000\nsigning_secret = \"{SIGNING}\"\n{extra}\n"
     )
 }
 

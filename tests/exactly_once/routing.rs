@@ -12,51 +12,7 @@ const CRASH_AT: u64 = 5;
 /// process kills itself at the `CRASH_AT`th, exactly events `0..CRASH_AT` have their decision
 /// journaled.
 fn decision_toml(broker: &Broker, n: &Names, sim: &Sim, steps: &str) -> String {
-    config_toml(
-        &broker.bootstrap(),
-        &n.group,
-        &n.topic,
-        &n.dlq,
-        &format!(
-            r#"
-[processor]
-max_in_flight = 1
-commit_interval_ms = 60000
-
-[journal]
-topic = "{journal}"
-ttl_secs = 86400
-
-[[steps]]
-type = "llm"
-name = "classify"
-provider = "sim"
-model = "mock-small"
-system = "You classify blog comments. Answer with JSON only."
-user = "Comment: {{{{ data.text }}}}"
-max_tokens = 64
-output = {{ format = "json" }}
-
-{steps}
-
-[llm.providers.sim]
-api = "openai"
-base_url = "{base}"
-api_key = "test-key"
-requests_per_minute = 60000
-"#,
-            journal = n.journal,
-            base = sim.base,
-        ),
-    )
-}
-
-/// A signed webhook step named `name` to `sink`, with `extra` settings (`when`, `route`).
-fn webhook(name: &str, sink: SocketAddr, extra: &str) -> String {
-    format!(
-        "[[steps]]\ntype = \"webhook\"\nname = \"{name}\"\nurl = \"http://{sink}/events\"\n\
-         timeout_ms = 10000\nsigning_secret = \"{SIGNING}\"\n{extra}\n"
-    )
+    classify_then(broker, n, sim, 1, steps)
 }
 
 async fn one_partition(broker: &Broker, prefix: &str) -> Names {
