@@ -24,7 +24,7 @@ use crate::codec::CodecConfig;
 use crate::journal::config::JournalConfig;
 use crate::kafka::KafkaConfig;
 use crate::llm::config::LlmConfig;
-pub use crate::pipeline::StepEntry;
+pub use crate::pipeline::{PipelineConfig, StepEntry};
 use crate::processor::config::{DlqConfig, ProcessorConfig};
 pub use crate::sink::StepConfig;
 use crate::telemetry::TelemetryConfig;
@@ -165,9 +165,14 @@ pub struct Config {
     /// How record values are decoded.
     #[serde(default)]
     pub codec: CodecConfig,
-    /// The per-event chain of steps, run in order.
+    /// The per-event chain of steps, run in order: one pipeline, named `default`, that takes
+    /// every event. Use either this or `[[pipelines]]`.
     #[serde(default)]
     pub steps: Vec<StepEntry>,
+    /// Several pipelines in one processor, each taking events by topic and/or type with its
+    /// own steps and journal TTLs; an event runs the first that takes it.
+    #[serde(default)]
+    pub pipelines: Vec<PipelineConfig>,
     /// LLM providers, prices and the circuit breaker, shared by every LLM step.
     #[serde(default)]
     pub llm: LlmConfig,
@@ -280,7 +285,15 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        let ttls: Vec<u64> = config
+            .pipelines
+            .iter()
+            .flat_map(|p| p.ttls_secs())
+            .collect();
+        if let Some(j) = config.journal.as_mut() {
+            j.pipeline_ttls_secs = ttls;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -297,39 +310,125 @@ impl Config {
         self.llm.validate()?;
         self.telemetry.validate()?;
         self.dlq.validate(&self.kafka.topics)?;
-        self.validate_step_names()?;
-        for (i, entry) in self.steps.iter().enumerate() {
-            let at = format!("steps[{i}]");
-            entry.step.kind().validate(&at, self)?;
-            entry.validate(&at, &self.steps[..i])?;
+        self.validate_pipelines()?;
+        for (at, steps) in self.chains() {
+            validate_chain(&at, steps, self)?;
         }
         Ok(())
     }
 
-    /// Step names key the journal's entries and the outputs: two steps with one name would
-    /// skip the second as done, or overwrite the first's output.
-    fn validate_step_names(&self) -> Result<(), ConfigError> {
-        for (i, step) in self.steps.iter().enumerate() {
-            if step.name().trim().is_empty() {
+    /// Each chain of steps with its key: `steps`, or `pipelines[i].steps`.
+    fn chains(&self) -> Vec<(String, &[StepEntry])> {
+        if self.pipelines.is_empty() {
+            return vec![("steps".to_string(), &self.steps)];
+        }
+        (self.pipelines.iter().enumerate())
+            .map(|(i, p)| (format!("pipelines[{i}].steps"), p.steps.as_slice()))
+            .collect()
+    }
+
+    /// `[[pipelines]]`' own rules: not beside top-level `[[steps]]`, names that can be a label
+    /// and a journal namespace, topics that are inputs, TTLs in range.
+    fn validate_pipelines(&self) -> Result<(), ConfigError> {
+        if self.pipelines.is_empty() {
+            return Ok(());
+        }
+        if !self.steps.is_empty() {
+            return Err(ConfigError::invalid(
+                "steps",
+                "use either top-level [[steps]] (one pipeline) or [[pipelines]] with their own \
+                 [[pipelines.steps]], not both",
+            ));
+        }
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let at = format!("pipelines[{i}]");
+            let valid_name = !p.name.is_empty()
+                && p.name != crate::processor::worker::NO_PIPELINE
+                && p.name.len() <= 64
+                && p.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !valid_name {
                 return Err(ConfigError::invalid(
-                    format!("steps[{i}].name"),
-                    "must not be empty",
+                    format!("{at}.name"),
+                    format!(
+                        "`{}` must be 1 to 64 characters of a-z, 0-9, _ and - (it is a metrics \
+                         label and the journal namespace; `none` labels events no pipeline took)",
+                        p.name
+                    ),
                 ));
             }
-            if let Some(first) = self.steps[..i].iter().position(|s| s.name() == step.name()) {
+            if let Some(first) = self.pipelines[..i].iter().position(|q| q.name == p.name) {
                 return Err(ConfigError::invalid(
-                    format!("steps[{i}].name"),
-                    format!(
-                        "`{}` is also the name of steps[{first}]: step names key the journal and \
-                         the outputs, so each step needs its own (steps of one type default to \
-                         the same name; set `name` on one of them)",
-                        step.name()
-                    ),
+                    format!("{at}.name"),
+                    format!("`{}` is also the name of pipelines[{first}]", p.name),
+                ));
+            }
+            if let Some(t) = p.topics.iter().find(|t| !self.kafka.topics.contains(t)) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.topics"),
+                    format!("`{t}` is not one of kafka.topics, so no event of it arrives"),
+                ));
+            }
+            if p.steps.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.steps"),
+                    "needs at least one step",
+                ));
+            }
+            const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
+            if p.ttls_secs().any(|t| t == 0 || t > TEN_YEARS_SECS) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.journal.ttl_secs"),
+                    "TTLs must be between 1 second and ten years",
+                ));
+            }
+            if p.ttls_secs().next().is_some() && self.journal.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.journal"),
+                    "sets journal TTLs, but there is no [journal]",
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// One chain's steps: names, each step type's rules and each entry's condition. `at` is the
+/// chain's key (`steps`, `pipelines[1].steps`).
+fn validate_chain(at: &str, steps: &[StepEntry], config: &Config) -> Result<(), ConfigError> {
+    validate_step_names(at, steps)?;
+    for (i, entry) in steps.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        entry.step.kind().validate(&at, config)?;
+        entry.validate(&at, &steps[..i])?;
+    }
+    Ok(())
+}
+
+/// Step names key the journal's entries and the outputs: two steps of one chain with one name
+/// would skip the second as done, or overwrite the first's output.
+fn validate_step_names(at: &str, steps: &[StepEntry]) -> Result<(), ConfigError> {
+    for (i, step) in steps.iter().enumerate() {
+        if step.name().trim().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{at}[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        if let Some(first) = steps[..i].iter().position(|s| s.name() == step.name()) {
+            return Err(ConfigError::invalid(
+                format!("{at}[{i}].name"),
+                format!(
+                    "`{}` is also the name of {at}[{first}]: step names key the journal and \
+                     the outputs, so each step needs its own (steps of one type default to \
+                     the same name; set `name` on one of them)",
+                    step.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

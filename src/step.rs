@@ -313,3 +313,74 @@ pub trait Step: Send + Sync + 'static {
 
 /// The ordered chain of steps every event goes through.
 pub type Pipeline = Arc<[Arc<dyn Step>]>;
+
+/// One pipeline, built: the events it takes (by input topic and CloudEvents type) and the
+/// steps it runs for them, with its own journal TTLs.
+pub struct BuiltPipeline {
+    /// The pipeline's name: its `pipeline` metrics label and its journal namespace.
+    pub name: Arc<str>,
+    /// Input topics it takes; empty takes every topic.
+    pub topics: Vec<String>,
+    /// Event types (`ce_type`) it takes; empty takes every type.
+    pub types: Vec<String>,
+    /// Its chain of steps.
+    pub steps: Pipeline,
+    /// Journal TTL of its events, in seconds, overriding `journal.ttl_secs`.
+    pub ttl_secs: Option<u64>,
+    /// Journal TTL by event type, in seconds, overriding `ttl_secs` and `journal.ttl_by_type`.
+    pub ttl_by_type: std::collections::BTreeMap<String, u64>,
+    /// Prefix of its journal keys (`<pipeline>/`), so two pipelines that see the same event
+    /// keep separate entries; empty for the single top-level `[[steps]]` chain.
+    pub journal_prefix: String,
+}
+
+impl BuiltPipeline {
+    /// The single chain of a configuration without `[[pipelines]]`: named `default`, takes
+    /// every event, journal keys unprefixed.
+    pub fn single(steps: Pipeline) -> BuiltPipeline {
+        BuiltPipeline {
+            name: "default".into(),
+            topics: Vec::new(),
+            types: Vec::new(),
+            steps,
+            ttl_secs: None,
+            ttl_by_type: Default::default(),
+            journal_prefix: String::new(),
+        }
+    }
+
+    /// Whether the pipeline takes an event of `event_type` read from `topic`.
+    pub fn takes(&self, topic: &str, event_type: &str) -> bool {
+        (self.topics.is_empty() || self.topics.iter().any(|t| t == topic))
+            && (self.types.is_empty() || self.types.iter().any(|t| t == event_type))
+    }
+
+    /// The journal TTL this pipeline sets for `event_type`, if it sets one.
+    pub fn ttl(&self, event_type: &str) -> Option<Duration> {
+        self.ttl_by_type
+            .get(event_type)
+            .copied()
+            .or(self.ttl_secs)
+            .map(Duration::from_secs)
+    }
+
+    /// Every TTL the pipeline sets, in seconds (the journal topic's retention must cover them).
+    pub fn ttls_secs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ttl_secs
+            .into_iter()
+            .chain(self.ttl_by_type.values().copied())
+    }
+}
+
+/// Every pipeline of a processor, in configuration order: an event runs the first that takes
+/// it.
+pub type Pipelines = Arc<[BuiltPipeline]>;
+
+/// The first of `pipelines` that takes an event of `event_type` read from `topic`.
+pub fn select<'a>(
+    pipelines: &'a [BuiltPipeline],
+    topic: &str,
+    event_type: &str,
+) -> Option<&'a BuiltPipeline> {
+    pipelines.iter().find(|r| r.takes(topic, event_type))
+}

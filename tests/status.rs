@@ -118,6 +118,10 @@ async fn status_reports_lag_dlq_and_in_flight_work_as_the_broker_and_processor_s
         "nothing finished yet"
     );
     assert_eq!(status["dlq"]["records"].as_i64(), Some(3));
+    let pipelines = status["pipelines"].as_array().expect("pipelines");
+    assert_eq!(pipelines.len(), 1, "top-level steps are one pipeline");
+    assert_eq!(pipelines[0]["name"], "default");
+    assert_eq!(pipelines[0]["lag"].as_i64(), Some(30));
     let oldest = status["dlq"]["oldest_ms"]
         .as_i64()
         .expect("oldest DLQ record");
@@ -144,6 +148,11 @@ async fn status_reports_lag_dlq_and_in_flight_work_as_the_broker_and_processor_s
     assert_matches_broker(&status, &broker.bootstrap(), &group, &topic);
     assert_eq!(status["total_lag"].as_i64(), Some(0));
     assert_eq!(status["processor"]["in_flight"].as_f64(), Some(0.0));
+    assert_eq!(status["pipelines"][0]["lag"].as_i64(), Some(0));
+    assert_eq!(
+        status["pipelines"][0]["events"]["succeeded"].as_f64(),
+        Some(30.0)
+    );
 
     // And the table a human reads says the same.
     let out = Command::new(env!("CARGO_BIN_EXE_spillway"))

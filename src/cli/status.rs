@@ -62,6 +62,32 @@ pub struct ProcessorStatus {
     pub journal_entries: f64,
 }
 
+/// One pipeline: the lag of the topics it takes, and what the processor finished for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PipelineStatus {
+    /// Its name (`default` for top-level `[[steps]]`).
+    pub name: String,
+    /// The input topics it takes (every input topic when it names none).
+    pub topics: Vec<String>,
+    /// Sum of those topics' lags (shared with any other pipeline that takes them too).
+    pub lag: i64,
+    /// Events it finished, by outcome, from the processor's `/metrics` (absent without them).
+    pub events: Option<PipelineEvents>,
+}
+
+/// Events one pipeline finished since the processor started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PipelineEvents {
+    /// Every step done or skipped by its condition.
+    pub succeeded: f64,
+    /// Written to the DLQ.
+    pub dead_lettered: f64,
+    /// Skipped (a step's skip, duplicates).
+    pub skipped: f64,
+    /// Of those skipped, duplicates the journal held as done.
+    pub duplicates: f64,
+}
+
 /// The whole picture.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
@@ -73,6 +99,10 @@ pub struct Status {
     pub total_lag: i64,
     /// The DLQ.
     pub dlq: DlqStatus,
+    /// Per pipeline, in configuration order.
+    pub pipelines: Vec<PipelineStatus>,
+    /// Events no pipeline took (skipped or dead-lettered), from the processor's `/metrics`.
+    pub unmatched: Option<f64>,
     /// The processor, if its metrics endpoint answered.
     pub processor: Option<ProcessorStatus>,
     /// Why the processor's figures are missing, if they are.
@@ -141,18 +171,63 @@ pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, Stat
     }
     let total_lag = partitions.iter().map(|p| p.lag).sum();
     let dlq = dlq_status(&client, &consumer, &config.dlq.topic, timeout)?;
-    let (processor, processor_error) = match metrics_url {
-        None => (None, None),
+    let (processor, processor_error, text) = match metrics_url {
+        None => (None, None, None),
         Some(url) => match scrape(url) {
-            Ok(p) => (Some(p), None),
-            Err(e) => (None, Some(e)),
+            Ok((p, text)) => (Some(p), None, Some(text)),
+            Err(e) => (None, Some(e), None),
         },
     };
+    let named: Vec<(String, Vec<String>)> = if config.pipelines.is_empty() {
+        vec![("default".to_string(), Vec::new())]
+    } else {
+        (config.pipelines.iter())
+            .map(|p| (p.name.clone(), p.topics.clone()))
+            .collect()
+    };
+    let pipelines = named
+        .into_iter()
+        .map(|(name, topics)| {
+            let topics = if topics.is_empty() {
+                config.kafka.topics.clone()
+            } else {
+                topics
+            };
+            let lag = (partitions.iter())
+                .filter(|p| topics.contains(&p.topic))
+                .map(|p| p.lag)
+                .sum();
+            let events = text.as_deref().map(|text| {
+                let of = |metric: &str, outcome: Option<&str>| {
+                    let mut labels = vec![("pipeline", name.as_str())];
+                    labels.extend(outcome.map(|o| ("outcome", o)));
+                    labelled_sum(text, metric, &labels)
+                };
+                PipelineEvents {
+                    succeeded: of("spillway_events_total", Some("succeeded")),
+                    dead_lettered: of("spillway_events_total", Some("dead_lettered")),
+                    skipped: of("spillway_events_total", Some("skipped")),
+                    duplicates: of("spillway_duplicates_total", None),
+                }
+            });
+            PipelineStatus {
+                name,
+                topics,
+                lag,
+                events,
+            }
+        })
+        .collect();
+    let unmatched = text
+        .as_deref()
+        .map(|t| labelled_sum(t, "spillway_unmatched_events_total", &[]));
     Ok(Status {
         group: config.kafka.group_id.clone(),
         partitions,
         total_lag,
         dlq,
+        pipelines,
+        unmatched,
         processor,
         processor_error,
     })
@@ -228,8 +303,24 @@ fn dlq_status(
     })
 }
 
-/// Reads the processor's own gauges from its `/metrics`.
-fn scrape(url: &str) -> Result<ProcessorStatus, String> {
+/// The sum of `metric`'s series in a `/metrics` text whose labels include every one of `labels`.
+fn labelled_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(metric))
+        .filter(|l| {
+            let set = l.split_once('{').map_or("", |(_, r)| r).split('}').next();
+            let set = set.unwrap_or("");
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads the processor's own gauges from its `/metrics`; also returns the text.
+fn scrape(url: &str) -> Result<(ProcessorStatus, String), String> {
     let text = std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -269,7 +360,7 @@ fn scrape(url: &str) -> Result<ProcessorStatus, String> {
             Some((provider.to_string(), state.to_string()))
         })
         .collect();
-    Ok(ProcessorStatus {
+    let status = ProcessorStatus {
         metrics_url: url.to_string(),
         in_flight: value("spillway_inflight_events"),
         paused_partitions: value("spillway_paused_partitions"),
@@ -277,7 +368,8 @@ fn scrape(url: &str) -> Result<ProcessorStatus, String> {
         journal_restore_remaining: value("spillway_journal_restore_remaining_records"),
         journal_restores_stalled: value("spillway_journal_restore_stalled"),
         journal_entries: value("spillway_journal_store_entries"),
-    })
+    };
+    Ok((status, text))
 }
 
 impl std::fmt::Display for Status {
@@ -299,6 +391,28 @@ impl std::fmt::Display for Status {
             )?;
         }
         writeln!(f, "total lag {}", self.total_lag)?;
+        writeln!(
+            f,
+            "{:<24} {:>10} {:>10} {:>13} {:>10} {:>10}",
+            "pipeline", "lag", "succeeded", "dead-lettered", "skipped", "duplicates"
+        )?;
+        for p in &self.pipelines {
+            let e = p.events.clone();
+            let n = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
+            writeln!(
+                f,
+                "{:<24} {:>10} {:>10} {:>13} {:>10} {:>10}",
+                p.name,
+                p.lag,
+                n(e.as_ref().map(|e| e.succeeded)),
+                n(e.as_ref().map(|e| e.dead_lettered)),
+                n(e.as_ref().map(|e| e.skipped)),
+                n(e.as_ref().map(|e| e.duplicates)),
+            )?;
+        }
+        if let Some(u) = self.unmatched.filter(|u| *u > 0.0) {
+            writeln!(f, "unmatched events (no pipeline took them): {u}")?;
+        }
         match self.dlq.oldest_age_secs {
             Some(age) => writeln!(
                 f,

@@ -27,7 +27,8 @@ fn example_config_parses_and_validates() {
         &crate::processor::gate::Gate::new(),
     )
     .expect("example pipeline builds");
-    assert_eq!(steps.len(), cfg.steps.len());
+    assert_eq!(steps.len(), 1, "one pipeline, `default`");
+    assert_eq!(steps[0].steps.len(), cfg.steps.len());
 }
 
 fn refused(toml: &str) -> (String, String) {
@@ -406,4 +407,107 @@ fn a_step_keeps_refusing_unknown_keys_beside_its_condition_and_route() {
     let (key, message) = refused(&routed("sales"));
     assert_eq!(key, "steps[1].route");
     assert!(message.contains("billing, tech, general"), "{message}");
+}
+
+/// `[[pipelines]]` entries, each with one webhook step named `post`.
+fn pipelines(entries: &[(&str, &str)]) -> String {
+    let mut toml = MINIMAL.replace(
+        "topics = [\"events\"]",
+        "topics = [\"events\", \"tickets\"]",
+    );
+    for (name, extra) in entries {
+        toml += &format!(
+            "[[pipelines]]\nname = \"{name}\"\n{extra}\n[[pipelines.steps]]\ntype = \"webhook\"\n\
+             name = \"post\"\nurl = \"http://127.0.0.1:1/{name}\"\n"
+        );
+    }
+    toml
+}
+
+#[test]
+fn pipelines_parse_with_their_own_topics_types_ttls_and_step_names() {
+    let mut toml = pipelines(&[
+        (
+            "comments",
+            "topics = [\"events\"]\ntypes = [\"com.example.comment\"]\n\
+             [pipelines.journal]\nttl_secs = 60\nttl_by_type = { \"com.example.edit\" = 5 }",
+        ),
+        ("tickets", "topics = [\"tickets\"]"),
+    ]);
+    toml += "[journal]\ntopic = \"j\"\nttl_secs = 3600\n";
+    let config = Config::from_toml(&toml).expect("two pipelines, one step name each");
+    assert_eq!(config.pipelines.len(), 2);
+    assert_eq!(config.pipelines[0].types, ["com.example.comment"]);
+    let j = config.journal.as_ref().unwrap();
+    assert_eq!((j.min_ttl_secs(), j.max_ttl_secs()), (5, 3600));
+    assert_eq!(
+        config.processor.unmatched,
+        crate::processor::config::Unmatched::DeadLetter
+    );
+    let built = crate::pipeline::build(
+        &config,
+        &crate::telemetry::Metrics::new(),
+        &crate::processor::gate::Gate::new(),
+    )
+    .expect("builds");
+    let (c, t) = (&built[0], &built[1]);
+    assert_eq!(
+        (&*c.name, c.journal_prefix.as_str()),
+        ("comments", "comments/")
+    );
+    assert!(c.takes("events", "com.example.comment"));
+    assert!(!c.takes("events", "com.example.other") && !c.takes("tickets", "com.example.comment"));
+    assert!(t.takes("tickets", "anything") && !t.takes("events", "anything"));
+    assert_eq!(c.ttl("com.example.edit"), Some(Duration::from_secs(5)));
+    assert_eq!(c.ttl("com.example.comment"), Some(Duration::from_secs(60)));
+    assert_eq!(
+        t.ttl("com.example.comment"),
+        None,
+        "the journal's TTL applies"
+    );
+    // Longer pipeline TTLs stretch the journal topic's retention too.
+    let longer = toml.replace("ttl_secs = 60", "ttl_secs = 7200");
+    let j = Config::from_toml(&longer).unwrap().journal.unwrap();
+    assert_eq!(j.retention_ms(), (7200 + 3600) * 1000);
+}
+
+#[test]
+fn pipelines_are_refused_naming_the_key_when_they_cannot_work() {
+    let mut both = pipelines(&[("a", "")]);
+    both += "[[steps]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:1/x\"\n";
+    for (toml, key, says) in [
+        (both, "steps", "not both"),
+        (pipelines(&[("Bad Name", "")]), "pipelines[0].name", "a-z"),
+        (pipelines(&[("a", ""), ("a", "")]), "pipelines[1].name", "pipelines[0]"),
+        (
+            pipelines(&[("a", "topics = [\"elsewhere\"]")]),
+            "pipelines[0].topics",
+            "not one of kafka.topics",
+        ),
+        (
+            pipelines(&[("a", "[pipelines.journal]\nttl_secs = 60")]),
+            "pipelines[0].journal",
+            "no [journal]",
+        ),
+        (
+            pipelines(&[("a", "")])
+                + "[[pipelines.steps]]\ntype = \"webhook\"\nname = \"post\"\nurl = \"http://127.0.0.1:1/y\"\n",
+            "pipelines[0].steps[1].name",
+            "is also the name of pipelines[0].steps[0]",
+        ),
+        (
+            pipelines(&[("a", "")]) + "[processor]\nunmatched = \"drop\"\n",
+            "",
+            "unknown variant",
+        ),
+    ] {
+        match Config::from_toml(&toml) {
+            Err(ConfigError::Invalid { key: k, message }) => {
+                assert_eq!(k, key, "{message}");
+                assert!(message.contains(says), "{key}: {message}");
+            }
+            Err(e) => assert!(key.is_empty() && e.to_string().contains(says), "{e}"),
+            Ok(_) => panic!("{key}: accepted"),
+        }
+    }
 }

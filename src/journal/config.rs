@@ -44,17 +44,29 @@ pub struct JournalConfig {
     /// much clock difference between the processors and the brokers.
     #[serde(default = "default_journal_retention_margin_secs")]
     pub retention_margin_secs: u64,
+    /// The TTLs `[[pipelines]]` set for their events (`pipelines[].journal`), in seconds: not
+    /// read from `[journal]` but filled in when the configuration is loaded, so the topic's
+    /// retention and the sweep cover them too.
+    #[serde(skip)]
+    pub pipeline_ttls_secs: Vec<u64>,
 }
 
 impl JournalConfig {
-    /// The longest TTL of any event type.
-    pub fn max_ttl_secs(&self) -> u64 {
-        self.ttl_by_type
-            .values()
-            .copied()
+    /// Every TTL: `ttl_secs`, `ttl_by_type` and the pipelines'.
+    fn ttls_secs(&self) -> impl Iterator<Item = u64> + '_ {
+        (self.ttl_by_type.values().copied())
             .chain([self.ttl_secs])
-            .max()
-            .unwrap_or(self.ttl_secs)
+            .chain(self.pipeline_ttls_secs.iter().copied())
+    }
+
+    /// The longest TTL of any event type or pipeline.
+    pub fn max_ttl_secs(&self) -> u64 {
+        self.ttls_secs().max().unwrap_or(self.ttl_secs)
+    }
+
+    /// The shortest TTL of any event type or pipeline.
+    pub fn min_ttl_secs(&self) -> u64 {
+        self.ttls_secs().min().unwrap_or(self.ttl_secs)
     }
 
     /// The journal topic's `retention.ms` (`cleanup.policy=compact,delete`): the longest TTL
@@ -112,7 +124,8 @@ impl JournalConfig {
             ));
         }
         const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
-        if j.max_ttl_secs() > TEN_YEARS_SECS || j.retention_margin_secs > TEN_YEARS_SECS {
+        let own_max = j.ttl_by_type.values().copied().chain([j.ttl_secs]).max();
+        if own_max.unwrap_or(0) > TEN_YEARS_SECS || j.retention_margin_secs > TEN_YEARS_SECS {
             return Err(ConfigError::invalid(
                 "journal.ttl_secs",
                 "TTLs and retention_margin_secs must be at most ten years",

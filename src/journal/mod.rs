@@ -241,13 +241,7 @@ impl Journal {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let min_ttl = config
-            .ttl_by_type
-            .values()
-            .copied()
-            .chain([config.ttl_secs])
-            .min()
-            .unwrap_or(config.ttl_secs);
+        let min_ttl = config.min_ttl_secs();
         let reader = changelog::Reader {
             consumer: reader_client.create_with_context(crate::kafka::ReaderContext)?,
             topic: config.topic.clone(),

@@ -36,6 +36,22 @@ pub struct ProcessorConfig {
     /// Retry policy for transient step errors.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// What happens to an event that no `[[pipelines]]` entry takes: `dead_letter` (reason
+    /// `no_pipeline`, replayable) or `skip` (counted in `spillway_unmatched_events_total`).
+    #[serde(default)]
+    pub unmatched: Unmatched,
+}
+
+/// What happens to an event no pipeline takes (`processor.unmatched`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Written to the DLQ with reason `no_pipeline`, so it can be replayed once a pipeline
+    /// takes it.
+    #[default]
+    DeadLetter,
+    /// Counted (`spillway_unmatched_events_total`) and skipped.
+    Skip,
 }
 
 /// Exponential backoff with full jitter for transient errors.
@@ -107,6 +123,7 @@ impl Default for ProcessorConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             rebalance_timeout_ms: default_rebalance_timeout_ms(),
             retry: RetryConfig::default(),
+            unmatched: Unmatched::default(),
         }
     }
 }

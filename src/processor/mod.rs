@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, CodecError};
 use crate::config::{Config, ConfigError};
-use crate::step::Pipeline;
+use crate::step::{BuiltPipeline, Pipeline, Pipelines};
 use crate::telemetry::{Health, Metrics};
 use consumer::{Input, KafkaConsumer};
 use gate::Gate;
@@ -78,21 +78,23 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Starts a processor with the given steps (and fresh metrics and gate).
+    /// Starts a processor that runs the given steps for every event (one pipeline, `default`,
+    /// with fresh metrics and gate).
     pub async fn start(
         config: Config,
         steps: Pipeline,
         shutdown: CancellationToken,
     ) -> Result<Processor, ProcessorError> {
-        Self::start_with(config, steps, Metrics::new(), Gate::new(), shutdown).await
+        let pipelines = vec![BuiltPipeline::single(steps)].into();
+        Self::start_with(config, pipelines, Metrics::new(), Gate::new(), shutdown).await
     }
 
     /// Sets everything up: dev topics if configured, the DLQ producer, the codec, the
-    /// consumer subscription and the telemetry server. `steps` were built against `metrics`
-    /// and `gate`. `shutdown` stops it.
+    /// consumer subscription and the telemetry server. `pipelines` were built against
+    /// `metrics` and `gate`. `shutdown` stops it.
     pub async fn start_with(
         config: Config,
-        steps: Pipeline,
+        pipelines: Pipelines,
         metrics: Arc<Metrics>,
         gate: Gate,
         shutdown: CancellationToken,
@@ -115,7 +117,9 @@ impl Processor {
         if let Some(partitions) = config.kafka.create_topics_partitions {
             let mut topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
             topics.push(&config.dlq.topic);
-            let outputs: Vec<String> = steps.iter().flat_map(|s| s.output_topics()).collect();
+            let outputs: Vec<String> = (pipelines.iter().flat_map(|p| p.steps.iter()))
+                .flat_map(|s| s.output_topics())
+                .collect();
             topics.extend(outputs.iter().map(String::as_str));
             crate::kafka::ensure_topics(&config.kafka, &topics, partitions).await?;
             if let Some(j) = &config.journal {
@@ -139,7 +143,7 @@ impl Processor {
                 crate::journal::Journal::new(
                     j,
                     &config.kafka,
-                    steps.iter().any(|s| s.stages_records()),
+                    (pipelines.iter().flat_map(|p| p.steps.iter())).any(|s| s.stages_records()),
                     metrics.clone(),
                     health.clone(),
                 )
@@ -156,7 +160,8 @@ impl Processor {
         )?;
         let worker = Arc::new(Worker {
             codec: Codec::new(&config.codec)?,
-            steps,
+            pipelines,
+            unmatched: config.processor.unmatched,
             retry: config.processor.retry.clone(),
             dlq,
             metrics: metrics.clone(),

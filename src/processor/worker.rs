@@ -18,8 +18,10 @@ use super::retry::backoff;
 use crate::codec::{Codec, CodecError};
 use crate::fault;
 use crate::journal::{Begin, Journal, JournalError, Session};
-use crate::processor::config::RetryConfig;
-use crate::step::{Action, Attempt, EventContext, Pipeline, Spend, StepError, StepOutput};
+use crate::processor::config::{RetryConfig, Unmatched};
+use crate::step::{
+    Action, Attempt, BuiltPipeline, EventContext, Pipelines, Spend, StepError, StepOutput,
+};
 use crate::telemetry::{now_ms, Metrics};
 
 /// How a record finished.
@@ -56,7 +58,10 @@ impl Outcome {
 /// Shared, immutable machinery every record task uses.
 pub struct Worker {
     pub(crate) codec: Codec,
-    pub(crate) steps: Pipeline,
+    /// The pipelines, in configuration order: an event runs the first that takes it.
+    pub(crate) pipelines: Pipelines,
+    /// What happens to an event no pipeline takes.
+    pub(crate) unmatched: Unmatched,
     pub(crate) retry: RetryConfig,
     pub(crate) dlq: DlqWriter,
     pub(crate) metrics: Arc<Metrics>,
@@ -74,6 +79,10 @@ pub struct Worker {
 /// This many record tasks in a row panicking outside a step is not one bad record but a broken
 /// processor: it stops (fatal, exit 1) instead of dead-lettering the whole backlog.
 pub const MAX_CONSECUTIVE_PANICS: u32 = 10;
+
+/// The `pipeline` label of records that finished before a pipeline took them (undecodable,
+/// taken by no pipeline, panicked).
+pub const NO_PIPELINE: &str = "none";
 
 /// Failure bookkeeping across the attempts of one stage.
 struct Attempts {
@@ -133,27 +142,33 @@ impl Worker {
             event_id = tracing::field::Empty,
         );
         let run = AssertUnwindSafe(self.process_inner(record.clone()).instrument(span));
-        let outcome = match run.catch_unwind().await {
-            Ok(outcome) => {
+        let (outcome, pipeline) = match run.catch_unwind().await {
+            Ok((outcome, pipeline)) => {
                 // Only a record that got through counts as not panicking (one abandoned at
                 // shutdown or on a fatal error says nothing).
                 if outcome.is_finished() && self.consecutive_panics.load(Ordering::Relaxed) != 0 {
                     self.consecutive_panics.store(0, Ordering::Relaxed);
                 }
-                outcome
+                (outcome, pipeline)
             }
-            Err(panic) => self.after_panic(&record, panic_message(&*panic)).await,
+            Err(panic) => (
+                self.after_panic(&record, panic_message(&*panic)).await,
+                NO_PIPELINE,
+            ),
         };
         if !outcome.is_finished() {
             return outcome;
         }
         self.metrics
             .events
-            .with_label_values(&[record.topic(), outcome.as_str()])
+            .with_label_values(&[pipeline, record.topic(), outcome.as_str()])
             .inc();
         if let Some(ts) = record.timestamp().to_millis() {
             let age_ms = (now_ms() as i64).saturating_sub(ts).max(0);
-            self.metrics.end_to_end.observe(age_ms as f64 / 1000.0);
+            self.metrics
+                .end_to_end
+                .with_label_values(&[pipeline])
+                .observe(age_ms as f64 / 1000.0);
         }
         outcome
     }
@@ -196,17 +211,24 @@ impl Worker {
         self.dead_letter(record, failure).await
     }
 
-    async fn process_inner(&self, record: Arc<OwnedMessage>) -> Outcome {
+    /// Decodes the record, picks its pipeline and runs it; returns how the record finished and
+    /// the pipeline that took it.
+    async fn process_inner(&self, record: Arc<OwnedMessage>) -> (Outcome, &str) {
         if self.health.is_fatal() {
             // The processor is stopping on a fatal client error: start nothing (an LLM call
             // now could not be recorded).
-            return Outcome::Abandoned;
+            return (Outcome::Abandoned, NO_PIPELINE);
         }
         let event = match self.decode(&record).await {
             Ok(event) => event,
-            Err(outcome) => return outcome,
+            Err(outcome) => return (outcome, NO_PIPELINE),
         };
         tracing::Span::current().record("event_id", event.id.as_str());
+        let Some(pipeline) =
+            crate::step::select(&self.pipelines, record.topic(), &event.event_type)
+        else {
+            return (self.unmatched(&record, &event).await, NO_PIPELINE);
+        };
         let dedup_key = match &self.journal {
             Some(j) => j.key(&event),
             None => event.id.clone(),
@@ -219,32 +241,74 @@ impl Worker {
         };
         let mut spend = Spend::default();
         let outcome = match self.journal.clone() {
-            None => self.run_steps(&record, &mut ctx, &mut spend, None).await,
-            Some(j) => self.run_journaled(&j, &record, &mut ctx, &mut spend).await,
+            None => {
+                self.run_steps(pipeline, &record, &mut ctx, &mut spend, None)
+                    .await
+            }
+            Some(j) => {
+                self.run_journaled(pipeline, &j, &record, &mut ctx, &mut spend)
+                    .await
+            }
         };
         if spend.calls > 0 {
+            let name = [&*pipeline.name];
             self.metrics
                 .event_tokens
+                .with_label_values(&name)
                 .observe((spend.input_tokens + spend.output_tokens) as f64);
-            self.metrics.event_cost.observe(spend.cost_usd);
+            self.metrics
+                .event_cost
+                .with_label_values(&name)
+                .observe(spend.cost_usd);
         }
-        outcome
+        (outcome, &pipeline.name)
+    }
+
+    /// An event no pipeline takes: counted, then skipped or dead-lettered as configured.
+    async fn unmatched(&self, record: &OwnedMessage, event: &crate::codec::Event) -> Outcome {
+        self.metrics
+            .unmatched
+            .with_label_values(&[record.topic()])
+            .inc();
+        match self.unmatched {
+            Unmatched::Skip => {
+                tracing::debug!(event_type = %event.event_type, "no pipeline takes the event; skipped");
+                Outcome::Skipped
+            }
+            Unmatched::DeadLetter => {
+                let failure = Attempts::new().failure(
+                    "no_pipeline",
+                    "processor".to_string(),
+                    "spillway::processor::Worker",
+                    format!(
+                        "no pipeline takes events of type `{}` from topic `{}`",
+                        event.event_type,
+                        record.topic()
+                    ),
+                    1,
+                );
+                self.dead_letter(record, failure).await
+            }
+        }
     }
 
     /// Runs the steps the journal does not hold as finished. A duplicate of a finished event
     /// is skipped; a copy of one still running waits for it.
     async fn run_journaled(
         &self,
+        pipeline: &BuiltPipeline,
         journal: &Journal,
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
         spend: &mut Spend,
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
-        let key = ctx.dedup_key.clone();
-        let ttl = journal.ttl(&ctx.event.event_type);
+        // Each pipeline keeps its own entries: one event seen by two pipelines runs in both.
+        let key = format!("{}{}", pipeline.journal_prefix, ctx.dedup_key);
+        let ttl = (pipeline.ttl(&ctx.event.event_type))
+            .unwrap_or_else(|| journal.ttl(&ctx.event.event_type));
         let begun = self
-            .journal_retry(record, "journal_session", || {
+            .journal_retry(record, (&pipeline.name, "journal_session"), || {
                 journal.session(topic, partition, &key, ttl)
             })
             .await;
@@ -253,12 +317,15 @@ impl Worker {
             Ok(Begin::Duplicate) => {
                 self.metrics
                     .duplicates
-                    .with_label_values(&[record.topic()])
+                    .with_label_values(&[&pipeline.name, record.topic()])
                     .inc();
                 tracing::debug!(dedup_key = %key, "duplicate of a finished event skipped");
                 Outcome::Skipped
             }
-            Ok(Begin::Run(session)) => self.run_steps(record, ctx, spend, Some(&session)).await,
+            Ok(Begin::Run(session)) => {
+                self.run_steps(pipeline, record, ctx, spend, Some(&session))
+                    .await
+            }
         }
     }
 
@@ -268,7 +335,7 @@ impl Worker {
     async fn journal_retry<T, F, Fut>(
         &self,
         record: &OwnedMessage,
-        what: &'static str,
+        (pipeline, what): (&str, &'static str),
         mut op: F,
     ) -> Result<T, Outcome>
     where
@@ -303,7 +370,7 @@ impl Worker {
             }
             self.metrics
                 .retries
-                .with_label_values(&[what, "kafka"])
+                .with_label_values(&[pipeline, what, "kafka"])
                 .inc();
             let delay = backoff(
                 attempt.min(self.retry.max_attempts.max(1)),
@@ -322,13 +389,15 @@ impl Worker {
 
     async fn run_steps(
         &self,
+        pipeline: &BuiltPipeline,
         record: &Arc<OwnedMessage>,
         ctx: &mut EventContext,
         spend: &mut Spend,
         journal: Option<&Session<'_>>,
     ) -> Outcome {
-        let count = self.steps.len();
-        for (index, step) in self.steps.iter().enumerate() {
+        let p = &*pipeline.name;
+        let count = pipeline.steps.len();
+        for (index, step) in pipeline.steps.iter().enumerate() {
             if let Some(session) = journal {
                 if let Some(output) = session.finished(step.name()) {
                     // Finished before a crash or rebalance: reuse the result, do not pay twice.
@@ -337,7 +406,7 @@ impl Worker {
                     }
                     self.metrics
                         .journal_reused
-                        .with_label_values(&[step.name()])
+                        .with_label_values(&[p, step.name()])
                         .inc();
                     continue;
                 }
@@ -365,13 +434,13 @@ impl Worker {
                     // whatever the condition would say now.
                     self.metrics
                         .step_skips
-                        .with_label_values(&[step.name()])
+                        .with_label_values(&[p, step.name()])
                         .inc();
                     let skipped = serde_json::json!({ "skipped": true });
                     if let Some(session) = journal {
                         let done = index + 1 == count;
                         if let Err(o) = self
-                            .journal_step(record, session, step.name(), &skipped, done, &[])
+                            .journal_step(record, session, (p, step.name()), &skipped, done, &[])
                             .await
                         {
                             return o;
@@ -394,7 +463,7 @@ impl Worker {
             if let Some(session) = journal {
                 if step.records_intent() && !intent_recorded {
                     if let Err(o) = self
-                        .journal_retry(record, "journal_write", || {
+                        .journal_retry(record, (p, "journal_write"), || {
                             session.record_intent(step.name())
                         })
                         .await
@@ -441,7 +510,7 @@ impl Worker {
                 };
                 self.metrics
                     .step_duration
-                    .with_label_values(&[step.name(), label])
+                    .with_label_values(&[p, step.name(), label])
                     .observe(started.elapsed().as_secs_f64());
                 let err = match result {
                     Ok(output) => break output,
@@ -467,7 +536,7 @@ impl Worker {
                         attempt -= 1;
                         self.metrics
                             .deferrals
-                            .with_label_values(&[step.name(), err.code])
+                            .with_label_values(&[p, step.name(), err.code])
                             .inc();
                         tracing::debug!(
                             step = step.name(),
@@ -487,7 +556,7 @@ impl Worker {
                         attempts.first_failure_ms.get_or_insert_with(now_ms);
                         self.metrics
                             .retries
-                            .with_label_values(&[step.name(), err.code])
+                            .with_label_values(&[p, step.name(), err.code])
                             .inc();
                         let delay = backoff(attempt, &self.retry, after, &mut rand::rng());
                         tracing::info!(
@@ -533,7 +602,14 @@ impl Worker {
                 let done = index + 1 == count;
                 let value = output.value.as_ref().unwrap_or(&NULL);
                 if let Err(o) = self
-                    .journal_step(record, session, step.name(), value, done, &output.staged)
+                    .journal_step(
+                        record,
+                        session,
+                        (p, step.name()),
+                        value,
+                        done,
+                        &output.staged,
+                    )
                     .await
                 {
                     return o;
@@ -552,7 +628,7 @@ impl Worker {
         &self,
         record: &OwnedMessage,
         session: &Session<'_>,
-        step: &str,
+        (pipeline, step): (&str, &str),
         value: &Json,
         done: bool,
         staged: &[crate::step::OutRecord],
@@ -563,8 +639,10 @@ impl Worker {
         } else {
             "journal_transaction"
         };
-        self.journal_retry(record, what, || session.record(step, value, done, staged))
-            .await?;
+        self.journal_retry(record, (pipeline, what), || {
+            session.record(step, value, done, staged)
+        })
+        .await?;
         fault::point(if done { "after_done" } else { "after_journal" }, step);
         Ok(())
     }
@@ -590,7 +668,7 @@ impl Worker {
                 attempts.first_failure_ms.get_or_insert_with(now_ms);
                 self.metrics
                     .retries
-                    .with_label_values(&["decode", err.error_code()])
+                    .with_label_values(&[NO_PIPELINE, "decode", err.error_code()])
                     .inc();
                 let delay = backoff(attempt, &self.retry, None, &mut rand::rng());
                 tracing::warn!(code = err.error_code(), attempt, "decode failed; retrying");

@@ -2,7 +2,8 @@
 //! here, and the `/metrics`, `/healthz` and `/readyz` endpoints are served from here.
 //!
 //! Names follow Prometheus conventions (`spillway_` prefix, base units, `_total` counters).
-//! Labels are bounded: topic, partition, step, outcome, reason. Never keys, ids or error text.
+//! Labels are bounded: pipeline, topic, partition, step, outcome, reason. Never keys, ids or
+//! error text.
 
 mod ingress;
 pub use ingress::IngressMetrics;
@@ -46,8 +47,11 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// Records received but not started yet (look-ahead buffers).
     pub buffered: IntGauge,
-    /// Events finished, by topic and outcome (`succeeded`, `dead_lettered`, `skipped`).
+    /// Events finished, by pipeline, topic and outcome (`succeeded`, `dead_lettered`,
+    /// `skipped`).
     pub events: IntCounterVec,
+    /// Events no pipeline takes, by topic (then skipped or dead-lettered, `processor.unmatched`).
+    pub unmatched: IntCounterVec,
     /// Wall time of one step attempt, by step and outcome.
     pub step_duration: HistogramVec,
     /// Retries scheduled after transient errors, by step and reason.
@@ -77,16 +81,16 @@ pub struct Metrics {
     pub kafka_errors: IntCounterVec,
     /// Records whose value could not be decoded, by reason.
     pub decode_errors: IntCounterVec,
-    /// Time from the record's Kafka timestamp to its completion.
-    pub end_to_end: Histogram,
+    /// Time from the record's Kafka timestamp to its completion, by pipeline.
+    pub end_to_end: HistogramVec,
     /// Step runs deferred because a dependency is throttling or down, by step and reason.
     pub deferrals: IntCounterVec,
     /// Steps not run for an event because their condition (`when`, `route`) was false.
     pub step_skips: IntCounterVec,
-    /// LLM tokens (input + output) one event cost, over all its calls.
-    pub event_tokens: Histogram,
-    /// USD one event cost, over all its calls.
-    pub event_cost: Histogram,
+    /// LLM tokens (input + output) one event cost, over all its calls, by pipeline.
+    pub event_tokens: HistogramVec,
+    /// USD one event cost, over all its calls, by pipeline.
+    pub event_cost: HistogramVec,
     /// Events skipped because the journal says they are done (duplicates within the TTL),
     /// by topic.
     pub duplicates: IntCounterVec,
@@ -181,8 +185,13 @@ impl Metrics {
             )),
             events: reg!(counter_vec(
                 "spillway_events_total",
-                "Events finished, by outcome.",
-                &["topic", "outcome"]
+                "Events finished, by pipeline, topic and outcome.",
+                &["pipeline", "topic", "outcome"]
+            )),
+            unmatched: reg!(counter_vec(
+                "spillway_unmatched_events_total",
+                "Events no pipeline takes (then skipped or dead-lettered, per processor.unmatched).",
+                &["topic"]
             )),
             step_duration: reg!(HistogramVec::new(
                 HistogramOpts::new(
@@ -190,13 +199,13 @@ impl Metrics {
                     "Wall time of one step attempt."
                 )
                 .buckets(latency_buckets.clone()),
-                &["step", "outcome"]
+                &["pipeline", "step", "outcome"]
             )
             .expect("valid metric")),
             retries: reg!(counter_vec(
                 "spillway_step_retries_total",
                 "Retries scheduled after transient step errors.",
-                &["step", "reason"]
+                &["pipeline", "step", "reason"]
             )),
             dlq_records: reg!(counter_vec(
                 "spillway_dlq_records_total",
@@ -256,49 +265,52 @@ impl Metrics {
                 "Record values that could not be decoded.",
                 &["reason"]
             )),
-            end_to_end: reg!(Histogram::with_opts(
+            end_to_end: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     "spillway_end_to_end_seconds",
                     "Time from the record's Kafka timestamp to the end of its processing."
                 )
-                .buckets(latency_buckets.clone())
+                .buckets(latency_buckets.clone()),
+                &["pipeline"]
             )
             .expect("valid metric")),
             deferrals: reg!(counter_vec(
                 "spillway_step_deferrals_total",
                 "Step runs deferred because a dependency is throttling or down (not failures).",
-                &["step", "reason"]
+                &["pipeline", "step", "reason"]
             )),
             step_skips: reg!(counter_vec(
                 "spillway_step_skips_total",
                 "Steps not run for an event because their condition (when, route) was false.",
-                &["step"]
+                &["pipeline", "step"]
             )),
-            event_tokens: reg!(Histogram::with_opts(
+            event_tokens: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     "spillway_event_llm_tokens",
                     "LLM tokens (input plus output) one event cost over all its calls."
                 )
-                .buckets(prometheus::exponential_buckets(10.0, 2.0, 16).expect("valid buckets"))
+                .buckets(prometheus::exponential_buckets(10.0, 2.0, 16).expect("valid buckets")),
+                &["pipeline"]
             )
             .expect("valid metric")),
-            event_cost: reg!(Histogram::with_opts(
+            event_cost: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     "spillway_event_llm_cost_usd",
                     "USD one event cost over all its LLM calls, from the configured price table."
                 )
-                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 14).expect("valid buckets"))
+                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 14).expect("valid buckets")),
+                &["pipeline"]
             )
             .expect("valid metric")),
             duplicates: reg!(counter_vec(
                 "spillway_duplicates_total",
                 "Events skipped as duplicates: the journal holds them as done within their TTL.",
-                &["topic"]
+                &["pipeline", "topic"]
             )),
             journal_reused: reg!(counter_vec(
                 "spillway_journal_reused_steps_total",
                 "Steps not run again because the journal holds their result (no second LLM call).",
-                &["step"]
+                &["pipeline", "step"]
             )),
             journal_writes: reg!(counter_vec(
                 "spillway_journal_writes_total",

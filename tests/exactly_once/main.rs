@@ -419,7 +419,7 @@ async fn a_journal_partition_under_constant_writes_from_others_still_restores() 
     assert_eq!(
         metric_sum(
             &metrics,
-            "spillway_step_retries_total{reason=\"kafka\",step=\"journal_session\""
+            "spillway_step_retries_total{pipeline=\"default\",reason=\"kafka\",step=\"journal_session\""
         ),
         0.0,
         "no restore timed out: {metrics}"

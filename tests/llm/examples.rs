@@ -16,6 +16,8 @@ fn every_example_and_the_main_config_pass_processor_check() {
         .map(|n| format!("{ROOT}/config/examples/{n}.toml"))
         .collect();
     paths.push(format!("{ROOT}/config/example.toml"));
+    // Several pipelines in one processor (run end to end by `pipelines.rs`).
+    paths.push(format!("{ROOT}/config/examples/support-desk.toml"));
     for path in paths {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
             .args(["processor", "--config", &path, "--check"])

@@ -25,8 +25,9 @@ output = {{ format = "json", schema = {SCHEMA}, repair_attempts = 2 }}
         provider("primary", "openai", sim, provider_extra)
     );
     let config = Config::from_toml(&toml).expect("valid");
-    let steps = spillway::pipeline::build(&config, &Metrics::new(), &Gate::new()).expect("builds");
-    steps[0].clone()
+    let pipelines =
+        spillway::pipeline::build(&config, &Metrics::new(), &Gate::new()).expect("builds");
+    pipelines[0].steps[0].clone()
 }
 
 fn context(text: &str) -> EventContext {

@@ -1,15 +1,18 @@
-//! Assembly: builds the configured chain of steps (LLM calls and sinks, in `config.steps`
-//! order) and starts a processor with it. The processor itself only knows the step contract
-//! (`crate::step`), never the concrete steps.
+//! Assembly: builds the configured pipelines (each a chain of LLM calls and sinks, in
+//! `[[steps]]` order) and starts a processor with them. The processor itself only knows the
+//! step contract (`crate::step`), never the concrete steps.
+
+pub mod config;
 
 use std::sync::Arc;
+
+pub use config::{PipelineConfig, StepEntry};
 
 use crate::config::{Config, ConfigError};
 use crate::llm::step::Accounts;
 use crate::processor::gate::Gate;
 use crate::processor::{Processor, ProcessorError};
-use crate::sink::StepConfig;
-use crate::step::{Pipeline, Step};
+use crate::step::{BuiltPipeline, Pipeline, Pipelines, Step};
 use crate::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -72,87 +75,6 @@ macro_rules! step_types {
     };
 }
 
-/// One `[[steps]]` entry: the step type's own settings (tagged by `type`) and when it runs.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct StepEntry {
-    /// Run the step only when this expression holds: minijinja over `event`, `data` and the
-    /// earlier steps' `outputs`, e.g. `outputs.classify.json.label == "negative"`. A step whose
-    /// condition is false is recorded as skipped (`{"skipped": true}`) in the journal, so a
-    /// redelivered event skips it too; one that cannot be evaluated for an event (a missing
-    /// field) dead-letters it as `condition_error`.
-    #[serde(default)]
-    pub when: Option<String>,
-    /// Run the step only when the nearest `type = "route"` step before it chose this case.
-    #[serde(default)]
-    pub route: Option<String>,
-    /// The step type and its settings.
-    #[serde(flatten)]
-    pub step: StepConfig,
-}
-
-impl StepEntry {
-    /// The step's name: its journal entry, its output's key, its metrics label.
-    pub fn name(&self) -> &str {
-        self.step.name()
-    }
-
-    /// The step's full condition: its `when` and its route, or `None` if it always runs.
-    /// `steps` are the entries before it (for the route step it refers to).
-    pub fn condition_source(&self, before: &[StepEntry]) -> Option<String> {
-        let mut parts = Vec::new();
-        if let Some(when) = &self.when {
-            parts.push(format!("({when})"));
-        }
-        if let Some(case) = &self.route {
-            let router = before
-                .iter()
-                .rev()
-                .find(|s| matches!(s.step, StepConfig::Route(_)))?;
-            let outputs = format!("outputs[{}]", json_string(router.name()));
-            parts.push(format!(
-                "({outputs}.route is defined and {outputs}.route == {})",
-                json_string(case)
-            ));
-        }
-        (!parts.is_empty()).then(|| parts.join(" and "))
-    }
-
-    /// The entry's own rules beyond its type's: its condition compiles, and its route names a
-    /// case of a route step before it. `at` is its key (`steps[2]`).
-    pub fn validate(&self, at: &str, before: &[StepEntry]) -> Result<(), ConfigError> {
-        if let Some(when) = &self.when {
-            crate::template::Condition::new(&format!("{at}.when"), when)?;
-        }
-        if let Some(case) = &self.route {
-            let Some(router) = before.iter().rev().find_map(|s| match &s.step {
-                StepConfig::Route(r) => Some(r),
-                _ => None,
-            }) else {
-                return Err(ConfigError::invalid(
-                    format!("{at}.route"),
-                    "needs a step with type = \"route\" before this one",
-                ));
-            };
-            if !router.routes().any(|r| r == case) {
-                return Err(ConfigError::invalid(
-                    format!("{at}.route"),
-                    format!(
-                        "`{case}` is not a case of the route step `{}` (its cases: {})",
-                        router.name,
-                        router.routes().collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `text` as a string literal (JSON's syntax, which minijinja expressions accept).
-fn json_string(text: &str) -> String {
-    serde_json::Value::from(text).to_string()
-}
-
 /// A step that runs only when its condition holds (`when`, `route`); everything else is the
 /// inner step's.
 pub struct Conditional {
@@ -210,13 +132,15 @@ impl Step for Conditional {
     }
 }
 
-/// Builds every step of `config.steps`. Provider accounts (clients, limits, breakers) are
-/// built once and shared by the steps that use them; their breakers report to `gate`.
+/// Builds every pipeline of `config` (the top-level `[[steps]]` as one pipeline named
+/// `default`, or each `[[pipelines]]` entry). Provider accounts (clients, limits, breakers) are
+/// built once and shared by every step of every pipeline that uses them, so an account keeps
+/// one admission queue and one breaker; their breakers report to `gate`.
 pub fn build(
     config: &Config,
     metrics: &Arc<Metrics>,
     gate: &Gate,
-) -> Result<Pipeline, ConfigError> {
+) -> Result<Pipelines, ConfigError> {
     let accounts = Accounts::new(&config.llm, gate, metrics)?;
     let cx = Assembly {
         config,
@@ -224,13 +148,35 @@ pub fn build(
         gate,
         accounts: &accounts,
     };
+    if config.pipelines.is_empty() {
+        return Ok(vec![BuiltPipeline::single(build_chain(&cx, &config.steps)?)].into());
+    }
     config
-        .steps
+        .pipelines
+        .iter()
+        .map(|p| {
+            Ok(BuiltPipeline {
+                name: p.name.as_str().into(),
+                topics: p.topics.clone(),
+                types: p.types.clone(),
+                steps: build_chain(&cx, &p.steps)?,
+                ttl_secs: p.journal.ttl_secs,
+                ttl_by_type: p.journal.ttl_by_type.clone(),
+                journal_prefix: format!("{}/", p.name),
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()
+        .map(Into::into)
+}
+
+/// Builds one chain of steps, each wrapped in its condition (`when`, `route`) if it has one.
+fn build_chain(cx: &Assembly<'_>, entries: &[StepEntry]) -> Result<Pipeline, ConfigError> {
+    entries
         .iter()
         .enumerate()
         .map(|(i, entry)| {
-            let step = entry.step.kind().build(&cx)?;
-            Ok(match entry.condition_source(&config.steps[..i]) {
+            let step = entry.step.kind().build(cx)?;
+            Ok(match entry.condition_source(&entries[..i]) {
                 None => step,
                 Some(source) => {
                     let key = format!("steps.{}.when", entry.name());
@@ -249,7 +195,7 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     build(config, &Metrics::new(), &Gate::new()).map(|_| ())
 }
 
-/// Builds the steps from `config.steps` and starts a processor with them.
+/// Builds the pipelines from `config` and starts a processor with them.
 pub async fn start(
     config: Config,
     shutdown: CancellationToken,
@@ -257,11 +203,11 @@ pub async fn start(
     config.validate()?;
     let metrics = Metrics::new();
     let gate = Gate::new();
-    let steps = build(&config, &metrics, &gate)?;
-    Processor::start_with(config, steps, metrics, gate, shutdown).await
+    let pipelines = build(&config, &metrics, &gate)?;
+    Processor::start_with(config, pipelines, metrics, gate, shutdown).await
 }
 
-/// Starts a processor from configuration (steps built from `config.steps`) and runs it.
+/// Starts a processor from configuration (pipelines built from `config`) and runs it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ProcessorError> {
     start(config, shutdown).await?.run().await
 }
