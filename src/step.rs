@@ -351,8 +351,7 @@ impl BuiltPipeline {
 
     /// Whether the pipeline takes an event of `event_type` read from `topic`.
     pub fn takes(&self, topic: &str, event_type: &str) -> bool {
-        (self.topics.is_empty() || self.topics.iter().any(|t| t == topic))
-            && (self.types.is_empty() || self.types.iter().any(|t| t == event_type))
+        takes(&self.topics, &self.types, topic, event_type)
     }
 
     /// The journal TTL this pipeline sets for `event_type`, if it sets one.
@@ -370,6 +369,13 @@ impl BuiltPipeline {
             .into_iter()
             .chain(self.ttl_by_type.values().copied())
     }
+}
+
+/// Whether a pipeline that takes `topics` and `types` (empty: all) takes an event of
+/// `event_type` read from `topic`.
+pub fn takes(topics: &[String], types: &[String], topic: &str, event_type: &str) -> bool {
+    (topics.is_empty() || topics.iter().any(|t| t == topic))
+        && (types.is_empty() || types.iter().any(|t| t == event_type))
 }
 
 /// Every pipeline of a processor, in configuration order: an event runs the first that takes

@@ -95,12 +95,15 @@ pub enum DlqToolError {
         /// Offset.
         offset: i64,
     },
+    /// The decoder (codec, its runtime) could not be set up.
+    #[error("decoder: {0}")]
+    Decoder(String),
     /// A record has no original topic and no `--to` was given.
     #[error("record {0} has no __connect.errors.topic header; pass --to")]
     NoTarget(String),
 }
 
-fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+pub(super) fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     let headers = m.headers()?;
     headers
         .iter()
@@ -167,7 +170,7 @@ fn base64_engine(v: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(v)
 }
 
-fn client(config: &Config) -> Result<rdkafka::ClientConfig, DlqToolError> {
+pub(super) fn client(config: &Config) -> Result<rdkafka::ClientConfig, DlqToolError> {
     let mut c = crate::kafka::base_config(&config.kafka)?;
     c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -176,7 +179,10 @@ fn client(config: &Config) -> Result<rdkafka::ClientConfig, DlqToolError> {
     Ok(c)
 }
 
-fn partitions(consumer: &crate::kafka::Reader, topic: &str) -> Result<i32, DlqToolError> {
+pub(super) fn partitions(
+    consumer: &crate::kafka::Reader,
+    topic: &str,
+) -> Result<i32, DlqToolError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(md
         .topics()
@@ -185,9 +191,9 @@ fn partitions(consumer: &crate::kafka::Reader, topic: &str) -> Result<i32, DlqTo
         .map_or(0, |t| t.partitions().len() as i32))
 }
 
-/// Reads the DLQ from where `consumer` is assigned to the end of every partition, calling
+/// Reads a topic from where `consumer` is assigned to the end of every partition, calling
 /// `each` per record; `each` returns false to stop early.
-fn read_to_end(
+pub(super) fn read_to_end(
     consumer: &crate::kafka::Reader,
     count: i32,
     mut each: impl FnMut(OwnedMessage) -> Result<bool, DlqToolError>,

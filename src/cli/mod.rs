@@ -7,6 +7,7 @@
 
 pub mod dlq;
 pub mod status;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,6 +151,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print one event's story: its deliveries, each pipeline's journal entry (steps done or
+    /// skipped, the route, the LLM's answer, tokens and cost), its DLQ and result records.
+    Trace {
+        /// The event's id (`ce_id`, or `journal.id_field`) or its dedup key
+        /// (`<source>|<id>`, optionally prefixed `<pipeline>/`).
+        id: String,
+        /// Path of the processor's TOML configuration.
+        #[arg(
+            short,
+            long,
+            env = "SPILLWAY_CONFIG",
+            default_value = "config/example.toml"
+        )]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the dead-letter topic and replay records from it.
     Dlq {
         #[command(subcommand)]
@@ -227,6 +246,20 @@ fn status(path: &std::path::Path, metrics_url: Option<String>, json: bool) -> Re
         );
     } else {
         print!("{status}");
+    }
+    Ok(())
+}
+
+fn trace(path: &std::path::Path, id: &str, json: bool) -> Result<(), ExitCode> {
+    let config = load(path)?;
+    let story = crate::cli::trace::trace(&config, id).map_err(|e| failed("trace", e))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&story).unwrap_or_default()
+        );
+    } else {
+        print!("{story}");
     }
     Ok(())
 }
@@ -352,6 +385,7 @@ pub fn main(cli: Cli) -> ExitCode {
             json,
         } => status(&config, metrics_url, json),
         Command::Processor { config, check } => processor(&config, check),
+        Command::Trace { id, config, json } => trace(&config, &id, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

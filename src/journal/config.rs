@@ -52,6 +52,21 @@ pub struct JournalConfig {
 }
 
 impl JournalConfig {
+    /// The event's dedup key: `<source>|<id>`, the id from `id_field` when it is set and
+    /// found in the data.
+    pub fn dedup_key(&self, event: &crate::codec::Event) -> String {
+        use serde_json::Value as Json;
+        let id = (self.id_field.as_deref())
+            .and_then(|ptr| event.data.pointer(ptr))
+            .and_then(|v| match v {
+                Json::String(s) => Some(s.clone()),
+                Json::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| event.id.clone());
+        format!("{}|{id}", event.source)
+    }
+
     /// Every TTL: `ttl_secs`, `ttl_by_type` and the pipelines'.
     fn ttls_secs(&self) -> impl Iterator<Item = u64> + '_ {
         (self.ttl_by_type.values().copied())

@@ -298,18 +298,7 @@ impl Journal {
 
     /// The event's dedup key: `<source>|<id>`.
     pub fn key(&self, event: &Event) -> String {
-        let id = self
-            .config
-            .id_field
-            .as_deref()
-            .and_then(|ptr| event.data.pointer(ptr))
-            .and_then(|v| match v {
-                Json::String(s) => Some(s.clone()),
-                Json::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-            .unwrap_or_else(|| event.id.clone());
-        format!("{}|{id}", event.source)
+        self.config.dedup_key(event)
     }
 
     /// How long entries of `event_type` are kept.

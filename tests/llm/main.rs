@@ -9,6 +9,7 @@ mod failover;
 mod pipelines;
 mod routing;
 mod step;
+mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

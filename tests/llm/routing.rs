@@ -5,7 +5,12 @@
 use super::*;
 
 /// The classify step, then `steps`.
-fn routed_toml(broker: &Broker, names: (&str, &str, &str), sim: &Sim, steps: &str) -> String {
+pub(super) fn routed_toml(
+    broker: &Broker,
+    names: (&str, &str, &str),
+    sim: &Sim,
+    steps: &str,
+) -> String {
     let (topic, dlq, group) = names;
     config_toml(
         &broker.bootstrap(),
@@ -44,7 +49,7 @@ fn comments() -> Vec<(String, &'static str)> {
         .collect()
 }
 
-fn texts_of(received: &Received) -> std::collections::BTreeSet<String> {
+pub(super) fn texts_of(received: &Received) -> std::collections::BTreeSet<String> {
     received
         .bodies
         .lock()
