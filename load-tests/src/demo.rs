@@ -11,6 +11,10 @@
 //! * `demo results --brokers .. --topic ..`: reads a result topic to its end as a
 //!   `read_committed` consumer (what the transactional Kafka sink promises its readers) and
 //!   prints how many results and distinct dedup keys it holds.
+//! * `demo summary ..`: the run's verdict in a few lines: events sent and finished, where the
+//!   routes sent them (the receiver's posts by label, the result topic's committed records),
+//!   dead letters, lost and duplicated events, and the provider's view (calls, 429s, tokens).
+//!   Exits 1 if any event was lost, duplicated or delivered to two destinations.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -61,6 +65,29 @@ enum Cmd {
         #[arg(long)]
         topic: String,
     },
+    /// Print the run's verdict: sent, finished, routed where, lost, duplicated.
+    Summary {
+        /// Events sent (webhooks plus produced events).
+        #[arg(long)]
+        expected: u64,
+        #[arg(long)]
+        brokers: String,
+        /// The result topic.
+        #[arg(long)]
+        results: String,
+        /// The DLQ topic.
+        #[arg(long)]
+        dlq: String,
+        /// The processor's /metrics URL.
+        #[arg(long)]
+        metrics: String,
+        /// The simulator's base URL.
+        #[arg(long)]
+        simulator: String,
+        /// The receiver's base URL (`demo sink`).
+        #[arg(long)]
+        receiver: String,
+    },
 }
 
 #[tokio::main]
@@ -80,11 +107,158 @@ async fn main() {
             concurrency,
         } => send(&url, &secret, count, concurrency).await,
         Cmd::Results { brokers, topic } => results(&brokers, &topic),
+        Cmd::Summary {
+            expected,
+            brokers,
+            results,
+            dlq,
+            metrics,
+            simulator,
+            receiver,
+        } => {
+            let s = Sources {
+                brokers,
+                results,
+                dlq,
+                metrics,
+                simulator,
+                receiver,
+            };
+            if !summary(expected, &s).await {
+                std::process::exit(1);
+            }
+        }
     }
+}
+
+/// Where `demo summary` reads the run's figures.
+struct Sources {
+    brokers: String,
+    results: String,
+    dlq: String,
+    metrics: String,
+    simulator: String,
+    receiver: String,
+}
+
+/// Sum of a metric's series whose labels include `label` (`name="value"`), or all of them.
+fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
+        .filter(|l| label.is_none_or(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Prints the verdict; false if an event was lost, duplicated or sent to two destinations.
+async fn summary(expected: u64, s: &Sources) -> bool {
+    let get = |url: String| async move {
+        reqwest::get(&url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+    };
+    let m = get(s.metrics.clone()).await.text().await.expect("metrics");
+    let stats: serde_json::Value = get(format!("{}/stats", s.simulator))
+        .await
+        .json()
+        .await
+        .expect("simulator stats");
+    let received: serde_json::Value = get(format!("{}/counts", s.receiver))
+        .await
+        .json()
+        .await
+        .expect("receiver counts");
+    let (brokers, topics) = (s.brokers.clone(), [s.results.clone(), s.dlq.clone()]);
+    let [results, dead] = tokio::task::spawn_blocking(move || {
+        topics.map(|t| read_keys(&brokers, &t, "read_committed"))
+    })
+    .await
+    .expect("reader");
+    // Ids: the receiver sees the event id, a result record is keyed `<source>|<id>`.
+    let posted: Vec<String> = (received["ids"].as_array().into_iter().flatten())
+        .filter_map(|i| i.as_str().map(str::to_string))
+        .collect();
+    let result_ids: Vec<String> = (results.keys.iter())
+        .map(|k| {
+            let k = String::from_utf8_lossy(k);
+            k.split_once('|')
+                .map_or(k.to_string(), |(_, id)| id.to_string())
+        })
+        .collect();
+    let distinct = |ids: &[String]| ids.iter().collect::<HashSet<_>>().len();
+    let (posts, webhook_ids) = (received["posts"].as_u64().unwrap_or(0), distinct(&posted));
+    let result_keys = distinct(&result_ids);
+    let both = (posted.iter().collect::<HashSet<_>>())
+        .intersection(&result_ids.iter().collect::<HashSet<_>>())
+        .count();
+    let reached = webhook_ids + result_keys - both + dead.records as usize;
+    let lost = (expected as usize).saturating_sub(reached);
+    let duplicated = (posts as usize - webhook_ids) + (results.records as usize - result_keys);
+    let outcome = |o: &str| {
+        metric(
+            &m,
+            "spillway_events_total",
+            Some(&format!("outcome=\"{o}\"")),
+        )
+    };
+    println!("sent       {expected} events");
+    println!(
+        "finished   {} succeeded, {} dead-lettered, {} skipped ({} duplicates)",
+        outcome("succeeded"),
+        outcome("dead_lettered"),
+        outcome("skipped"),
+        metric(&m, "spillway_duplicates_total", None)
+    );
+    println!(
+        "routed     negative -> webhook receiver: {posts} posts, {webhook_ids} distinct events, labels {}",
+        received["labels"]
+    );
+    println!(
+        "           other    -> {}: {} committed results, {result_keys} distinct events",
+        s.results, results.records
+    );
+    println!("dlq        {}: {} records", s.dlq, dead.records);
+    println!(
+        "provider   {} calls, {} answered 429, {} input / {} output tokens",
+        stats["received"], stats["rate_limited"], stats["input_tokens"], stats["output_tokens"]
+    );
+    println!(
+        "verdict    lost {lost}, duplicated {duplicated}, at two destinations {both}{}",
+        if results.reached_end && dead.reached_end {
+            ""
+        } else {
+            " (a topic's end was not reached within 60 s)"
+        }
+    );
+    lost == 0 && duplicated == 0 && both == 0
+}
+
+/// What `read_keys` found in a topic.
+struct Read {
+    records: u64,
+    keys: Vec<Vec<u8>>,
+    reached_end: bool,
 }
 
 /// Reads every partition of `topic` to its end with `isolation.level=read_committed`.
 fn results(brokers: &str, topic: &str) {
+    let read = read_keys(brokers, topic, "read_committed");
+    let keys: HashSet<&Vec<u8>> = read.keys.iter().collect();
+    println!(
+        "{} committed results in {topic} (read_committed), {} distinct dedup keys{}",
+        read.records,
+        keys.len(),
+        if read.reached_end {
+            ""
+        } else {
+            "; the end was not reached within 60 s"
+        }
+    );
+}
+
+/// Every record's key in `topic`, read to the end of each partition (60 s at most).
+fn read_keys(brokers: &str, topic: &str, isolation: &str) -> Read {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
     use rdkafka::Message;
@@ -93,7 +267,7 @@ fn results(brokers: &str, topic: &str) {
         .set("group.id", "spillway-demo-results")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .create()
         .expect("consumer");
     let metadata = consumer
@@ -106,14 +280,14 @@ fn results(brokers: &str, topic: &str) {
             .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
-    let (mut records, mut keys, mut at_end) = (0u64, HashSet::new(), HashSet::new());
+    let (mut records, mut keys, mut at_end) = (0u64, Vec::new(), HashSet::new());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while at_end.len() < partitions && std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 at_end.remove(&m.partition());
                 records += 1;
-                keys.insert(m.key().map(<[u8]>::to_vec).unwrap_or_default());
+                keys.push(m.key().map(<[u8]>::to_vec).unwrap_or_default());
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
@@ -122,15 +296,11 @@ fn results(brokers: &str, topic: &str) {
             None => {}
         }
     }
-    println!(
-        "{records} committed results in {topic} (read_committed), {} distinct dedup keys{}",
-        keys.len(),
-        if at_end.len() < partitions {
-            "; the end was not reached within 60 s"
-        } else {
-            ""
-        }
-    );
+    Read {
+        records,
+        keys,
+        reached_end: at_end.len() >= partitions,
+    }
 }
 
 #[derive(Default)]
@@ -144,24 +314,42 @@ async fn sink(addr: &str) {
     use axum::routing::post;
     let counts = Arc::new(Mutex::new(Counts::default()));
     let c = counts.clone();
-    let app = axum::Router::new().route(
-        "/events",
-        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
-            let c = c.clone();
-            async move {
-                let mut c = c.lock().unwrap();
-                c.posts += 1;
-                if let Some(id) = body["id"].as_str() {
-                    c.ids.insert(id.to_string());
+    let shown = counts.clone();
+    let app = axum::Router::new()
+        .route(
+            "/counts",
+            axum::routing::get(move || {
+                let c = shown.clone();
+                async move {
+                    {
+                        let c = c.lock().unwrap();
+                        axum::Json(serde_json::json!({
+                            "posts": c.posts,
+                            "ids": c.ids,
+                            "labels": c.labels,
+                        }))
+                    }
                 }
-                // The LLM step's classification, when the pipeline has one.
-                if let Some(label) = body["outputs"]["classify"]["json"]["label"].as_str() {
-                    *c.labels.entry(label.to_string()).or_default() += 1;
+            }),
+        )
+        .route(
+            "/events",
+            post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let c = c.clone();
+                async move {
+                    let mut c = c.lock().unwrap();
+                    c.posts += 1;
+                    if let Some(id) = body["id"].as_str() {
+                        c.ids.insert(id.to_string());
+                    }
+                    // The LLM step's classification, when the pipeline has one.
+                    if let Some(label) = body["outputs"]["classify"]["json"]["label"].as_str() {
+                        *c.labels.entry(label.to_string()).or_default() += 1;
+                    }
+                    "ok"
                 }
-                "ok"
-            }
-        }),
-    );
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .expect("bind sink");
