@@ -147,7 +147,8 @@ fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .filter(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
         .filter(|l| label.is_none_or(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        + 0.0 // An empty sum is -0.0.
 }
 
 /// Prints the verdict; false if an event was lost, duplicated or sent to two destinations.
