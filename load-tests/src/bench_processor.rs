@@ -215,6 +215,52 @@ async fn partition_serial(
     done.load(Ordering::Relaxed) as f64 / secs
 }
 
+/// CPU time of one evaluation of `when` on a bench event (`{"key", "seq"}`, an LLM step's
+/// typical output before it), in nanoseconds: what a condition adds to each event, measured
+/// without Kafka's noise.
+fn condition_eval_ns(when: &str) -> (f64, f64) {
+    use rdkafka::message::{OwnedHeaders, OwnedMessage, Timestamp};
+    let condition = spillway::template::Condition::new("bench.when", when).expect("compiles");
+    let mut ctx = spillway::step::EventContext {
+        record: Arc::new(OwnedMessage::new(
+            None,
+            None,
+            "bench".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            Some(OwnedHeaders::new()),
+        )),
+        event: spillway::codec::Event {
+            id: "bench/0/0".into(),
+            source: "kafka://bench".into(),
+            event_type: "spillway.record".into(),
+            time: None,
+            data: serde_json::json!({ "key": "k1", "seq": 5 }).into(),
+        },
+        dedup_key: "kafka://bench|bench/0/0".into(),
+        outputs: serde_json::Map::new(),
+    };
+    let time = |ctx: &spillway::step::EventContext| {
+        const N: u32 = 200_000;
+        let cpu0 = cpu_time();
+        for _ in 0..N {
+            assert!(condition.holds(std::hint::black_box(ctx)).expect("holds"));
+        }
+        (cpu_time() - cpu0) * 1e9 / N as f64
+    };
+    let bare = time(&ctx);
+    ctx.outputs.insert(
+        "classify".into(),
+        serde_json::json!({
+            "text": "{\"label\":\"negative\"}", "json": {"label": "negative"},
+            "model": "mock-small", "provider": "local",
+            "usage": {"input_tokens": 23, "output_tokens": 58}, "repairs": 0
+        }),
+    );
+    (bare, time(&ctx))
+}
+
 /// Drains `events` records with a bare rdkafka consumer; returns (elapsed, cpu seconds).
 fn raw_drain(bootstrap: &str, topic: &str, events: u64) -> (Duration, f64) {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -315,6 +361,10 @@ fn main() {
         );
         println!(
             "(producing the backlog took {produced_in:.1?}; processor figures include start-up and the group join)"
+        );
+        let (bare, with_output) = condition_eval_ns(when);
+        println!(
+            "\nOne evaluation of the condition: {bare:.0} ns CPU; {with_output:.0} ns with an LLM step's output before it"
         );
     });
 }
