@@ -137,13 +137,14 @@ impl StepError {
 pub struct EventContext {
     /// The Kafka record, byte for byte.
     pub record: Arc<OwnedMessage>,
-    /// The decoded event.
-    pub event: Event,
+    /// The decoded event (shared: templates and conditions read it without copying).
+    pub event: Arc<Event>,
     /// The event's dedup key (`<source>|<id>` with a journal, else the event id): the
     /// `Idempotency-Key` and `webhook-id` sinks send, so receivers can drop repeats.
     pub dedup_key: String,
-    /// Results of earlier steps, by step name, for the steps after them.
-    pub outputs: Map<String, Json>,
+    /// Results of earlier steps, by step name, for the steps after them (shared: templates and
+    /// conditions read them without copying; the worker adds to it with `Arc::make_mut`).
+    pub outputs: Arc<Map<String, Json>>,
 }
 
 /// Which attempt of a step this is.

@@ -9,9 +9,12 @@
 #[cfg(test)]
 use serde_json::{json, Value as Json};
 
+use std::sync::Arc;
+
 use crate::config::ConfigError;
 use crate::step::EventContext;
-use minijinja::ErrorKind;
+use minijinja::value::{Enumerator, Object, ObjectRepr};
+use minijinja::{ErrorKind, Value};
 
 /// How rendered values are escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,21 +72,13 @@ impl Templates {
         self.env.get_template(key).is_ok()
     }
 
-    /// The variables an event's templates see.
+    /// The variables an event's templates see: `event`, `data` and `outputs`, each converted
+    /// only as far as a template reads it (conditions build this for every event).
     pub fn vars(ctx: &EventContext) -> minijinja::Value {
-        use minijinja::Value;
-        let e = &ctx.event;
-        // Built directly (no intermediate JSON copy): conditions build this for every event.
-        minijinja::context! {
-            event => minijinja::context! {
-                id => e.id.as_str(),
-                source => e.source.as_str(),
-                type => e.event_type.as_str(),
-                time => e.time.as_deref(),
-            },
-            data => lazy(&e.data),
-            outputs => Value::from(minijinja::value::Serde(&ctx.outputs)),
-        }
+        minijinja::Value::from_object(Vars {
+            event: ctx.event.clone(),
+            outputs: ctx.outputs.clone(),
+        })
     }
 
     /// Renders template `key` for an event. The error names the template and what went
@@ -101,46 +96,191 @@ impl Templates {
     }
 }
 
-/// `json` as a template value that converts only what a template reads: a condition on
-/// `data.score` looks up one field instead of converting the whole payload for every event.
-fn lazy(json: &std::sync::Arc<serde_json::Value>) -> minijinja::Value {
-    use serde_json::Value as J;
-    match &**json {
-        J::Object(_) | J::Array(_) => minijinja::Value::from_object(LazyJson(json.clone())),
-        scalar => minijinja::Value::from(minijinja::value::Serde(scalar)),
-    }
+/// The top-level variables: `event` (`id`, `source`, `type`, `time`), `data`, `outputs`.
+#[derive(Debug)]
+struct Vars {
+    event: Arc<crate::codec::Event>,
+    outputs: Arc<JsonMap>,
 }
 
-/// A JSON object or array whose members are converted when read.
-#[derive(Debug)]
-struct LazyJson(std::sync::Arc<serde_json::Value>);
+type JsonMap = serde_json::Map<String, serde_json::Value>;
 
-impl minijinja::value::Object for LazyJson {
-    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
-        match &*self.0 {
-            serde_json::Value::Array(_) => minijinja::value::ObjectRepr::Seq,
-            _ => minijinja::value::ObjectRepr::Map,
+impl Object for Vars {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match key.as_str()? {
+            "event" => Some(Value::from_object(EventVars(self.event.clone()))),
+            "data" => Some(lazy(Root::Event(self.event.clone()), Vec::new())),
+            "outputs" => Some(lazy(Root::Outputs(self.outputs.clone()), Vec::new())),
+            _ => None,
         }
     }
 
-    fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
-        let member = match &*self.0 {
-            serde_json::Value::Object(map) => map.get(key.as_str()?),
-            serde_json::Value::Array(items) => items.get(key.as_usize()?),
-            _ => None,
-        }?;
-        Some(minijinja::Value::from(minijinja::value::Serde(member)))
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&["event", "data", "outputs"])
+    }
+}
+
+/// `event`: the CloudEvents attributes.
+#[derive(Debug)]
+struct EventVars(Arc<crate::codec::Event>);
+
+impl Object for EventVars {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let e = &self.0;
+        Some(match key.as_str()? {
+            "id" => Value::from(e.id.as_str()),
+            "source" => Value::from(e.source.as_str()),
+            "type" => Value::from(e.event_type.as_str()),
+            "time" => Value::from(e.time.as_deref()),
+            _ => return None,
+        })
     }
 
-    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
-        match &*self.0 {
-            serde_json::Value::Object(map) => minijinja::value::Enumerator::Values(
-                map.keys()
-                    .map(|k| minijinja::Value::from(k.as_str()))
-                    .collect(),
-            ),
-            serde_json::Value::Array(items) => minijinja::value::Enumerator::Seq(items.len()),
-            _ => minijinja::value::Enumerator::Empty,
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&["id", "source", "type", "time"])
+    }
+}
+
+/// What a lazy JSON value hangs off: the event's `data` or the outputs.
+#[derive(Debug, Clone)]
+enum Root {
+    Event(Arc<crate::codec::Event>),
+    Outputs(Arc<JsonMap>),
+}
+
+/// One step down a JSON value: a member's name or an item's index.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A node of a JSON tree: the outputs map itself, or a value in it or in `data`.
+enum Node<'a> {
+    Map(&'a JsonMap),
+    Json(&'a serde_json::Value),
+}
+
+impl<'a> Node<'a> {
+    fn child(self, seg: &Seg) -> Option<Node<'a>> {
+        use serde_json::Value as J;
+        let map = match self {
+            Node::Map(m) => m,
+            Node::Json(J::Object(m)) => m,
+            Node::Json(J::Array(items)) => {
+                return match seg {
+                    Seg::Index(i) => items.get(*i).map(Node::Json),
+                    Seg::Key(_) => None,
+                }
+            }
+            Node::Json(_) => return None,
+        };
+        match seg {
+            Seg::Key(k) => map.get(k).map(Node::Json),
+            Seg::Index(_) => None,
+        }
+    }
+}
+
+/// The JSON object or array at `path` under `root`, whose members are converted only when
+/// read: a condition on `outputs.classify.json.label` looks up one string instead of
+/// converting every step's output for every event.
+#[derive(Debug)]
+struct LazyJson {
+    root: Root,
+    path: Vec<Seg>,
+}
+
+impl LazyJson {
+    fn node(&self) -> Option<Node<'_>> {
+        let start = match &self.root {
+            Root::Event(e) => Node::Json(&e.data),
+            Root::Outputs(o) => Node::Map(o),
+        };
+        self.path
+            .iter()
+            .try_fold(start, |node, seg| node.child(seg))
+    }
+}
+
+/// The value at `path` under `root`: objects and arrays stay lazy, scalars are converted.
+fn lazy(root: Root, path: Vec<Seg>) -> Value {
+    let node = LazyJson { root, path };
+    match node.node() {
+        Some(Node::Json(scalar)) if !is_container(scalar) => scalar_value(scalar),
+        Some(_) => Value::from_object(node),
+        None => Value::UNDEFINED,
+    }
+}
+
+fn is_container(json: &serde_json::Value) -> bool {
+    matches!(
+        json,
+        serde_json::Value::Object(_) | serde_json::Value::Array(_)
+    )
+}
+
+/// Whether `lazy` is an array (its members are looked up by index).
+fn child_of_array(lazy: &LazyJson) -> bool {
+    matches!(lazy.node(), Some(Node::Json(serde_json::Value::Array(_))))
+}
+
+/// A JSON scalar as a template value, converted directly.
+fn scalar_value(json: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match json {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (_, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(text) => Value::from(text.as_str()),
+        _ => Value::from(minijinja::value::Serde(json)),
+    }
+}
+
+impl Object for LazyJson {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        match self.node() {
+            Some(Node::Json(serde_json::Value::Array(_))) => ObjectRepr::Seq,
+            _ => ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        use serde_json::Value as J;
+        let child = match self.node()? {
+            Node::Json(J::Array(items)) => items.get(key.as_usize()?),
+            Node::Map(m) | Node::Json(J::Object(m)) => m.get(key.as_str()?),
+            Node::Json(_) => None,
+        }?;
+        match child {
+            scalar if !is_container(scalar) => Some(scalar_value(scalar)),
+            _ => {
+                let seg = match key.as_usize() {
+                    Some(i) if child_of_array(self) => Seg::Index(i),
+                    _ => Seg::Key(key.as_str()?.to_string()),
+                };
+                let mut path = Vec::with_capacity(self.path.len() + 1);
+                path.extend(self.path.iter().cloned());
+                path.push(seg);
+                Some(Value::from_object(LazyJson {
+                    root: self.root.clone(),
+                    path,
+                }))
+            }
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let keys =
+            |m: &JsonMap| Enumerator::Values(m.keys().map(|k| Value::from(k.as_str())).collect());
+        match self.node() {
+            Some(Node::Map(m)) | Some(Node::Json(serde_json::Value::Object(m))) => keys(m),
+            Some(Node::Json(serde_json::Value::Array(items))) => Enumerator::Seq(items.len()),
+            _ => Enumerator::Empty,
         }
     }
 }
@@ -221,15 +361,15 @@ pub(crate) fn test_context(data: Json) -> EventContext {
             0,
             Some(rdkafka::message::OwnedHeaders::new()),
         )),
-        event: crate::codec::Event {
+        event: std::sync::Arc::new(crate::codec::Event {
             id: "e-1".into(),
             source: "/webhooks/blog".into(),
             event_type: "comment".into(),
             time: None,
             data: data.into(),
-        },
+        }),
         dedup_key: "test|1".into(),
-        outputs: serde_json::Map::new(),
+        outputs: Default::default(),
     }
 }
 
@@ -258,9 +398,41 @@ mod tests {
     }
 
     #[test]
+    fn templates_read_nested_outputs_arrays_and_whole_values_through_the_lazy_view() {
+        let mut c = ctx(
+            json!({"tags": ["a", "b"], "n": 1.5, "big": 18446744073709551615u64, "nested": {"x": null}}),
+        );
+        std::sync::Arc::make_mut(&mut c.outputs).insert(
+            "classify".into(),
+            json!({"json": {"label": "neg", "scores": [0.1, 0.9]}}),
+        );
+        let source = "{{ outputs.classify.json.label }} {{ outputs.classify.json.scores[1] }} \
+                      {{ data.tags[0] }}{{ data.tags|length }} {{ data.n }} {{ data.big }} \
+                      {{ data.nested.x is none }} {{ data|tojson }} \
+                      {% for k in outputs %}{{ k }}{% endfor %} {{ event.time is none }} \
+                      {{ event.type }} {{ outputs.classify|tojson }}";
+        let t = Templates::new("t", &[("a", source)], Escape::None).unwrap();
+        assert_eq!(
+            t.render("a", &c).unwrap(),
+            "neg 0.9 a2 1.5 18446744073709551615 True \
+             {\"big\": 18446744073709551615, \"n\": 1.5, \"nested\": {\"x\": null}, \"tags\": [\"a\", \"b\"]} \
+             classify True comment {\"json\": {\"label\": \"neg\", \"scores\": [0.1, 0.9]}}"
+        );
+        for missing in [
+            "{{ outputs.classify.json.nope }}",
+            "{{ outputs.other }}",
+            "{{ data.tags[5] }}",
+            "{{ data.n.deeper }}",
+        ] {
+            let t = Templates::new("t", &[("a", missing)], Escape::None).unwrap();
+            assert!(t.render("a", &c).is_err(), "{missing} is undefined");
+        }
+    }
+
+    #[test]
     fn event_text_in_a_slack_message_cannot_mention_or_link() {
         let mut c = ctx(json!({"text": "<!channel> urgent & <https://evil.example|click>"}));
-        c.outputs
+        std::sync::Arc::make_mut(&mut c.outputs)
             .insert("llm".into(), json!({"label": "<@U999> is to blame"}));
         let text = "<@U123> new comment: {{ data.text }} ({{ outputs.llm.label }})";
         let out = slack(text, true).render(&c);

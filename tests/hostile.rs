@@ -26,13 +26,13 @@ fn context(id: &str) -> EventContext {
     );
     EventContext {
         record: Arc::new(record),
-        event: Event {
+        event: std::sync::Arc::new(Event {
             id: id.into(),
             source: "/webhooks/blog".into(),
             event_type: "comment".into(),
             time: None,
             data: serde_json::json!({"text": "hello"}).into(),
-        },
+        }),
         dedup_key: id.into(),
         outputs: Default::default(),
     }

@@ -231,15 +231,15 @@ fn condition_eval_ns(when: &str) -> (f64, f64) {
             0,
             Some(OwnedHeaders::new()),
         )),
-        event: spillway::codec::Event {
+        event: std::sync::Arc::new(spillway::codec::Event {
             id: "bench/0/0".into(),
             source: "kafka://bench".into(),
             event_type: "spillway.record".into(),
             time: None,
             data: serde_json::json!({ "key": "k1", "seq": 5 }).into(),
-        },
+        }),
         dedup_key: "kafka://bench|bench/0/0".into(),
-        outputs: serde_json::Map::new(),
+        outputs: Default::default(),
     };
     let time = |ctx: &spillway::step::EventContext| {
         const N: u32 = 200_000;
@@ -250,7 +250,7 @@ fn condition_eval_ns(when: &str) -> (f64, f64) {
         (cpu_time() - cpu0) * 1e9 / N as f64
     };
     let bare = time(&ctx);
-    ctx.outputs.insert(
+    Arc::make_mut(&mut ctx.outputs).insert(
         "classify".into(),
         serde_json::json!({
             "text": "{\"label\":\"negative\"}", "json": {"label": "negative"},

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -235,9 +235,9 @@ impl Worker {
         };
         let mut ctx = EventContext {
             record: record.clone(),
-            event,
+            event: event.into(),
             dedup_key,
-            outputs: Map::new(),
+            outputs: Default::default(),
         };
         let mut spend = Spend::default();
         let outcome = match self.journal.clone() {
@@ -402,7 +402,8 @@ impl Worker {
                 if let Some(output) = session.finished(step.name()) {
                     // Finished before a crash or rebalance: reuse the result, do not pay twice.
                     if !output.is_null() {
-                        ctx.outputs.insert(step.name().to_string(), output);
+                        std::sync::Arc::make_mut(&mut ctx.outputs)
+                            .insert(step.name().to_string(), output);
                     }
                     self.metrics
                         .journal_reused
@@ -446,7 +447,8 @@ impl Worker {
                             return o;
                         }
                     }
-                    ctx.outputs.insert(step.name().to_string(), skipped);
+                    std::sync::Arc::make_mut(&mut ctx.outputs)
+                        .insert(step.name().to_string(), skipped);
                     continue;
                 }
                 Err(err) => {
@@ -616,7 +618,7 @@ impl Worker {
                 }
             }
             if let Some(value) = output.value {
-                ctx.outputs.insert(step.name().to_string(), value);
+                std::sync::Arc::make_mut(&mut ctx.outputs).insert(step.name().to_string(), value);
             }
         }
         Outcome::Succeeded

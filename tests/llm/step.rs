@@ -41,15 +41,15 @@ fn context(text: &str) -> EventContext {
             0,
             Some(OwnedHeaders::new()),
         )),
-        event: Event {
+        event: std::sync::Arc::new(Event {
             id: "e".into(),
             source: "test".into(),
             event_type: "comment".into(),
             time: None,
             data: json!({ "text": text }).into(),
-        },
+        }),
         dedup_key: "test|1".into(),
-        outputs: serde_json::Map::new(),
+        outputs: Default::default(),
     }
 }
 
