@@ -370,6 +370,17 @@ impl Config {
                     format!("`{t}` is not one of kafka.topics, so no event of it arrives"),
                 ));
             }
+            if let Some(all) =
+                (self.pipelines[..i].iter()).position(|q| q.topics.is_empty() && q.types.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    at.clone(),
+                    format!(
+                        "is never reached: pipelines[{all}] before it takes every event (give it \
+                         topics or types, or move it last)"
+                    ),
+                ));
+            }
             if p.steps.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("{at}.steps"),

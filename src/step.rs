@@ -328,11 +328,13 @@ pub struct BuiltPipeline {
     pub steps: Pipeline,
     /// Journal TTL of its events, in seconds, overriding `journal.ttl_secs`.
     pub ttl_secs: Option<u64>,
-    /// Journal TTL by event type, in seconds, overriding `ttl_secs` and `journal.ttl_by_type`.
+    /// Journal TTL by event type, in seconds, overriding every other TTL for that type.
     pub ttl_by_type: std::collections::BTreeMap<String, u64>,
-    /// Prefix of its journal keys (`<pipeline>/`), so two pipelines that see the same event
-    /// keep separate entries; empty for the single top-level `[[steps]]` chain.
-    pub journal_prefix: String,
+    /// Prefix of its events' dedup keys (`<pipeline>/`): their journal entries, the
+    /// idempotency keys its sinks send and its result records' keys, so two pipelines that see
+    /// the same event keep separate entries and separate effects. Empty for the single
+    /// top-level `[[steps]]` chain.
+    pub key_prefix: String,
 }
 
 impl BuiltPipeline {
@@ -346,7 +348,7 @@ impl BuiltPipeline {
             steps,
             ttl_secs: None,
             ttl_by_type: Default::default(),
-            journal_prefix: String::new(),
+            key_prefix: String::new(),
         }
     }
 
@@ -355,13 +357,21 @@ impl BuiltPipeline {
         takes(&self.topics, &self.types, topic, event_type)
     }
 
-    /// The journal TTL this pipeline sets for `event_type`, if it sets one.
-    pub fn ttl(&self, event_type: &str) -> Option<Duration> {
-        self.ttl_by_type
-            .get(event_type)
-            .copied()
+    /// The journal TTL of an event of `event_type`: the most specific rule wins, the
+    /// pipeline's before `[journal]`'s at the same level. That is this pipeline's TTL for the
+    /// type, then `journal.ttl_by_type`'s (`journal_by_type`), then this pipeline's `ttl_secs`,
+    /// then `journal.ttl_secs` (`journal_default`).
+    pub fn ttl(
+        &self,
+        event_type: &str,
+        journal_by_type: Option<u64>,
+        journal_default: u64,
+    ) -> Duration {
+        let secs = (self.ttl_by_type.get(event_type).copied())
+            .or(journal_by_type)
             .or(self.ttl_secs)
-            .map(Duration::from_secs)
+            .unwrap_or(journal_default);
+        Duration::from_secs(secs)
     }
 
     /// Every TTL the pipeline sets, in seconds (the journal topic's retention must cover them).

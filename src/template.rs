@@ -289,6 +289,7 @@ impl Object for LazyJson {
 /// compiled once at start-up. Undefined names are strict: a condition that reads a field the
 /// event lacks fails to evaluate (write `data.x is defined and ...` to allow it).
 pub struct Condition {
+    key: String,
     source: String,
     expr: minijinja::Expression<'static, 'static>,
 }
@@ -310,9 +311,15 @@ impl Condition {
             .compile_expression_owned(source.to_string())
             .map_err(|e| ConfigError::invalid(key, format!("condition error: {e}")))?;
         Ok(Condition {
+            key: key.to_string(),
             source: source.to_string(),
             expr,
         })
+    }
+
+    /// Its configuration key (`steps.<step>.when`, `pipelines.<pipeline>.steps.<step>.when`).
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The expression as written.

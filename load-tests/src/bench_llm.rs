@@ -206,11 +206,16 @@ base_url = "http://{sim_addr}"
     let metrics = processor.metrics();
     let task = tokio::spawn(processor.run());
     let started = Instant::now();
+    // Dead letters of the pipeline (`default`) and of records none took (`none`).
     let dead = || {
-        metrics
-            .events
-            .with_label_values(&[&topic, "dead_lettered"])
-            .get() as usize
+        ["default", "none"]
+            .iter()
+            .map(|p| {
+                (metrics.events)
+                    .with_label_values(&[p, topic.as_str(), "dead_lettered"])
+                    .get() as usize
+            })
+            .sum::<usize>()
     };
     let budget = Duration::from_secs_f64(sc.events as f64 / sc.events_per_sec() * 2.0 + 60.0);
     loop {

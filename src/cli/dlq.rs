@@ -125,6 +125,7 @@ pub fn summary(m: &OwnedMessage) -> Json {
         "timestamp_ms": m.timestamp().to_millis(),
         "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         "reason": header(m, "dlq.reason"),
+        "pipeline": header(m, "dlq.pipeline"),
         "stage": header(m, "__connect.errors.stage"),
         "source": format!(
             "{}/{}@{}",

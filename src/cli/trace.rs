@@ -123,17 +123,29 @@ pub struct LlmCall {
     pub answer: Json,
 }
 
-/// Whether an event with dedup key `key` (`<source>|<id>`) is the one `query` names: its
-/// dedup key, its id, or a pipeline's journal key of it.
-fn is_the_event(query: &str, key: &str, pipelines: &[String]) -> bool {
-    let query = (pipelines.iter())
-        .find_map(|p| query.strip_prefix(&format!("{p}/")))
-        .unwrap_or(query);
-    query == key || key.split_once('|').is_some_and(|(_, id)| id == query)
+/// Whether `query` names the event whose dedup key is `raw` (`<source>|<id>`, or the id
+/// alone without a journal) and whose key in its pipeline is `full` (`<pipeline>/<raw>`, or
+/// `raw` for `default`): either key, or the id the key ends with.
+fn names_event(query: &str, raw: &str, full: &str) -> bool {
+    query == full
+        || query == raw
+        || raw
+            .strip_suffix(query)
+            .is_some_and(|rest| rest.ends_with('|'))
 }
 
+/// The key prefix of the pipeline named `name` (empty for `default`).
+fn prefix_of<'a>(chains: &'a [Chain<'_>], name: &str) -> &'a str {
+    (chains.iter())
+        .find(|c| c.0 == name)
+        .map_or("", |c| c.1.as_str())
+}
+
+/// A pipeline's name, key prefix and steps.
+type Chain<'a> = (String, String, &'a [StepEntry]);
+
 /// The named pipelines and their chains: `[[pipelines]]`, or `default` with `[[steps]]`.
-fn chains(config: &Config) -> Vec<(String, String, &[StepEntry])> {
+fn chains(config: &Config) -> Vec<Chain<'_>> {
     if config.pipelines.is_empty() {
         return vec![("default".into(), String::new(), &config.steps)];
     }
@@ -176,27 +188,53 @@ fn located(m: &OwnedMessage) -> Located {
     }
 }
 
-/// The dedup key of a DLQ record: its original headers and value, decoded as the processor
-/// did, with the original topic, partition and offset for the defaults.
+/// The dedup key of a DLQ record: its original value and headers, decoded as the processor
+/// did; where the decoder fell back to the DLQ record's own coordinates or topic, the
+/// original's (`__connect.errors.*`) stand in, as the processor saw them.
 fn dead_letter_key(config: &Config, event: Option<Event>, m: &OwnedMessage) -> String {
     let original = header(m, "__connect.errors.topic").unwrap_or("?");
+    let coordinates = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
     let mut event = event.unwrap_or_else(|| Event {
-        id: String::new(),
-        source: String::new(),
+        id: coordinates.clone(),
+        source: format!("kafka://{}", m.topic()),
         event_type: String::new(),
         time: None,
         data: Default::default(),
     });
-    event.id = header(m, "ce_id").map(str::to_string).unwrap_or_else(|| {
-        format!(
+    if event.id == coordinates {
+        event.id = format!(
             "{original}/{}/{}",
             header(m, "__connect.errors.partition").unwrap_or("?"),
             header(m, "__connect.errors.offset").unwrap_or("?")
-        )
-    });
-    event.source = (header(m, "ce_source").map(str::to_string))
-        .unwrap_or_else(|| format!("kafka://{original}"));
+        );
+    }
+    if event.source == format!("kafka://{}", m.topic()) {
+        event.source = format!("kafka://{original}");
+    }
     key_of(config, &event)
+}
+
+/// The key the processor would compute from an input record's headers alone, when they
+/// decide it (`ce_id`, `ce_source` and `ce_type` present, no `journal.id_field`): lets trace
+/// skip decoding the records of other events.
+fn header_key(config: &Config, m: &OwnedMessage) -> Option<(String, String)> {
+    if config
+        .journal
+        .as_ref()
+        .is_some_and(|j| j.id_field.is_some())
+    {
+        return None;
+    }
+    let (id, source, event_type) = (
+        header(m, "ce_id")?,
+        header(m, "ce_source")?,
+        header(m, "ce_type")?,
+    );
+    let raw = match config.journal {
+        Some(_) => format!("{source}|{id}"),
+        None => id.to_string(),
+    };
+    Some((raw, event_type.to_string()))
 }
 
 /// Adds `key` to `keys` once.
@@ -206,17 +244,27 @@ fn note(key: &str, keys: &mut Vec<String>) {
     }
 }
 
+/// The event's dedup key before its pipeline's prefix, as the processor computes it.
 fn key_of(config: &Config, event: &Event) -> String {
     match &config.journal {
         Some(j) => j.dedup_key(event),
-        None => format!("{}|{}", event.source, event.id),
+        None => event.id.clone(),
     }
+}
+
+/// The pipeline that takes an event of `event_type` from `topic`, if any.
+fn pipeline_of(config: &Config, topic: &str, event_type: &str) -> Option<String> {
+    if config.pipelines.is_empty() {
+        return Some("default".to_string());
+    }
+    (config.pipelines.iter())
+        .find(|p| crate::step::takes(&p.topics, &p.types, topic, event_type))
+        .map(|p| p.name.clone())
 }
 
 /// Gathers the story of the event `query` names. Blocking; call it from a blocking context.
 pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
     let chains = chains(config);
-    let names: Vec<String> = chains.iter().map(|c| c.0.clone()).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -229,23 +277,31 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
     let mut deliveries = Vec::new();
     for topic in &config.kafka.topics {
         scan(config, topic, |m| {
+            if let Some((raw, event_type)) = header_key(config, &m) {
+                let pipeline = pipeline_of(config, topic, &event_type);
+                let full = format!(
+                    "{}{raw}",
+                    prefix_of(&chains, pipeline.as_deref().unwrap_or(""))
+                );
+                if !names_event(query, &raw, &full) {
+                    return; // Another event: not decoded.
+                }
+            }
             let Some(event) = decode(&m) else { return };
-            let key = key_of(config, &event);
-            if !is_the_event(query, &key, &names) {
+            let raw = key_of(config, &event);
+            let pipeline = pipeline_of(config, topic, &event.event_type);
+            let full = format!(
+                "{}{raw}",
+                prefix_of(&chains, pipeline.as_deref().unwrap_or(""))
+            );
+            if !names_event(query, &raw, &full) {
                 return;
             }
-            note(&key, &mut keys);
-            let pipeline = if config.pipelines.is_empty() {
-                Some("default".to_string())
-            } else {
-                (config.pipelines.iter())
-                    .find(|p| crate::step::takes(&p.topics, &p.types, topic, &event.event_type))
-                    .map(|p| p.name.clone())
-            };
+            note(&full, &mut keys);
             deliveries.push(Delivery {
                 at: located(&m),
                 event_type: event.event_type.clone(),
-                dedup_key: key,
+                dedup_key: full,
                 pipeline,
             });
         })?;
@@ -253,9 +309,13 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
 
     let mut dead_letters = Vec::new();
     scan(config, &config.dlq.topic, |m| {
-        let key = dead_letter_key(config, decode(&m), &m);
-        if is_the_event(query, &key, &names) {
-            note(&key, &mut keys);
+        let raw = dead_letter_key(config, decode(&m), &m);
+        let full = format!(
+            "{}{raw}",
+            prefix_of(&chains, header(&m, "dlq.pipeline").unwrap_or(""))
+        );
+        if names_event(query, &raw, &full) {
+            note(&full, &mut keys);
             dead_letters.push(super::dlq::summary(&m));
         }
     })?;
@@ -271,10 +331,10 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
                 .filter(|c| !c.1.is_empty())
                 .find_map(|c| journal_key.strip_prefix(&c.1))
                 .unwrap_or(journal_key);
-            if !is_the_event(query, raw, &names) {
+            if !names_event(query, raw, journal_key) {
                 return;
             }
-            note(raw, &mut keys);
+            note(journal_key, &mut keys);
             let entry = m
                 .payload()
                 .and_then(|v| serde_json::from_slice::<Entry>(v).ok());
@@ -290,13 +350,20 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
     let mut runs = Vec::new();
     for (journal_key, entry) in entries {
         let Some(entry) = entry else { continue };
-        let Some((pipeline, _, steps)) = (chains.iter())
+        let chain = (chains.iter())
             .filter(|c| journal_key.starts_with(&c.1))
-            .max_by_key(|c| c.1.len())
-        else {
-            continue;
-        };
-        runs.push(run(config, pipeline, &journal_key, &entry, steps, now_ms));
+            .max_by_key(|c| c.1.len());
+        runs.push(match chain {
+            Some((pipeline, _, steps)) => {
+                let steps = steps_of(Some(steps), &entry);
+                run(config, pipeline, &journal_key, &entry, steps, now_ms)
+            }
+            // Written before [[pipelines]] (no prefix): its steps as the entry holds them.
+            None => {
+                let steps = steps_of(None, &entry);
+                run(config, UNPREFIXED, &journal_key, &entry, steps, now_ms)
+            }
+        });
     }
 
     let mut results = Vec::new();
@@ -320,7 +387,8 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
     for topic in outputs {
         scan(config, topic, |m| {
             let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-            if key.is_some_and(|k| keys.iter().any(|known| known == k)) {
+            if key.is_some_and(|k| keys.iter().any(|known| known == k) || names_event(query, k, k))
+            {
                 results.push(located(&m));
             }
         })?;
@@ -340,20 +408,59 @@ pub fn trace(config: &Config, query: &str) -> Result<Story, DlqToolError> {
 }
 
 /// One pipeline's run from its journal entry, its steps in configuration order.
+/// The kinds of step whose output trace reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Route,
+    Llm,
+    Other,
+}
+
+/// The pipeline's steps in order with their kinds; for an entry of no known pipeline, the
+/// steps it holds, their kinds read from their outputs.
+fn steps_of(chain: Option<&[StepEntry]>, entry: &Entry) -> Vec<(String, Kind)> {
+    match chain {
+        Some(steps) => (steps.iter())
+            .map(|s| {
+                let kind = match &s.step {
+                    StepConfig::Route(_) => Kind::Route,
+                    StepConfig::Llm(_) => Kind::Llm,
+                    _ => Kind::Other,
+                };
+                (s.name().to_string(), kind)
+            })
+            .collect(),
+        None => (entry.steps.iter())
+            .map(|(name, out)| {
+                let kind = if out.get("usage").is_some() && out.get("model").is_some() {
+                    Kind::Llm
+                } else if out.get("route").is_some() && out.get("value").is_some() {
+                    Kind::Route
+                } else {
+                    Kind::Other
+                };
+                (name.clone(), kind)
+            })
+            .collect(),
+    }
+}
+
+/// The pipeline label of journal entries written before `[[pipelines]]` (no prefix).
+const UNPREFIXED: &str = "(unprefixed: written before [[pipelines]])";
+
 fn run(
     config: &Config,
     pipeline: &str,
     journal_key: &str,
     entry: &Entry,
-    steps: &[StepEntry],
+    steps: Vec<(String, Kind)>,
     now_ms: u64,
 ) -> Run {
     let mut tokens = 0;
     let mut cost_usd = 0.0;
     let steps = steps
-        .iter()
-        .map(|s| {
-            let name = s.name().to_string();
+        .into_iter()
+        .map(|(name, kind)| {
             let output = entry.steps.get(&name).cloned();
             let status = match &output {
                 Some(v) if v.get("skipped") == Some(&Json::Bool(true)) => "skipped",
@@ -362,12 +469,12 @@ fn run(
                 None => "not_run",
             };
             let output = output.unwrap_or(Json::Null);
-            let route = match (&s.step, output.get("route")) {
-                (StepConfig::Route(_), Some(Json::String(r))) => Some(r.clone()),
+            let route = match (kind, output.get("route")) {
+                (Kind::Route, Some(Json::String(r))) => Some(r.clone()),
                 _ => None,
             };
-            let llm = match (&s.step, output.get("usage")) {
-                (StepConfig::Llm(_), Some(usage)) => {
+            let llm = match (kind, output.get("usage")) {
+                (Kind::Llm, Some(usage)) => {
                     let n = |k: &str| usage.get(k).and_then(Json::as_u64).unwrap_or(0);
                     let model = output["model"].as_str().unwrap_or("").to_string();
                     let (input_tokens, output_tokens) = (n("input_tokens"), n("output_tokens"));

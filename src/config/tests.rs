@@ -451,20 +451,17 @@ fn pipelines_parse_with_their_own_topics_types_ttls_and_step_names() {
     )
     .expect("builds");
     let (c, t) = (&built[0], &built[1]);
-    assert_eq!(
-        (&*c.name, c.journal_prefix.as_str()),
-        ("comments", "comments/")
-    );
+    assert_eq!((&*c.name, c.key_prefix.as_str()), ("comments", "comments/"));
     assert!(c.takes("events", "com.example.comment"));
     assert!(!c.takes("events", "com.example.other") && !c.takes("tickets", "com.example.comment"));
     assert!(t.takes("tickets", "anything") && !t.takes("events", "anything"));
-    assert_eq!(c.ttl("com.example.edit"), Some(Duration::from_secs(5)));
-    assert_eq!(c.ttl("com.example.comment"), Some(Duration::from_secs(60)));
-    assert_eq!(
-        t.ttl("com.example.comment"),
-        None,
-        "the journal's TTL applies"
-    );
+    // The most specific rule wins, the pipeline's first: its type, the journal's type, its
+    // default, the journal's default.
+    let secs = Duration::from_secs;
+    assert_eq!(c.ttl("com.example.edit", Some(900), 3600), secs(5));
+    assert_eq!(c.ttl("com.example.presence", Some(900), 3600), secs(900));
+    assert_eq!(c.ttl("com.example.comment", None, 3600), secs(60));
+    assert_eq!(t.ttl("com.example.comment", None, 3600), secs(3600));
     // Longer pipeline TTLs stretch the journal topic's retention too.
     let longer = toml.replace("ttl_secs = 60", "ttl_secs = 7200");
     let j = Config::from_toml(&longer).unwrap().journal.unwrap();
@@ -494,6 +491,11 @@ fn pipelines_are_refused_naming_the_key_when_they_cannot_work() {
                 + "[[pipelines.steps]]\ntype = \"webhook\"\nname = \"post\"\nurl = \"http://127.0.0.1:1/y\"\n",
             "pipelines[0].steps[1].name",
             "is also the name of pipelines[0].steps[0]",
+        ),
+        (
+            pipelines(&[("a", ""), ("b", "topics = [\"tickets\"]")]),
+            "pipelines[1]",
+            "never reached: pipelines[0]",
         ),
         (
             pipelines(&[("a", "")]) + "[processor]\nunmatched = \"drop\"\n",

@@ -3,7 +3,9 @@
 //! already finished.
 //!
 //! - **Dedup key.** `<ce_source>|<stable id>`: the id is the event's `ce_id` (`Event::id`),
-//!   or, with `journal.id_field`, a JSON pointer into the event's data (upstream topics).
+//!   or, with `journal.id_field`, a JSON pointer into the event's data (upstream topics). The
+//!   worker prefixes it with `<pipeline>/` for `[[pipelines]]`, so each pipeline has its own
+//!   entries.
 //! - **Entries** record each finished step's output (the LLM answer with its usage; a sink's
 //!   receipt) and whether the whole event is done. They expire with the event type's TTL.
 //! - **State on disk, the topic as its changelog** (Kafka Streams' model). An input partition
@@ -301,15 +303,11 @@ impl Journal {
         self.config.dedup_key(event)
     }
 
-    /// How long entries of `event_type` are kept.
-    pub fn ttl(&self, event_type: &str) -> Duration {
-        Duration::from_secs(
-            self.config
-                .ttl_by_type
-                .get(event_type)
-                .copied()
-                .unwrap_or(self.config.ttl_secs),
-        )
+    /// How long entries of `event_type` are kept: a pipeline's TTLs against `[journal]`'s
+    /// ([`crate::step::BuiltPipeline::ttl`]).
+    pub fn ttl(&self, pipeline: &crate::step::BuiltPipeline, event_type: &str) -> Duration {
+        let by_type = self.config.ttl_by_type.get(event_type).copied();
+        pipeline.ttl(event_type, by_type, self.config.ttl_secs)
     }
 
     fn journal_partition(&self, input_partition: i32) -> i32 {

@@ -33,10 +33,11 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineJournal {
-    /// How long its events' entries are kept, in seconds; default `journal.ttl_secs`.
+    /// How long its events' entries are kept, in seconds, for types `journal.ttl_by_type`
+    /// does not name; default `journal.ttl_secs`.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
-    /// TTL by event type, in seconds, before `ttl_secs` and `journal.ttl_by_type`.
+    /// TTL by event type, in seconds, before every other TTL for that type.
     #[serde(default)]
     pub ttl_by_type: BTreeMap<String, u64>,
 }

@@ -119,8 +119,8 @@ impl Step for Conditional {
             crate::step::StepError::deterministic(
                 "condition_error",
                 format!(
-                    "steps.{}.when `{}` cannot be evaluated for this event: {e}",
-                    self.inner.name(),
+                    "{} `{}` cannot be evaluated for this event: {e}",
+                    self.condition.key(),
                     self.condition.source()
                 ),
             )
@@ -149,7 +149,8 @@ pub fn build(
         accounts: &accounts,
     };
     if config.pipelines.is_empty() {
-        return Ok(vec![BuiltPipeline::single(build_chain(&cx, &config.steps)?)].into());
+        let steps = build_chain(&cx, "steps", &config.steps)?;
+        return Ok(vec![BuiltPipeline::single(steps)].into());
     }
     config
         .pipelines
@@ -159,10 +160,10 @@ pub fn build(
                 name: p.name.as_str().into(),
                 topics: p.topics.clone(),
                 types: p.types.clone(),
-                steps: build_chain(&cx, &p.steps)?,
+                steps: build_chain(&cx, &format!("pipelines.{}.steps", p.name), &p.steps)?,
                 ttl_secs: p.journal.ttl_secs,
                 ttl_by_type: p.journal.ttl_by_type.clone(),
-                journal_prefix: format!("{}/", p.name),
+                key_prefix: format!("{}/", p.name),
             })
         })
         .collect::<Result<Vec<_>, ConfigError>>()
@@ -170,7 +171,12 @@ pub fn build(
 }
 
 /// Builds one chain of steps, each wrapped in its condition (`when`, `route`) if it has one.
-fn build_chain(cx: &Assembly<'_>, entries: &[StepEntry]) -> Result<Pipeline, ConfigError> {
+/// `at` is the chain's key (`steps`, `pipelines.<name>.steps`), which condition errors name.
+fn build_chain(
+    cx: &Assembly<'_>,
+    at: &str,
+    entries: &[StepEntry],
+) -> Result<Pipeline, ConfigError> {
     entries
         .iter()
         .enumerate()
@@ -179,7 +185,7 @@ fn build_chain(cx: &Assembly<'_>, entries: &[StepEntry]) -> Result<Pipeline, Con
             Ok(match entry.condition_source(&entries[..i]) {
                 None => step,
                 Some(source) => {
-                    let key = format!("steps.{}.when", entry.name());
+                    let key = format!("{at}.{}.when", entry.name());
                     let condition = crate::template::Condition::new(&key, &source)?;
                     Arc::new(Conditional::new(step, condition)) as Arc<dyn Step>
                 }

@@ -35,6 +35,16 @@ pub struct Failure {
     pub first_failure_ms: u64,
     /// See `first_failure_ms`.
     pub last_failure_ms: u64,
+    /// The pipeline that took the record (`dlq.pipeline`), if one did.
+    pub pipeline: Option<std::sync::Arc<str>>,
+}
+
+impl Failure {
+    /// The failure, in `pipeline`.
+    pub fn in_pipeline(mut self, pipeline: &std::sync::Arc<str>) -> Failure {
+        self.pipeline = Some(pipeline.clone());
+        self
+    }
 }
 
 /// Writes failed records to the DLQ topic with an idempotent producer.
@@ -182,7 +192,8 @@ pub fn dlq_headers(record: &OwnedMessage, f: &Failure, group: &str) -> OwnedHead
         ("dlq.last_failure_ts", &last),
         ("dlq.consumer_group", group),
     ];
-    for (key, value) in fields {
+    let pipeline = f.pipeline.as_deref().map(|p| ("dlq.pipeline", p));
+    for (key, value) in fields.into_iter().chain(pipeline) {
         h = h.insert(Header {
             key,
             value: Some(value.as_bytes()),
@@ -219,6 +230,7 @@ mod tests {
             attempts: 1,
             first_failure_ms: 10,
             last_failure_ms: 20,
+            pipeline: Some("comments".into()),
         };
         let h = dlq_headers(&rec, &f, "grp");
         let get = |k: &str| {
@@ -234,5 +246,6 @@ mod tests {
         assert_eq!(get("dlq.reason").as_deref(), Some("invalid_json"));
         assert_eq!(get("dlq.consumer_group").as_deref(), Some("grp"));
         assert_eq!(get("dlq.last_failure_ts").as_deref(), Some("20"));
+        assert_eq!(get("dlq.pipeline").as_deref(), Some("comments"));
     }
 }

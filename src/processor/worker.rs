@@ -113,6 +113,7 @@ impl Attempts {
             attempts,
             first_failure_ms: *self.first_failure_ms.get_or_insert(now),
             last_failure_ms: now,
+            pipeline: None,
         }
     }
 }
@@ -229,9 +230,11 @@ impl Worker {
         else {
             return (self.unmatched(&record, &event).await, NO_PIPELINE);
         };
+        // Each pipeline has its own keys: one event seen by two pipelines runs, and acts, in
+        // both (its own journal entry, idempotency keys and result key).
         let dedup_key = match &self.journal {
-            Some(j) => j.key(&event),
-            None => event.id.clone(),
+            Some(j) => format!("{}{}", pipeline.key_prefix, j.key(&event)),
+            None => format!("{}{}", pipeline.key_prefix, event.id),
         };
         let mut ctx = EventContext {
             record: record.clone(),
@@ -303,10 +306,8 @@ impl Worker {
         spend: &mut Spend,
     ) -> Outcome {
         let (topic, partition) = (record.topic(), record.partition());
-        // Each pipeline keeps its own entries: one event seen by two pipelines runs in both.
-        let key = format!("{}{}", pipeline.journal_prefix, ctx.dedup_key);
-        let ttl = (pipeline.ttl(&ctx.event.event_type))
-            .unwrap_or_else(|| journal.ttl(&ctx.event.event_type));
+        let key = ctx.dedup_key.clone();
+        let ttl = journal.ttl(pipeline, &ctx.event.event_type);
         let begun = self
             .journal_retry(record, (&pipeline.name, "journal_session"), || {
                 journal.session(topic, partition, &key, ttl)
@@ -366,6 +367,10 @@ impl Worker {
                     e.to_string(),
                     attempt,
                 );
+                let failure = Failure {
+                    pipeline: (pipeline != NO_PIPELINE).then(|| pipeline.into()),
+                    ..failure
+                };
                 return Err(self.dead_letter(record, failure).await);
             }
             self.metrics
@@ -459,7 +464,9 @@ impl Worker {
                         err.message,
                         1,
                     );
-                    return self.dead_letter(record, failure).await;
+                    return self
+                        .dead_letter(record, failure.in_pipeline(&pipeline.name))
+                        .await;
                 }
             }
             if let Some(session) = journal {
@@ -578,7 +585,9 @@ impl Worker {
                             err.message,
                             attempt,
                         );
-                        return self.dead_letter(record, failure).await;
+                        return self
+                            .dead_letter(record, failure.in_pipeline(&pipeline.name))
+                            .await;
                     }
                 }
             };
@@ -593,7 +602,9 @@ impl Worker {
                     "this step writes Kafka records in a transaction and needs [journal]".into(),
                     attempt,
                 );
-                return self.dead_letter(record, failure).await;
+                return self
+                    .dead_letter(record, failure.in_pipeline(&pipeline.name))
+                    .await;
             }
             if let Some(session) = journal {
                 #[cfg(feature = "fault-injection")]

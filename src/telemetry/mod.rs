@@ -52,9 +52,9 @@ pub struct Metrics {
     pub events: IntCounterVec,
     /// Events no pipeline takes, by topic (then skipped or dead-lettered, `processor.unmatched`).
     pub unmatched: IntCounterVec,
-    /// Wall time of one step attempt, by step and outcome.
+    /// Wall time of one step attempt, by pipeline, step and outcome.
     pub step_duration: HistogramVec,
-    /// Retries scheduled after transient errors, by step and reason.
+    /// Retries scheduled after transient errors, by pipeline, step and reason.
     pub retries: IntCounterVec,
     /// Records written to the DLQ, by reason.
     pub dlq_records: IntCounterVec,
@@ -83,7 +83,8 @@ pub struct Metrics {
     pub decode_errors: IntCounterVec,
     /// Time from the record's Kafka timestamp to its completion, by pipeline.
     pub end_to_end: HistogramVec,
-    /// Step runs deferred because a dependency is throttling or down, by step and reason.
+    /// Step runs deferred because a dependency is throttling or down, by pipeline, step and
+    /// reason.
     pub deferrals: IntCounterVec,
     /// Steps not run for an event because their condition (`when`, `route`) was false.
     pub step_skips: IntCounterVec,
@@ -92,9 +93,9 @@ pub struct Metrics {
     /// USD one event cost, over all its calls, by pipeline.
     pub event_cost: HistogramVec,
     /// Events skipped because the journal says they are done (duplicates within the TTL),
-    /// by topic.
+    /// by pipeline and topic.
     pub duplicates: IntCounterVec,
-    /// Steps not run again because the journal holds their result, by step.
+    /// Steps not run again because the journal holds their result, by pipeline and step.
     pub journal_reused: IntCounterVec,
     /// Journal entry writes, by outcome (`ok`, `error`).
     pub journal_writes: IntCounterVec,

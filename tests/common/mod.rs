@@ -167,6 +167,8 @@ impl Drop for Lane {
 #[derive(Clone, Default)]
 pub struct Received {
     pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The `Idempotency-Key` of each request, in the order of `bodies`.
+    pub idempotency_keys: Arc<Mutex<Vec<String>>>,
 }
 
 impl Received {
@@ -212,16 +214,25 @@ pub async fn recording_sink_with(delay: Duration) -> (SocketAddr, Received) {
     let r = received.clone();
     let app = axum::Router::new().route(
         "/events",
-        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
-            let r = r.clone();
-            async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+        post(
+            move |headers: axum::http::HeaderMap,
+                  axum::Json(body): axum::Json<serde_json::Value>| {
+                let r = r.clone();
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+                    let mut bodies = r.bodies.lock().unwrap();
+                    r.idempotency_keys
+                        .lock()
+                        .unwrap()
+                        .push(key.unwrap_or_default().to_string());
+                    bodies.push(body);
+                    "ok"
                 }
-                r.bodies.lock().unwrap().push(body);
-                "ok"
-            }
-        }),
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -187,6 +187,27 @@ async fn two_pipelines_in_one_processor_keep_their_own_steps_and_ttls_and_share_
             ("tickets".to_string(), vec![tickets.clone()], 30.0, 5.0),
         ]
     );
+    // Each pipeline's effects carry its own key, so a receiver both post to would keep both.
+    let keys = |r: &Received| r.idempotency_keys.lock().unwrap().clone();
+    let (comment_keys, ticket_keys) = (keys(&comment_posts), keys(&ticket_posts));
+    assert!(
+        comment_keys
+            .iter()
+            .all(|k| k.starts_with("comments//app|evt-"))
+            && ticket_keys
+                .iter()
+                .all(|k| k.starts_with("tickets//app|evt-")),
+        "{comment_keys:?} {ticket_keys:?}"
+    );
+    // And `spillway trace` tells one event's two runs apart.
+    let story = tokio::task::block_in_place(|| {
+        spillway::cli::trace::trace(&config, "evt-7").expect("trace")
+    });
+    assert_eq!(story.keys, ["comments//app|evt-7", "tickets//app|evt-7"]);
+    let runs: Vec<(&str, bool)> = (story.runs.iter())
+        .map(|r| (r.pipeline.as_str(), r.done))
+        .collect();
+    assert_eq!(runs, [("comments", true), ("tickets", true)]);
     stop.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(
