@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The spike load test against local processes: a fresh Apache Kafka (scripts/broker.sh), a
+# schema registry, the provider simulator (3,000 RPM, 200 ms), the ingress
+# (load-tests/config/spike-ingress.toml: sources blog and campaign) and the processor
+# (load-tests/config/spike-processor.toml: classify, then the transactional result topic).
+# Then `load-test` drives a steady source at STEADY_RATE (default 2) events/s for DURATION
+# (default 240) s and a spike of SPIKE_EVENTS (default 10000) from the other source, and
+# prints the verdict; its exit code is this script's. The same binary and flags run against
+# `docker compose up` (README). Everything listens on 127.0.0.1 and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SPIKE_EVENTS="${SPIKE_EVENTS:-10000}"
+STEADY_RATE="${STEADY_RATE:-2}"
+DURATION="${DURATION:-240}"
+REGISTRY_PORT="${REGISTRY_PORT:-8081}"
+PORT="${BROKER_PORT:-19094}"
+export BROKER_PORT="$PORT"
+RUN=.spillway/spike; rm -rf "$RUN"; mkdir -p "$RUN"
+export BROKER_DIR="$RUN/broker"; scripts/broker.sh stop
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  scripts/broker.sh stop || true
+}
+trap cleanup EXIT
+wait_ready() {
+  for _ in $(seq 1 300); do
+    curl -fs "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "$1 exited:"; tail -30 "$RUN/$1.log"; exit 1; }
+    sleep 0.1
+  done
+  echo "$1 was not ready within 30 s"; tail -30 "$RUN/$1.log"; exit 1
+}
+
+echo "== building (release)"
+cargo build --release --quiet --bin spillway -p spillway --bin spillway-mock-llm -p spillway-mock-llm \
+  --bin load-test -p spillway-load-tests
+scripts/broker.sh start
+"$(scripts/tools.sh rivven-schema)" serve --host 127.0.0.1 --port "$REGISTRY_PORT" \
+  >"$RUN/registry.log" 2>&1 & pids+=($!)
+target/release/spillway-mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
+  --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
+SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \
+  SPILLWAY_JOURNAL__STATE_DIR="$RUN/state" \
+  target/release/spillway processor --config load-tests/config/spike-processor.toml \
+  >"$RUN/processor.log" 2>&1 & proc=$!; pids+=($proc)
+wait_ready processor "$proc" 9464
+export STEADY_WEBHOOK_SECRET="whsec_c3BpbGx3YXktbG9hZC10ZXN0LXN0ZWFkeS1zZWNyZXQ="
+export SPIKE_WEBHOOK_SECRET="whsec_c3BpbGx3YXktbG9hZC10ZXN0LXNwaWtlLXNlY3JldC0="
+SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_REGISTRY__URL="http://127.0.0.1:$REGISTRY_PORT" \
+  target/release/spillway ingress --config load-tests/config/spike-ingress.toml \
+  >"$RUN/ingress.log" 2>&1 & ingress=$!; pids+=($ingress)
+wait_ready ingress "$ingress" 9465
+
+verdict=0
+target/release/load-test --ingress http://127.0.0.1:8088 --brokers "127.0.0.1:$PORT" \
+  --results spillway.results --dlq spillway.dlq --simulator http://127.0.0.1:8089 \
+  --steady-source blog --spike-source campaign --steady-rate "$STEADY_RATE" \
+  --duration-secs "$DURATION" --spike-events "$SPIKE_EVENTS" || verdict=$?
+exit "$verdict"

@@ -1,0 +1,530 @@
+//! `load-test`: a spike against a running stack, and a verdict a user can act on.
+//!
+//! It drives a profile through the ingress: a steady source at `--steady-rate` events per
+//! second for the whole run, and a spike of `--spike-events` from another source sent as fast
+//! as the ingress takes them once `--spike-after-secs` have passed; a share of upstream
+//! duplicates (the same delivery sent again, which the ingress must answer 2xx without a
+//! second record) and of poison events (no `text`, which the pipeline's prompt cannot render,
+//! so the processor dead-letters them). Then it reads the results back (`read_committed` from
+//! the result topic, and the DLQ) until every accepted event is accounted for or
+//! `--drain-secs` pass, and prints the verdict: sent, accepted, results, dead letters, lost,
+//! duplicated, each source's end-to-end latency percentiles during the spike (from the send
+//! to the result's `processed_at`), and the provider's 429s (`--simulator`). It exits 1 when
+//! anything was lost or duplicated.
+//!
+//! It takes every endpoint from flags, so the same command runs against `docker compose up`
+//! (see the README) and against local processes (`load-tests/spike-local.sh`). Everything it
+//! sends is bounded (`--steady-rate` × `--duration-secs` plus `--spike-events`) and it stops
+//! by itself.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::Message;
+use spillway::ingress::auth::{Scheme, Secret};
+
+#[derive(Parser, Clone)]
+struct Args {
+    /// The ingress's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8088")]
+    ingress: String,
+    /// Kafka bootstrap servers (to read the results and the DLQ).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// The result topic (the Kafka sink's).
+    #[arg(long, default_value = "spillway.results")]
+    results: String,
+    /// The DLQ topic.
+    #[arg(long, default_value = "spillway.dlq")]
+    dlq: String,
+    /// The provider simulator's base URL, for its 429 count (omit for a real provider).
+    #[arg(long)]
+    simulator: Option<String>,
+    /// The steady source: its ingress source name and its `whsec_` secret.
+    #[arg(long, default_value = "blog")]
+    steady_source: String,
+    #[arg(long, env = "STEADY_WEBHOOK_SECRET")]
+    steady_secret: String,
+    /// Steady events per second, for the whole run.
+    #[arg(long, default_value_t = 2.0)]
+    steady_rate: f64,
+    /// The spike's source and secret.
+    #[arg(long, default_value = "campaign")]
+    spike_source: String,
+    #[arg(long, env = "SPIKE_WEBHOOK_SECRET")]
+    spike_secret: String,
+    /// Events in the spike.
+    #[arg(long, default_value_t = 10_000)]
+    spike_events: u64,
+    /// When the spike starts, in seconds after the steady source.
+    #[arg(long, default_value_t = 10)]
+    spike_after_secs: u64,
+    /// Concurrent requests of the spike's sender.
+    #[arg(long, default_value_t = 32)]
+    spike_concurrency: usize,
+    /// How long the steady source sends, in seconds.
+    #[arg(long, default_value_t = 240)]
+    duration_secs: u64,
+    /// Share of events sent twice (the same delivery: the ingress must not produce it again).
+    #[arg(long, default_value_t = 0.01)]
+    duplicates: f64,
+    /// Share of events without `text` (the processor dead-letters them).
+    #[arg(long, default_value_t = 0.005)]
+    poison: f64,
+    /// How long to wait after the last send for every result, in seconds.
+    #[arg(long, default_value_t = 600)]
+    drain_secs: u64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// One event the generator sent.
+#[derive(Clone)]
+struct Sent {
+    source: &'static str,
+    sent_ms: i64,
+    poison: bool,
+    in_spike: bool,
+}
+
+/// What the senders did, by load-test id (`lt-<run>-<source>-<n>`).
+#[derive(Default)]
+struct Ledger {
+    sent: HashMap<String, Sent>,
+    accepted: HashSet<String>,
+    refused: HashMap<u16, u64>,
+    resent: u64,
+    resent_accepted: u64,
+}
+
+/// Sends one signed delivery, retrying 429/503 after `Retry-After` like a real sender, up to
+/// 20 times; returns the final status (0: never answered).
+async fn deliver(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &Secret,
+    id: &str,
+    body: &str,
+) -> u16 {
+    for _ in 0..20 {
+        let ts = now_ms() / 1000;
+        let signature = secret.sign_standard_webhooks(id, ts, body.as_bytes());
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_string())
+            .send()
+            .await;
+        let wait = match r {
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1),
+            Ok(r) => return r.status().as_u16(),
+            Err(_) => 1,
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+    0
+}
+
+/// Sends event `n` of `source` (and, for the duplicate share, the same delivery again).
+#[allow(clippy::too_many_arguments)]
+async fn send_one(
+    client: &reqwest::Client,
+    args: &Args,
+    run: &str,
+    source: &'static str,
+    secret: &Secret,
+    n: u64,
+    in_spike: bool,
+    ledger: &Mutex<Ledger>,
+) {
+    let id = format!("lt-{run}-{source}-{n}");
+    // Every event is decided by its number, so a rerun sends the same profile.
+    let pick = |share: f64, salt: u64| {
+        ((n.wrapping_mul(2654435761) ^ salt) % 10_000) < (share * 10_000.0) as u64
+    };
+    let poison = pick(args.poison, 17);
+    let body = if poison {
+        serde_json::json!({ "lt": id, "post": "/load" })
+    } else {
+        serde_json::json!({ "lt": id, "post": "/load", "text": format!("{source} comment {n}") })
+    }
+    .to_string();
+    let url = format!(
+        "{}/webhooks/{}",
+        args.ingress,
+        if source == "steady" {
+            &args.steady_source
+        } else {
+            &args.spike_source
+        }
+    );
+    let sent = Sent {
+        source,
+        sent_ms: now_ms(),
+        poison,
+        in_spike,
+    };
+    ledger.lock().unwrap().sent.insert(id.clone(), sent);
+    let status = deliver(client, &url, secret, &id, &body).await;
+    {
+        let mut l = ledger.lock().unwrap();
+        if (200..300).contains(&status) {
+            l.accepted.insert(id.clone());
+        } else {
+            *l.refused.entry(status).or_default() += 1;
+        }
+    }
+    if pick(args.duplicates, 91) {
+        let again = deliver(client, &url, secret, &id, &body).await;
+        let mut l = ledger.lock().unwrap();
+        l.resent += 1;
+        if (200..300).contains(&again) {
+            l.resent_accepted += 1;
+        }
+    }
+}
+
+/// Every record of `topic` up to its end, as (load-test id, `processed_at`) when the value is
+/// a JSON result carrying one, or (id, None) for a dead letter.
+fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "spillway-load-test")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return Vec::new();
+    };
+    let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    if partitions == 0 || consumer.assign(&tpl).is_err() {
+        return Vec::new();
+    }
+    let (mut out, mut at_end) = (Vec::new(), HashSet::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_end.len() < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                at_end.remove(&m.partition());
+                let Some(v) = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                else {
+                    continue;
+                };
+                // A result: {"data": {"lt": ..}, "processed_at": ..}; a dead letter: the
+                // original body {"lt": ..}.
+                let (lt, at) = match v["data"]["lt"].as_str() {
+                    Some(lt) => (lt.to_string(), v["processed_at"].as_i64()),
+                    None => match v["lt"].as_str() {
+                        Some(lt) => (lt.to_string(), None),
+                        None => continue,
+                    },
+                };
+                out.push((lt, at));
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let run = format!("{:x}", now_ms());
+    let steady = Arc::new(
+        Secret::new(&Scheme::StandardWebhooks, &args.steady_secret).expect("steady secret"),
+    );
+    let spike =
+        Arc::new(Secret::new(&Scheme::StandardWebhooks, &args.spike_secret).expect("spike secret"));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.spike_concurrency + 8)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let started = Instant::now();
+    println!(
+        "load-test {run}: steady {} at {}/s for {} s; spike of {} from {} after {} s; {:.1} % duplicates, {:.1} % poison",
+        args.steady_source, args.steady_rate, args.duration_secs, args.spike_events, args.spike_source,
+        args.spike_after_secs, args.duplicates * 100.0, args.poison * 100.0
+    );
+
+    // The steady source: one event every 1/rate seconds, each on its own task (open loop).
+    let steady_task = {
+        let (client, args, ledger, secret, run) = (
+            client.clone(),
+            args.clone(),
+            ledger.clone(),
+            steady.clone(),
+            run.clone(),
+        );
+        tokio::spawn(async move {
+            let every = Duration::from_secs_f64(1.0 / args.steady_rate.max(0.001));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let total = (args.steady_rate * args.duration_secs as f64) as u64;
+            let spike_window = Duration::from_secs(args.spike_after_secs);
+            let mut sends = tokio::task::JoinSet::new();
+            for n in 0..total {
+                tick.tick().await;
+                let in_spike = started.elapsed() >= spike_window;
+                let (client, args, ledger, secret, run) = (
+                    client.clone(),
+                    args.clone(),
+                    ledger.clone(),
+                    secret.clone(),
+                    run.clone(),
+                );
+                sends.spawn(async move {
+                    send_one(
+                        &client, &args, &run, "steady", &secret, n, in_spike, &ledger,
+                    )
+                    .await
+                });
+            }
+            while sends.join_next().await.is_some() {}
+        })
+    };
+    // The spike: as fast as the ingress takes it, `spike_concurrency` at a time.
+    let spike_task = {
+        let (client, args, ledger, secret, run) = (
+            client.clone(),
+            args.clone(),
+            ledger.clone(),
+            spike.clone(),
+            run.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(args.spike_after_secs)).await;
+            let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let workers: Vec<_> = (0..args.spike_concurrency.max(1))
+                .map(|_| {
+                    let (client, args, ledger, secret, run, next) = (
+                        client.clone(),
+                        args.clone(),
+                        ledger.clone(),
+                        secret.clone(),
+                        run.clone(),
+                        next.clone(),
+                    );
+                    tokio::spawn(async move {
+                        loop {
+                            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if n >= args.spike_events {
+                                return;
+                            }
+                            send_one(&client, &args, &run, "spike", &secret, n, true, &ledger)
+                                .await;
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.await.expect("spike sender");
+            }
+            Instant::now()
+        })
+    };
+    let spike_sent_at = spike_task.await.expect("spike");
+    steady_task.await.expect("steady");
+    let sent_secs = started.elapsed().as_secs_f64();
+    println!(
+        "sent in {sent_secs:.0} s (the spike's last event at {:.0} s); reading results",
+        (spike_sent_at - started).as_secs_f64()
+    );
+
+    // Read back until every accepted event is a result or a dead letter, or the drain ends.
+    let (expected_results, expected_dead): (HashSet<String>, HashSet<String>) = {
+        let l = ledger.lock().unwrap();
+        let ours = |poison: bool| -> HashSet<String> {
+            l.accepted
+                .iter()
+                .filter(|id| l.sent[*id].poison == poison)
+                .cloned()
+                .collect()
+        };
+        (ours(false), ours(true))
+    };
+    let drain_until = Instant::now() + Duration::from_secs(args.drain_secs);
+    let (mut results, mut dead);
+    loop {
+        let (brokers, r, d) = (args.brokers.clone(), args.results.clone(), args.dlq.clone());
+        (results, dead) = tokio::task::spawn_blocking(move || {
+            (read_lt_ids(&brokers, &r), read_lt_ids(&brokers, &d))
+        })
+        .await
+        .expect("reader");
+        let found: HashSet<&String> = results
+            .iter()
+            .map(|r| &r.0)
+            .chain(dead.iter().map(|d| &d.0))
+            .collect();
+        let missing = expected_results
+            .iter()
+            .chain(&expected_dead)
+            .filter(|id| !found.contains(id))
+            .count();
+        if missing == 0 || Instant::now() > drain_until {
+            break;
+        }
+        println!("  {missing} accepted events not yet a result or a dead letter; waiting");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let provider = match &args.simulator {
+        None => None,
+        Some(sim) => {
+            async {
+                let stats: serde_json::Value = reqwest::get(format!("{sim}/stats"))
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some((
+                    stats["received"].as_f64().unwrap_or(0.0),
+                    stats["rate_limited"].as_f64().unwrap_or(0.0),
+                ))
+            }
+            .await
+        }
+    };
+    let l = ledger.lock().unwrap();
+    let mine = |id: &String| l.sent.contains_key(id);
+    let result_ids: Vec<&(String, Option<i64>)> = results.iter().filter(|r| mine(&r.0)).collect();
+    let dead_ids: Vec<&(String, Option<i64>)> = dead.iter().filter(|d| mine(&d.0)).collect();
+    let distinct_results: HashSet<&String> = result_ids.iter().map(|r| &r.0).collect();
+    let distinct_dead: HashSet<&String> = dead_ids.iter().map(|d| &d.0).collect();
+    let lost = expected_results
+        .iter()
+        .filter(|id| !distinct_results.contains(id))
+        .count()
+        + expected_dead
+            .iter()
+            .filter(|id| !distinct_dead.contains(id))
+            .count();
+    let duplicated =
+        (result_ids.len() - distinct_results.len()) + (dead_ids.len() - distinct_dead.len());
+    let misrouted = expected_dead
+        .iter()
+        .filter(|id| distinct_results.contains(id))
+        .count()
+        + expected_results
+            .iter()
+            .filter(|id| distinct_dead.contains(id))
+            .count();
+
+    println!("\n# Verdict");
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| sent (distinct events) | {} |", l.sent.len());
+    println!("| accepted (2xx) | {} |", l.accepted.len());
+    println!("| refused, by status | {:?} |", l.refused);
+    println!(
+        "| upstream duplicates sent, answered 2xx | {} / {} |",
+        l.resent, l.resent_accepted
+    );
+    println!(
+        "| results (read_committed) | {} records, {} distinct |",
+        result_ids.len(),
+        distinct_results.len()
+    );
+    println!(
+        "| dead letters (poison) | {} records, {} distinct, {} expected |",
+        dead_ids.len(),
+        distinct_dead.len(),
+        expected_dead.len()
+    );
+    println!("| **lost** | **{lost}** |");
+    println!("| **duplicated** | **{duplicated}** |");
+    println!("| in the wrong place (a result for poison or the reverse) | {misrouted} |");
+    let spike_start = l
+        .sent
+        .values()
+        .filter(|s| s.source == "spike")
+        .map(|s| s.sent_ms)
+        .min();
+    println!("\nEnd-to-end latency (send to result), seconds, of events sent during the spike:");
+    println!("| source | events | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    for source in ["steady", "spike"] {
+        let mut lat: Vec<f64> = result_ids
+            .iter()
+            .filter_map(|(id, at)| {
+                let s = &l.sent[id];
+                (s.source == source && s.in_spike && spike_start.is_some_and(|t| s.sent_ms >= t))
+                    .then_some((at.unwrap_or(s.sent_ms) - s.sent_ms) as f64 / 1000.0)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let name = if source == "steady" {
+            &args.steady_source
+        } else {
+            &args.spike_source
+        };
+        println!(
+            "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some((received, limited)) = provider {
+        println!(
+            "\nProvider: {received} requests, {limited} answered 429 ({:.3} %)",
+            if received > 0.0 {
+                limited * 100.0 / received
+            } else {
+                0.0
+            }
+        );
+    }
+    let ok = lost == 0 && duplicated == 0 && misrouted == 0;
+    println!(
+        "\nverdict: {}",
+        if ok {
+            "PASS (nothing lost, nothing duplicated)"
+        } else {
+            "FAIL"
+        }
+    );
+    if !ok {
+        std::process::exit(1);
+    }
+}
