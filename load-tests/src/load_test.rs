@@ -229,22 +229,27 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 at_end.remove(&m.partition());
-                let Some(v) = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                else {
+                // A result: JSON {"data": {"lt": ..}, "processed_at": ..}. A dead letter: the
+                // original record (Avro from the ingress), whose `ce_id` header is
+                // `<source>:<lt id>`.
+                let v =
+                    (m.payload()).and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                if let Some(lt) = v.as_ref().and_then(|v| v["data"]["lt"].as_str()) {
+                    let at = v.as_ref().and_then(|v| v["processed_at"].as_i64());
+                    out.push((lt.to_string(), at));
                     continue;
-                };
-                // A result: {"data": {"lt": ..}, "processed_at": ..}; a dead letter: the
-                // original body {"lt": ..}.
-                let (lt, at) = match v["data"]["lt"].as_str() {
-                    Some(lt) => (lt.to_string(), v["processed_at"].as_i64()),
-                    None => match v["lt"].as_str() {
-                        Some(lt) => (lt.to_string(), None),
-                        None => continue,
-                    },
-                };
-                out.push((lt, at));
+                }
+                let ce_id = m.headers().and_then(|h| {
+                    use rdkafka::message::Headers;
+                    (h.iter())
+                        .find(|h| h.key == "ce_id")
+                        .and_then(|h| std::str::from_utf8(h.value?).ok())
+                });
+                if let Some((_, lt)) = ce_id.and_then(|id| id.split_once(':')) {
+                    if lt.starts_with("lt-") {
+                        out.push((lt.to_string(), None));
+                    }
+                }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
