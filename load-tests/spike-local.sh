@@ -24,6 +24,12 @@ cleanup() {
   scripts/broker.sh stop || true
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT   # so a stopped run still stops what it started
+for port in 8088 8089 9464 9465 "$REGISTRY_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use (an earlier run still going?); stop it first"; exit 1
+  fi
+done
 wait_ready() {
   for _ in $(seq 1 300); do
     curl -fs "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
