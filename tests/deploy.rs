@@ -184,3 +184,34 @@ fn compose_creates_the_journal_topic_with_the_retention_its_ttls_need() {
         "the StatefulSet gives the state directory a volume claim"
     );
 }
+
+/// The KEDA overlay scales the StatefulSet the base defines, on the group and topic the
+/// processor's Kubernetes config consumes, never past the input topic's 12 partitions
+/// (`docker-compose.yml` creates it with 12, and the ScaledObject's comment says so), and
+/// keeps idle consumers off. (`kubectl kustomize deploy/keda` was run by hand; see the README.)
+#[test]
+fn the_keda_scaler_targets_the_processors_group_and_never_exceeds_the_partitions() {
+    let scaled = read("deploy/keda/scaledobject.yaml");
+    let value = |key: &str| -> String {
+        let line = (scaled.lines().map(str::trim))
+            .find(|l| l.starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} in the ScaledObject"));
+        line[key.len() + 1..].trim().trim_matches('"').to_string()
+    };
+    let config = spillway::config::Config::from_toml(&read("deploy/k8s/config/processor.toml"))
+        .expect("valid config");
+    assert_eq!(value("consumerGroup"), config.kafka.group_id);
+    assert!(config.kafka.topics.contains(&value("topic")));
+    assert_eq!(value("kind"), "ScaledObject");
+    assert!(scaled.contains(
+        "scaleTargetRef:\n    apiVersion: apps/v1\n    kind: StatefulSet\n    name: spillway-processor\n"
+    ));
+    assert!(read("deploy/k8s/processor.yaml")
+        .contains("kind: StatefulSet\nmetadata:\n  name: spillway-processor"));
+    let max: u32 = value("maxReplicaCount").parse().unwrap();
+    assert!(read("docker-compose.yml").contains(&format!("--topic $$t --partitions {max}")));
+    assert!(max >= value("minReplicaCount").parse().unwrap());
+    assert_eq!(value("allowIdleConsumers"), "false");
+    let overlay = read("deploy/keda/kustomization.yaml");
+    assert!(overlay.contains("- ../k8s") && overlay.contains("- scaledobject.yaml"));
+}
