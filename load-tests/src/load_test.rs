@@ -232,8 +232,13 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
                 // A result: JSON {"data": {"lt": ..}, "processed_at": ..}. A dead letter: the
                 // original record (Avro from the ingress), whose `ce_id` header is
                 // `<source>:<lt id>`.
-                let v =
-                    (m.payload()).and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                // Results written as Avro (`format = "avro"`, schemas/result.avsc) are read
+                // with the result schema.
+                let v = (m.payload()).and_then(|p| {
+                    serde_json::from_slice::<serde_json::Value>(p)
+                        .ok()
+                        .or_else(|| avro_result(p))
+                });
                 if let Some(lt) = v.as_ref().and_then(|v| v["data"]["lt"].as_str()) {
                     let at = v.as_ref().and_then(|v| v["processed_at"].as_i64());
                     out.push((lt.to_string(), at));
@@ -258,6 +263,36 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
         }
     }
     out
+}
+
+/// A Confluent-framed Avro result (schemas/result.avsc) as `{"data": .., "processed_at": ..}`.
+fn avro_result(bytes: &[u8]) -> Option<serde_json::Value> {
+    use apache_avro::types::Value;
+    static SCHEMA: std::sync::OnceLock<apache_avro::Schema> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        apache_avro::Schema::parse_str(include_str!("../../schemas/result.avsc"))
+            .expect("the result schema parses")
+    });
+    if bytes.len() < 5 || bytes[0] != 0 {
+        return None;
+    }
+    let mut datum = &bytes[5..];
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .and_then(|reader| reader.read_value(&mut datum))
+        .ok()?;
+    let Value::Record(fields) = value else {
+        return None;
+    };
+    let (mut data, mut at) = (serde_json::Value::Null, None);
+    for (name, field) in fields {
+        match (name.as_str(), field) {
+            ("data", Value::String(text)) => data = serde_json::from_str(&text).ok()?,
+            ("processed_at", Value::TimestampMillis(ms) | Value::Long(ms)) => at = Some(ms),
+            _ => {}
+        }
+    }
+    Some(serde_json::json!({ "data": data, "processed_at": at }))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -531,5 +566,45 @@ async fn main() {
     );
     if !ok {
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_avro_result_is_read_with_the_result_schema() {
+        use apache_avro::types::Value;
+        let schema =
+            apache_avro::Schema::parse_str(include_str!("../../schemas/result.avsc")).unwrap();
+        let s = |v: &str| Value::String(v.into());
+        let record = Value::Record(vec![
+            (
+                "dedup_key".into(),
+                s("/webhooks/campaign|campaign:lt-1-spike-7"),
+            ),
+            ("id".into(), s("campaign:lt-1-spike-7")),
+            ("source".into(), s("/webhooks/campaign")),
+            ("type".into(), s("com.example.campaign.reply")),
+            ("input_topic".into(), s("spillway.events")),
+            ("input_partition".into(), Value::Int(3)),
+            ("input_offset".into(), Value::Long(42)),
+            (
+                "processed_at".into(),
+                Value::TimestampMillis(1_700_000_000_123),
+            ),
+            ("outputs".into(), s("{}")),
+            (
+                "data".into(),
+                s(r#"{"lt":"lt-1-spike-7","text":"spike comment 7"}"#),
+            ),
+        ]);
+        let mut framed = vec![0, 0, 0, 0, 9];
+        framed.extend(apache_avro::to_avro_datum(&schema, record).unwrap());
+        let v = avro_result(&framed).expect("decodes");
+        assert_eq!(v["data"]["lt"], "lt-1-spike-7");
+        assert_eq!(v["processed_at"], 1_700_000_000_123i64);
+        assert!(avro_result(b"{\"not\":\"avro\"}").is_none());
     }
 }
