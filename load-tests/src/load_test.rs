@@ -601,7 +601,11 @@ mod tests {
             ),
         ]);
         let mut framed = vec![0, 0, 0, 0, 9];
-        framed.extend(apache_avro::to_avro_datum(&schema, record).unwrap());
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value(&mut framed, record)
+            .unwrap();
         let v = avro_result(&framed).expect("decodes");
         assert_eq!(v["data"]["lt"], "lt-1-spike-7");
         assert_eq!(v["processed_at"], 1_700_000_000_123i64);
