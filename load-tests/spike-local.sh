@@ -15,21 +15,25 @@ DURATION="${DURATION:-240}"
 REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PORT="${BROKER_PORT:-19094}"
 export BROKER_PORT="$PORT"
-RUN=.spillway/spike; rm -rf "$RUN"; mkdir -p "$RUN"
-export BROKER_DIR="$RUN/broker"; scripts/broker.sh stop
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  scripts/broker.sh stop || true
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT   # so a stopped run still stops what it started
-for port in 8088 8089 9464 9465 "$REGISTRY_PORT"; do
+RUN=.spillway/spike
+export BROKER_DIR="$RUN/broker"
+# An earlier run's broker is stopped through its pid file, before anything is deleted; then
+# every port this run needs must be free.
+scripts/broker.sh stop
+for port in 8088 8089 9464 9465 "$REGISTRY_PORT" "$PORT" "$((PORT + 1))"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use (an earlier run still going?); stop it first"; exit 1
   fi
 done
+rm -rf "$RUN"; mkdir -p "$RUN"
+pids=()
+cleanup() {
+  for p in ${pids[@]+"${pids[@]}"}; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p" 2>/dev/null || true; done
+  scripts/broker.sh stop || true
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT   # so a stopped run still stops what it started
 wait_ready() {
   for _ in $(seq 1 300); do
     curl -fs "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && return 0
@@ -45,6 +49,10 @@ cargo build --release --quiet --bin spillway -p spillway --bin spillway-mock-llm
 scripts/broker.sh start
 "$(scripts/tools.sh rivven-schema)" serve --host 127.0.0.1 --port "$REGISTRY_PORT" \
   >"$RUN/registry.log" 2>&1 & pids+=($!)
+for _ in $(seq 1 300); do
+  curl -fs "http://127.0.0.1:$REGISTRY_PORT/subjects" >/dev/null 2>&1 && break
+  sleep 0.1
+done
 target/release/spillway-mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
   --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
 SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \

@@ -103,12 +103,14 @@ fn the_shipped_configs_are_valid_spillway_configs() {
     for path in [
         "deploy/compose/processor.toml",
         "deploy/k8s/config/processor.toml",
+        "load-tests/config/spike-processor.toml",
     ] {
         spillway::config::Config::from_toml(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
     }
     for path in [
         "deploy/compose/ingress.toml",
         "deploy/k8s/config/ingress.toml",
+        "load-tests/config/spike-ingress.toml",
     ] {
         spillway::ingress::config::IngressConfig::from_toml(&read(path))
             .unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -186,9 +188,10 @@ fn compose_creates_the_journal_topic_with_the_retention_its_ttls_need() {
 }
 
 /// The KEDA overlay scales the StatefulSet the base defines, on the group and topic the
-/// processor's Kubernetes config consumes, never past the input topic's 12 partitions
-/// (`docker-compose.yml` creates it with 12, and the ScaledObject's comment says so), and
-/// keeps idle consumers off. (`kubectl kustomize deploy/keda` was run by hand; see the README.)
+/// processor's Kubernetes config consumes, never past the input topic's partitions (as
+/// `docker-compose.yml` creates it) nor past what the LLM accounts' `share` allows, keeps idle
+/// consumers off, and leaves the replica count to KEDA. (`kubectl kustomize deploy/keda` was
+/// run by hand; see the README.)
 #[test]
 fn the_keda_scaler_targets_the_processors_group_and_never_exceeds_the_partitions() {
     let scaled = read("deploy/keda/scaledobject.yaml");
@@ -208,10 +211,26 @@ fn the_keda_scaler_targets_the_processors_group_and_never_exceeds_the_partitions
     ));
     assert!(read("deploy/k8s/processor.yaml")
         .contains("kind: StatefulSet\nmetadata:\n  name: spillway-processor"));
-    let max: u32 = value("maxReplicaCount").parse().unwrap();
-    assert!(read("docker-compose.yml").contains(&format!("--topic $$t --partitions {max}")));
+    let max: f64 = value("maxReplicaCount").parse().unwrap();
+    let compose = read("docker-compose.yml");
+    let partitions: f64 = compose
+        .split("--topic $$t --partitions ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the input topics' partitions in docker-compose.yml");
+    assert!(max <= partitions, "{max} replicas, {partitions} partitions");
+    for (name, account) in &config.llm.providers {
+        // 3 x 0.34 = 1.02: the base rounds its share up.
+        assert!(
+            max * account.share <= 1.05,
+            "{name}: {max} x {}",
+            account.share
+        );
+    }
     assert!(max >= value("minReplicaCount").parse().unwrap());
     assert_eq!(value("allowIdleConsumers"), "false");
     let overlay = read("deploy/keda/kustomization.yaml");
     assert!(overlay.contains("- ../k8s") && overlay.contains("- scaledobject.yaml"));
+    assert!(overlay.contains("op: remove\n        path: /spec/replicas"));
 }

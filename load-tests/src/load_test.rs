@@ -155,8 +155,15 @@ async fn send_one(
 ) {
     let id = format!("lt-{run}-{source}-{n}");
     // Every event is decided by its number, so a rerun sends the same profile.
+    // Each choice hashes the number with its own salt (splitmix64), so poison and duplicates
+    // are independent.
     let pick = |share: f64, salt: u64| {
-        ((n.wrapping_mul(2654435761) ^ salt) % 10_000) < (share * 10_000.0) as u64
+        let mut z =
+            (n ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z % 10_000) < (share * 10_000.0) as u64
     };
     let poison = pick(args.poison, 17);
     let body = if poison {
@@ -200,9 +207,15 @@ async fn send_one(
     }
 }
 
-/// Every record of `topic` up to its end, as (load-test id, `processed_at`) when the value is
-/// a JSON result carrying one, or (id, None) for a dead letter.
-fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
+/// What `read_lt_ids` read: (load-test id, `processed_at`) of each result, (id, None) of
+/// each dead letter, and whether every partition was read to its end.
+struct Read {
+    ids: Vec<(String, Option<i64>)>,
+    complete: bool,
+}
+
+/// Every record of `topic` up to its end (two minutes at most).
+fn read_lt_ids(brokers: &str, topic: &str) -> Read {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "spillway-load-test")
@@ -212,7 +225,10 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
         .create()
         .expect("consumer");
     let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
-        return Vec::new();
+        return Read {
+            ids: Vec::new(),
+            complete: false,
+        };
     };
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
     let mut tpl = rdkafka::TopicPartitionList::new();
@@ -221,7 +237,10 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
             .expect("partition");
     }
     if partitions == 0 || consumer.assign(&tpl).is_err() {
-        return Vec::new();
+        return Read {
+            ids: Vec::new(),
+            complete: false,
+        };
     }
     let (mut out, mut at_end) = (Vec::new(), HashSet::new());
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -262,7 +281,10 @@ fn read_lt_ids(brokers: &str, topic: &str) -> Vec<(String, Option<i64>)> {
             _ => {}
         }
     }
-    out
+    Read {
+        ids: out,
+        complete: at_end.len() >= partitions,
+    }
 }
 
 /// A Confluent-framed Avro result (schemas/result.avsc) as `{"data": .., "processed_at": ..}`.
@@ -421,14 +443,15 @@ async fn main() {
         (ours(false), ours(true))
     };
     let drain_until = Instant::now() + Duration::from_secs(args.drain_secs);
-    let (mut results, mut dead);
+    let (mut results, mut dead, mut complete);
     loop {
         let (brokers, r, d) = (args.brokers.clone(), args.results.clone(), args.dlq.clone());
-        (results, dead) = tokio::task::spawn_blocking(move || {
+        let (r, d) = tokio::task::spawn_blocking(move || {
             (read_lt_ids(&brokers, &r), read_lt_ids(&brokers, &d))
         })
         .await
         .expect("reader");
+        (results, dead, complete) = (r.ids, d.ids, r.complete && d.complete);
         let found: HashSet<&String> = results
             .iter()
             .map(|r| &r.0)
@@ -477,8 +500,11 @@ async fn main() {
             .iter()
             .filter(|id| !distinct_dead.contains(id))
             .count();
-    let duplicated =
-        (result_ids.len() - distinct_results.len()) + (dead_ids.len() - distinct_dead.len());
+    // Results commit in a transaction with the journal: a second one is a duplicate effect.
+    // The DLQ is at-least-once (a record dead-lettered again after a restart): shown apart.
+    let duplicated = result_ids.len() - distinct_results.len();
+    let dead_twice = dead_ids.len() - distinct_dead.len();
+    let refused = l.sent.len() - l.accepted.len();
     let misrouted = expected_dead
         .iter()
         .filter(|id| distinct_results.contains(id))
@@ -504,20 +530,26 @@ async fn main() {
         distinct_results.len()
     );
     println!(
-        "| dead letters (poison) | {} records, {} distinct, {} expected |",
+        "| dead letters (poison) | {} records, {} distinct, {} expected ({dead_twice} written twice) |",
         dead_ids.len(),
         distinct_dead.len(),
         expected_dead.len()
     );
+    println!("| **refused** (not 2xx after retries) | **{refused}** |");
     println!("| **lost** | **{lost}** |");
     println!("| **duplicated** | **{duplicated}** |");
     println!("| in the wrong place (a result for poison or the reverse) | {misrouted} |");
+    // The spike lasts from its first send to its last result (its backlog drained).
     let spike_start = l
         .sent
         .values()
         .filter(|s| s.source == "spike")
         .map(|s| s.sent_ms)
         .min();
+    let spike_end = (result_ids.iter())
+        .filter(|(id, _)| l.sent[id].source == "spike")
+        .filter_map(|(_, at)| *at)
+        .max();
     println!("\nEnd-to-end latency (send to result), seconds, of events sent during the spike:");
     println!("| source | events | p50 | p90 | p99 | max |");
     println!("|---|---|---|---|---|---|");
@@ -526,8 +558,10 @@ async fn main() {
             .iter()
             .filter_map(|(id, at)| {
                 let s = &l.sent[id];
-                (s.source == source && s.in_spike && spike_start.is_some_and(|t| s.sent_ms >= t))
-                    .then_some((at.unwrap_or(s.sent_ms) - s.sent_ms) as f64 / 1000.0)
+                let during = spike_start.is_some_and(|t| s.sent_ms >= t)
+                    && spike_end.is_some_and(|t| s.sent_ms <= t);
+                (s.source == source && s.in_spike && during)
+                    .then_some(((*at)? - s.sent_ms) as f64 / 1000.0)
             })
             .collect();
         lat.sort_by(f64::total_cmp);
@@ -555,7 +589,10 @@ async fn main() {
             }
         );
     }
-    let ok = lost == 0 && duplicated == 0 && misrouted == 0;
+    if !complete {
+        println!("\nthe result topic or the DLQ was not read to its end within two minutes");
+    }
+    let ok = refused == 0 && lost == 0 && duplicated == 0 && misrouted == 0 && complete;
     println!(
         "\nverdict: {}",
         if ok {
