@@ -26,10 +26,11 @@ pub struct Cli {
     command: Command,
 }
 
-/// Which DLQ records a command applies to.
+/// The processor's configuration file, which every command but `ingress` reads.
 #[derive(clap::Args)]
-struct DlqFilter {
-    /// Path of the processor's TOML configuration (its kafka and dlq sections are used).
+struct ConfigFile {
+    /// Path of the processor's TOML configuration (SPILLWAY_* environment variables override
+    /// it).
     #[arg(
         short,
         long,
@@ -37,6 +38,13 @@ struct DlqFilter {
         default_value = "config/example.toml"
     )]
     config: PathBuf,
+}
+
+/// Which DLQ records a command applies to.
+#[derive(clap::Args)]
+struct DlqFilter {
+    #[command(flatten)]
+    file: ConfigFile,
     /// Only records dead-lettered since: Unix ms, or an age such as 15m, 2h, 7d.
     #[arg(long)]
     since: Option<String>,
@@ -63,14 +71,8 @@ enum DlqCommand {
     },
     /// One record in full: headers, key and value.
     Show {
-        /// Path of the processor's TOML configuration.
-        #[arg(
-            short,
-            long,
-            env = "SPILLWAY_CONFIG",
-            default_value = "config/example.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
         /// DLQ partition.
         #[arg(long)]
         partition: i32,
@@ -107,14 +109,8 @@ enum DlqCommand {
 enum Command {
     /// Consume the configured topics and run every event through the configured steps.
     Processor {
-        /// Path of the TOML configuration (SPILLWAY_* environment variables override it).
-        #[arg(
-            short,
-            long,
-            env = "SPILLWAY_CONFIG",
-            default_value = "config/example.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
         /// Validate the configuration and exit.
         #[arg(long)]
         check: bool,
@@ -136,14 +132,8 @@ enum Command {
     /// Print lag per partition, the DLQ's size and oldest record, and a running processor's
     /// in-flight events, paused partitions and breaker states.
     Status {
-        /// Path of the processor's TOML configuration.
-        #[arg(
-            short,
-            long,
-            env = "SPILLWAY_CONFIG",
-            default_value = "config/example.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
         /// The processor's /metrics URL (default: from telemetry.metrics_addr).
         #[arg(long)]
         metrics_url: Option<String>,
@@ -157,14 +147,8 @@ enum Command {
         /// The event's id (`ce_id`, or `journal.id_field`) or its dedup key
         /// (`<source>|<id>`, optionally prefixed `<pipeline>/`).
         id: String,
-        /// Path of the processor's TOML configuration.
-        #[arg(
-            short,
-            long,
-            env = "SPILLWAY_CONFIG",
-            default_value = "config/example.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        file: ConfigFile,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -314,7 +298,7 @@ fn dlq(command: DlqCommand) -> ExitCode {
     crate::telemetry::init_logging(crate::telemetry::LogFormat::Text);
     let result = match command {
         DlqCommand::List { filter: f, limit } => (|| {
-            let config = load(&f.config)?;
+            let config = load(&f.file.config)?;
             let filter = filter(&f)?;
             let lines = crate::cli::dlq::list(&config, &filter, limit).map_err(fail)?;
             for l in lines {
@@ -323,11 +307,11 @@ fn dlq(command: DlqCommand) -> ExitCode {
             Ok(())
         })(),
         DlqCommand::Show {
-            config,
+            file,
             partition,
             offset,
         } => (|| {
-            let config = load(&config)?;
+            let config = load(&file.config)?;
             let record = crate::cli::dlq::show(&config, partition, offset).map_err(fail)?;
             println!(
                 "{}",
@@ -344,7 +328,7 @@ fn dlq(command: DlqCommand) -> ExitCode {
             group,
             limit,
         } => (|| {
-            let config = load(&f.config)?;
+            let config = load(&f.file.config)?;
             let opts = crate::cli::dlq::ReplayOptions {
                 filter: filter(&f)?,
                 to,
@@ -380,12 +364,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Ingress { config, check } => ingress(&config, check),
         Command::Dlq { command } => return dlq(command),
         Command::Status {
-            config,
+            file,
             metrics_url,
             json,
-        } => status(&config, metrics_url, json),
-        Command::Processor { config, check } => processor(&config, check),
-        Command::Trace { id, config, json } => trace(&config, &id, json),
+        } => status(&file.config, metrics_url, json),
+        Command::Processor { file, check } => processor(&file.config, check),
+        Command::Trace { id, file, json } => trace(&file.config, &id, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
