@@ -220,11 +220,6 @@ fn is_container(json: &serde_json::Value) -> bool {
     )
 }
 
-/// Whether `lazy` is an array (its members are looked up by index).
-fn child_of_array(lazy: &LazyJson) -> bool {
-    matches!(lazy.node(), Some(Node::Json(serde_json::Value::Array(_))))
-}
-
 /// A JSON scalar as a template value, converted directly.
 fn scalar_value(json: &serde_json::Value) -> Value {
     use serde_json::Value as J;
@@ -251,27 +246,29 @@ impl Object for LazyJson {
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         use serde_json::Value as J;
-        let child = match self.node()? {
-            Node::Json(J::Array(items)) => items.get(key.as_usize()?),
-            Node::Map(m) | Node::Json(J::Object(m)) => m.get(key.as_str()?),
-            Node::Json(_) => None,
-        }?;
-        match child {
-            scalar if !is_container(scalar) => Some(scalar_value(scalar)),
-            _ => {
-                let seg = match key.as_usize() {
-                    Some(i) if child_of_array(self) => Seg::Index(i),
-                    _ => Seg::Key(key.as_str()?.to_string()),
-                };
-                let mut path = Vec::with_capacity(self.path.len() + 1);
-                path.extend(self.path.iter().cloned());
-                path.push(seg);
-                Some(Value::from_object(LazyJson {
-                    root: self.root.clone(),
-                    path,
-                }))
+        // The member, and the step to it (an index into an array, else a name).
+        let (child, index) = match self.node()? {
+            Node::Json(J::Array(items)) => {
+                let i = key.as_usize()?;
+                (items.get(i)?, Some(i))
             }
+            Node::Map(m) | Node::Json(J::Object(m)) => (m.get(key.as_str()?)?, None),
+            Node::Json(_) => return None,
+        };
+        if !is_container(child) {
+            return Some(scalar_value(child));
         }
+        let seg = match index {
+            Some(i) => Seg::Index(i),
+            None => Seg::Key(key.as_str()?.to_string()),
+        };
+        let mut path = Vec::with_capacity(self.path.len() + 1);
+        path.extend(self.path.iter().cloned());
+        path.push(seg);
+        Some(Value::from_object(LazyJson {
+            root: self.root.clone(),
+            path,
+        }))
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {

@@ -232,10 +232,13 @@ impl Worker {
         };
         // Each pipeline has its own keys: one event seen by two pipelines runs, and acts, in
         // both (its own journal entry, idempotency keys and result key).
-        let dedup_key = match &self.journal {
-            Some(j) => format!("{}{}", pipeline.key_prefix, j.key(&event)),
-            None => format!("{}{}", pipeline.key_prefix, event.id),
+        let mut dedup_key = match &self.journal {
+            Some(j) => j.key(&event),
+            None => event.id.clone(),
         };
+        if !pipeline.key_prefix.is_empty() {
+            dedup_key.insert_str(0, &pipeline.key_prefix);
+        }
         let mut ctx = EventContext {
             record: record.clone(),
             event: event.into(),
