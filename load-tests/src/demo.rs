@@ -171,11 +171,10 @@ async fn summary(expected: u64, s: &Sources) -> bool {
         .await
         .expect("receiver counts");
     let (brokers, topics) = (s.brokers.clone(), [s.results.clone(), s.dlq.clone()]);
-    let [results, dead] = tokio::task::spawn_blocking(move || {
-        topics.map(|t| read_keys(&brokers, &t, "read_committed"))
-    })
-    .await
-    .expect("reader");
+    let [results, dead] =
+        tokio::task::spawn_blocking(move || topics.map(|t| read_keys(&brokers, &t)))
+            .await
+            .expect("reader");
     // Ids: the receiver sees the event id, a result record is keyed `<source>|<id>`.
     let posted: Vec<String> = (received["ids"].as_array().into_iter().flatten())
         .filter_map(|i| i.as_str().map(str::to_string))
@@ -244,7 +243,7 @@ struct Read {
 
 /// Reads every partition of `topic` to its end with `isolation.level=read_committed`.
 fn results(brokers: &str, topic: &str) {
-    let read = read_keys(brokers, topic, "read_committed");
+    let read = read_keys(brokers, topic);
     let keys: HashSet<&Vec<u8>> = read.keys.iter().collect();
     println!(
         "{} committed results in {topic} (read_committed), {} distinct dedup keys{}",
@@ -259,48 +258,18 @@ fn results(brokers: &str, topic: &str) {
 }
 
 /// Every record's key in `topic`, read to the end of each partition (60 s at most).
-fn read_keys(brokers: &str, topic: &str, isolation: &str) -> Read {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::error::KafkaError;
+fn read_keys(brokers: &str, topic: &str) -> Read {
     use rdkafka::Message;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "spillway-demo-results")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
-    let partitions = metadata.topics()[0].partitions().len();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let (mut records, mut keys, mut at_end) = (0u64, Vec::new(), HashSet::new());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while at_end.len() < partitions && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                at_end.remove(&m.partition());
-                records += 1;
-                keys.push(m.key().map(<[u8]>::to_vec).unwrap_or_default());
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => eprintln!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
+    let (mut records, mut keys) = (0u64, Vec::new());
+    let reached_end =
+        spillway_load_tests::read_committed_to_end(brokers, topic, Duration::from_secs(60), |m| {
+            records += 1;
+            keys.push(m.key().map(<[u8]>::to_vec).unwrap_or_default());
+        });
     Read {
         records,
         keys,
-        reached_end: at_end.len() >= partitions,
+        reached_end,
     }
 }
 
@@ -401,33 +370,7 @@ async fn deliver(
         i % 20,
         i % 97
     );
-    for _ in 0..20 {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_secs() as i64;
-        let signature = secret.sign_standard_webhooks(&id, ts, body.as_bytes());
-        let r = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body.clone())
-            .send()
-            .await;
-        let wait = match r {
-            Ok(r) if r.status().as_u16() == 429 || r.status().as_u16() == 503 => r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                .unwrap_or(1),
-            Ok(r) => return r.status().as_u16(),
-            Err(_) => 1,
-        };
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-    }
-    0
+    spillway_load_tests::deliver_signed(client, url, secret, &id, &body).await
 }
 
 async fn send(url: &str, secret: &str, count: u64, concurrency: usize) {

@@ -176,3 +176,93 @@ pub fn serve_processor_if_asked(runtime: &tokio::runtime::Runtime, args: &[Strin
     }
     true
 }
+
+/// Sends one Standard Webhooks delivery (`webhook-id` = `id`, signed with `secret`) and
+/// retries it like a well-behaved sender: after `Retry-After` on 429 and 503, and after a
+/// second on a connection error, up to 20 times. Returns the final status (0: never answered).
+pub async fn deliver_signed(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &spillway::ingress::auth::Secret,
+    id: &str,
+    body: &str,
+) -> u16 {
+    for _ in 0..20 {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        let signature = secret.sign_standard_webhooks(id, ts, body.as_bytes());
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_string())
+            .send()
+            .await;
+        let wait = match r {
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1),
+            Ok(r) => return r.status().as_u16(),
+            Err(_) => 1,
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+    0
+}
+
+/// Reads every partition of `topic` from its start to its end as a `read_committed`
+/// consumer (what a transactional sink promises its readers), calling `each` per record, for
+/// at most `within`. Returns whether every partition's end was reached (false also when the
+/// topic does not exist).
+pub fn read_committed_to_end(
+    brokers: &str,
+    topic: &str,
+    within: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "spillway-load-tests-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return false;
+    };
+    let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    if partitions == 0 || consumer.assign(&tpl).is_err() {
+        return false;
+    }
+    let mut at_end = std::collections::HashSet::new();
+    let deadline = Instant::now() + within;
+    while at_end.len() < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                at_end.remove(&m.partition());
+                each(&m);
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    at_end.len() >= partitions
+}

@@ -22,8 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::Message;
 use spillway::ingress::auth::{Scheme, Secret};
 
@@ -106,41 +104,6 @@ struct Ledger {
     resent_accepted: u64,
 }
 
-/// Sends one signed delivery, retrying 429/503 after `Retry-After` like a real sender, up to
-/// 20 times; returns the final status (0: never answered).
-async fn deliver(
-    client: &reqwest::Client,
-    url: &str,
-    secret: &Secret,
-    id: &str,
-    body: &str,
-) -> u16 {
-    for _ in 0..20 {
-        let ts = now_ms() / 1000;
-        let signature = secret.sign_standard_webhooks(id, ts, body.as_bytes());
-        let r = client
-            .post(url)
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body.to_string())
-            .send()
-            .await;
-        let wait = match r {
-            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                .unwrap_or(1),
-            Ok(r) => return r.status().as_u16(),
-            Err(_) => 1,
-        };
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-    }
-    0
-}
-
 /// Sends event `n` of `source` (and, for the duplicate share, the same delivery again).
 #[allow(clippy::too_many_arguments)]
 async fn send_one(
@@ -188,7 +151,7 @@ async fn send_one(
         in_spike,
     };
     ledger.lock().unwrap().sent.insert(id.clone(), sent);
-    let status = deliver(client, &url, secret, &id, &body).await;
+    let status = spillway_load_tests::deliver_signed(client, &url, secret, &id, &body).await;
     {
         let mut l = ledger.lock().unwrap();
         if (200..300).contains(&status) {
@@ -198,7 +161,7 @@ async fn send_one(
         }
     }
     if pick(args.duplicates, 91) {
-        let again = deliver(client, &url, secret, &id, &body).await;
+        let again = spillway_load_tests::deliver_signed(client, &url, secret, &id, &body).await;
         let mut l = ledger.lock().unwrap();
         l.resent += 1;
         if (200..300).contains(&again) {
@@ -216,75 +179,36 @@ struct Read {
 
 /// Every record of `topic` up to its end (two minutes at most).
 fn read_lt_ids(brokers: &str, topic: &str) -> Read {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "spillway-load-test")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
-        return Read {
-            ids: Vec::new(),
-            complete: false,
-        };
-    };
-    let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .expect("partition");
+    let mut ids = Vec::new();
+    let complete =
+        spillway_load_tests::read_committed_to_end(brokers, topic, Duration::from_secs(120), |m| {
+            ids.extend(lt_id(m))
+        });
+    Read { ids, complete }
+}
+
+/// A record's load-test id and, for a result, its `processed_at`.
+fn lt_id(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<(String, Option<i64>)> {
+    // A result: {"data": {"lt": ..}, "processed_at": ..}, as JSON or as Avro
+    // (`format = "avro"`, schemas/result.avsc). A dead letter: the original record (Avro from
+    // the ingress), whose `ce_id` header is `<source>:<lt id>`.
+    let v = (m.payload()).and_then(|p| {
+        serde_json::from_slice::<serde_json::Value>(p)
+            .ok()
+            .or_else(|| avro_result(p))
+    });
+    if let Some(lt) = v.as_ref().and_then(|v| v["data"]["lt"].as_str()) {
+        let at = v.as_ref().and_then(|v| v["processed_at"].as_i64());
+        return Some((lt.to_string(), at));
     }
-    if partitions == 0 || consumer.assign(&tpl).is_err() {
-        return Read {
-            ids: Vec::new(),
-            complete: false,
-        };
-    }
-    let (mut out, mut at_end) = (Vec::new(), HashSet::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while at_end.len() < partitions && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                at_end.remove(&m.partition());
-                // A result: JSON {"data": {"lt": ..}, "processed_at": ..}. A dead letter: the
-                // original record (Avro from the ingress), whose `ce_id` header is
-                // `<source>:<lt id>`.
-                // Results written as Avro (`format = "avro"`, schemas/result.avsc) are read
-                // with the result schema.
-                let v = (m.payload()).and_then(|p| {
-                    serde_json::from_slice::<serde_json::Value>(p)
-                        .ok()
-                        .or_else(|| avro_result(p))
-                });
-                if let Some(lt) = v.as_ref().and_then(|v| v["data"]["lt"].as_str()) {
-                    let at = v.as_ref().and_then(|v| v["processed_at"].as_i64());
-                    out.push((lt.to_string(), at));
-                    continue;
-                }
-                let ce_id = m.headers().and_then(|h| {
-                    use rdkafka::message::Headers;
-                    (h.iter())
-                        .find(|h| h.key == "ce_id")
-                        .and_then(|h| std::str::from_utf8(h.value?).ok())
-                });
-                if let Some((_, lt)) = ce_id.and_then(|id| id.split_once(':')) {
-                    if lt.starts_with("lt-") {
-                        out.push((lt.to_string(), None));
-                    }
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            _ => {}
-        }
-    }
-    Read {
-        ids: out,
-        complete: at_end.len() >= partitions,
-    }
+    let ce_id = m.headers().and_then(|h| {
+        use rdkafka::message::Headers;
+        (h.iter())
+            .find(|h| h.key == "ce_id")
+            .and_then(|h| std::str::from_utf8(h.value?).ok())
+    })?;
+    let (_, lt) = ce_id.split_once(':')?;
+    lt.starts_with("lt-").then(|| (lt.to_string(), None))
 }
 
 /// A Confluent-framed Avro result (schemas/result.avsc) as `{"data": .., "processed_at": ..}`.

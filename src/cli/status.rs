@@ -340,13 +340,7 @@ fn scrape(url: &str) -> Result<(ProcessorStatus, String), String> {
         .join()
         .map_err(|_| "metrics request panicked".to_string())?
     })?;
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split([' ', '{']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let value = |name: &str| labelled_sum(&text, name, &[]);
     let breakers = text
         .lines()
         .filter(|l| l.starts_with("spillway_llm_breaker_state{"))
