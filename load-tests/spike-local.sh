@@ -5,13 +5,16 @@
 # (load-tests/config/spike-processor.toml: classify, then the transactional result topic).
 # Then `load-test` drives a steady source at STEADY_RATE (default 2) events/s for DURATION
 # (default 240) s and a spike of SPIKE_EVENTS (default 10000) from the other source, and
-# prints the verdict; its exit code is this script's. The same binary and flags run against
+# prints the verdict; its exit code is this script's. FAIRNESS (default source) sets the
+# processor's processor.fairness.by; FAIRNESS=none runs the same profile first come, first
+# served, for comparison. The same binary and flags run against
 # `docker compose up` (README). Everything listens on 127.0.0.1 and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPIKE_EVENTS="${SPIKE_EVENTS:-10000}"
 STEADY_RATE="${STEADY_RATE:-2}"
 DURATION="${DURATION:-240}"
+FAIRNESS="${FAIRNESS:-source}"
 REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PORT="${BROKER_PORT:-19094}"
 export BROKER_PORT="$PORT"
@@ -56,7 +59,7 @@ done
 target/release/spillway-mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
   --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
 SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \
-  SPILLWAY_JOURNAL__STATE_DIR="$RUN/state" \
+  SPILLWAY_JOURNAL__STATE_DIR="$RUN/state" SPILLWAY_PROCESSOR__FAIRNESS__BY="$FAIRNESS" \
   target/release/spillway processor --config load-tests/config/spike-processor.toml \
   >"$RUN/processor.log" 2>&1 & proc=$!; pids+=($proc)
 wait_ready processor "$proc" 9464

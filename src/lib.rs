@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod fair;
 pub mod fault;
 pub mod ingress;
 pub mod journal;

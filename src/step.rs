@@ -20,6 +20,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::{Map, Value as Json};
 
 use crate::codec::Event;
+use crate::fair::Share;
 
 /// A boxed future, so steps can be stored as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -145,6 +146,8 @@ pub struct EventContext {
     /// Results of earlier steps, by step name, for the steps after them (shared: templates and
     /// conditions read them without copying; the worker adds to it with `Arc::make_mut`).
     pub outputs: Arc<Map<String, Json>>,
+    /// The event's class and weight in the fair sharing of each LLM account's admission.
+    pub share: Share,
 }
 
 /// Which attempt of a step this is.

@@ -374,6 +374,7 @@ pub(crate) fn test_context(data: Json) -> EventContext {
         }),
         dedup_key: "test|1".into(),
         outputs: Default::default(),
+        share: Default::default(),
     }
 }
 

@@ -35,6 +35,7 @@ fn context(id: &str) -> EventContext {
         }),
         dedup_key: id.into(),
         outputs: Default::default(),
+        share: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Admission control for one provider account, shared by every task of the process.
 //!
-//! A request is admitted when all of these allow it, in FIFO order:
+//! A request is admitted when all of these allow it, taking turns fairly between the events'
+//! classes (`processor.fairness`, [`crate::fair::Turnstile`]) and in arrival order within one:
 //!
 //! * no `Retry-After` deadline is pending (a 429 sets one for the whole account, so no request
 //!   is sent before it);
@@ -23,6 +24,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
 use super::client::RateHeaders;
+use crate::fair::{Share, Turnstile};
 use crate::llm::config::ProviderConfig;
 
 /// A per-minute limit as a bucket that refills continuously and can be refunded and clamped.
@@ -122,8 +124,9 @@ pub struct Admission {
     clock: DefaultClock,
     buckets: Mutex<Buckets>,
     hold_until: Mutex<Option<Instant>>,
-    /// Requests are admitted one at a time, in arrival order, so none starves.
-    queue: tokio::sync::Mutex<()>,
+    /// Requests are admitted one at a time, by weighted fair turns between the events'
+    /// classes (`processor.fairness`) and in arrival order within one, so none starves.
+    queue: Turnstile,
     /// Wakes the request at the head of the queue when a settlement gives tokens back, so it
     /// does not sleep out a wait computed before the refund.
     refunded: tokio::sync::Notify,
@@ -215,15 +218,15 @@ impl Admission {
                 output: bucket(config.output_tokens_per_minute),
             }),
             hold_until: Mutex::new(None),
-            queue: tokio::sync::Mutex::new(()),
+            queue: Turnstile::default(),
             refunded: tokio::sync::Notify::new(),
         }
     }
 
     /// Waits until a request of `input` estimated prompt tokens and `output` (`max_tokens`)
-    /// may be sent, and reserves its tokens.
-    pub async fn acquire(&self, input: u64, output: u64) -> Reservation<'_> {
-        let _turn = self.queue.lock().await;
+    /// may be sent, and reserves its tokens. Requests of different classes take turns by weight.
+    pub async fn acquire(&self, share: &Share, input: u64, output: u64) -> Reservation<'_> {
+        let _turn = self.queue.turn(share).await;
         let mut taken = [None; 3];
         loop {
             self.wait_for_hold().await;
@@ -345,6 +348,7 @@ mod tests {
     use super::*;
     use crate::llm::config::ProviderApi;
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     fn provider() -> ProviderConfig {
         ProviderConfig {
@@ -367,33 +371,75 @@ mod tests {
         let a = Admission::new(&provider());
         let start = Instant::now();
         a.hold(Duration::from_secs(7));
-        let r = a.acquire(10, 10).await;
+        let r = a.acquire(&Share::default(), 10, 10).await;
         assert!(Instant::now() - start >= Duration::from_secs(7));
         r.settle(10, 10);
         // A shorter Retry-After never shortens a pending deadline.
         a.hold(Duration::from_secs(5));
         a.hold(Duration::from_secs(1));
         let t = Instant::now();
-        drop(a.acquire(1, 1).await);
+        drop(a.acquire(&Share::default(), 1, 1).await);
         assert!(Instant::now() - t >= Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_source_is_admitted_within_a_turn_of_a_spikes_queue() {
+        // 60,000 output tokens a minute and requests that use 1,000: one a second.
+        for fair in [true, false] {
+            let a = Arc::new(Admission::new(&provider()));
+            let class = |c: &str| Share {
+                class: Arc::from(if fair { c } else { "" }),
+                weight: 1,
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for i in 0..100 {
+                let (a, tx, spike) = (a.clone(), tx.clone(), class("spike"));
+                tokio::spawn(async move {
+                    a.acquire(&spike, 0, 1_000).await.settle(0, 1_000);
+                    tx.send(format!("spike{i}")).unwrap();
+                });
+            }
+            // The first is admitted at once, the second holds the turn, 98 wait behind it.
+            while a.queue.waiting() < 98 {
+                tokio::task::yield_now().await;
+            }
+            let (a2, tx2, steady) = (a.clone(), tx.clone(), class("steady"));
+            tokio::spawn(async move {
+                a2.acquire(&steady, 0, 1_000).await.settle(0, 1_000);
+                tx2.send("steady".into()).unwrap();
+            });
+            drop(tx);
+            let mut order = Vec::new();
+            while let Some(who) = rx.recv().await {
+                order.push(who);
+            }
+            let at = order.iter().position(|w| w == "steady").unwrap();
+            if fair {
+                // After the one admitted at once, the one holding the turn, and at most one
+                // more turn of the spike's.
+                assert!(at <= 3, "admitted after {at} others");
+            } else {
+                assert_eq!(at, 100, "first come, first served without classes");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_output_reservation_is_settled_against_actual_usage() {
         // 60,000 output tokens per minute = 1,000 per second; the burst holds 1,000.
         let a = Admission::new(&provider());
-        let r = a.acquire(50, 800).await;
+        let r = a.acquire(&Share::default(), 50, 800).await;
         assert_eq!(a.output_available().unwrap().round(), 200.0);
         // The answer used 100 of the 800 reserved: 700 come back.
         r.settle(50, 100);
         assert_eq!(a.output_available().unwrap().round(), 900.0);
         // An error without usage refunds the whole output reservation.
-        let r = a.acquire(50, 600).await;
+        let r = a.acquire(&Share::default(), 50, 600).await;
         assert_eq!(a.output_available().unwrap().round(), 300.0);
         drop(r);
         assert_eq!(a.output_available().unwrap().round(), 900.0);
         // Usage above the estimate is charged: the bucket goes below what was reserved.
-        let r = a.acquire(50, 100).await;
+        let r = a.acquire(&Share::default(), 50, 100).await;
         r.settle(50, 150);
         assert_eq!(a.output_available().unwrap().round(), 750.0);
     }
@@ -404,7 +450,9 @@ mod tests {
         let start = Instant::now();
         // Answers that use all 1,000 reserved tokens need a full second of refill each.
         for _ in 0..3 {
-            a.acquire(0, 1_000).await.settle(0, 1_000);
+            a.acquire(&Share::default(), 0, 1_000)
+                .await
+                .settle(0, 1_000);
         }
         let no_refund = Instant::now() - start;
         assert!(no_refund >= Duration::from_millis(1_990), "{no_refund:?}");
@@ -412,7 +460,7 @@ mod tests {
         // of 900 leaves only 100 to wait for (0.1 s) instead of a whole second.
         let start = Instant::now();
         for _ in 0..10 {
-            a.acquire(0, 1_000).await.settle(0, 100);
+            a.acquire(&Share::default(), 0, 1_000).await.settle(0, 100);
         }
         let refunded = Instant::now() - start;
         assert!(refunded <= Duration::from_millis(1_950), "{refunded:?}");
@@ -421,11 +469,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refund_wakes_the_waiting_request_at_once() {
         let a = std::sync::Arc::new(Admission::new(&provider()));
-        let first = a.acquire(0, 1_000).await; // the bucket is empty now
+        let first = a.acquire(&Share::default(), 0, 1_000).await; // the bucket is empty now
         let start = Instant::now();
         let waiter = {
             let a = a.clone();
-            tokio::spawn(async move { drop(a.acquire(0, 1_000).await) })
+            tokio::spawn(async move { drop(a.acquire(&Share::default(), 0, 1_000).await) })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         // 100 refilled + 900 refunded: the waiter goes now, not after the full second it
@@ -439,10 +487,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn headers_charge_what_others_used_once_and_ignore_the_refill_since() {
         let a = Admission::new(&provider());
-        let r1 = a.acquire(0, 300).await; // 700 left here
-        let r2 = a.acquire(0, 300).await; // 400 left here
-                                          // The answers arrive 200 ms later. The provider had 400 left when it admitted the
-                                          // first (another replica used 300) and 100 after the second: the same 300.
+        let r1 = a.acquire(&Share::default(), 0, 300).await; // 700 left here
+        let r2 = a.acquire(&Share::default(), 0, 300).await; // 400 left here
+                                                             // The answers arrive 200 ms later. The provider had 400 left when it admitted the
+                                                             // first (another replica used 300) and 100 after the second: the same 300.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let h = |left| RateHeaders {
             remaining_output_tokens: Some(left),
@@ -456,7 +504,7 @@ mod tests {
         // and the second answer does not charge the same 300 again.
         assert_eq!(a.output_available().unwrap().round(), 300.0);
         // An answer that saw more than this bucket had changes nothing.
-        let r3 = a.acquire(0, 100).await;
+        let r3 = a.acquire(&Share::default(), 0, 100).await;
         r3.observe(&h(1_000));
         r3.settle(0, 100);
         assert_eq!(a.output_available().unwrap().round(), 200.0);

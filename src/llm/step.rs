@@ -15,6 +15,8 @@ use futures_util::future::select_all;
 use serde_json::{json, Value as Json};
 use tracing::Instrument;
 
+use crate::fair::Share;
+
 use super::breaker::Breaker;
 use super::client::{CallError, ChatRequest, Completion, ErrorClass, Message, Provider, Role};
 use super::limit::Admission;
@@ -162,7 +164,7 @@ impl LlmStep {
         let mut repairs = 0;
         loop {
             let (completion, target) = self
-                .call(system.as_deref(), &messages, attempt, spend)
+                .call(system.as_deref(), &messages, &ctx.share, attempt, spend)
                 .await?;
             match self.output.check(&completion.text) {
                 Ok(value) => {
@@ -222,6 +224,7 @@ impl LlmStep {
         &self,
         system: Option<&str>,
         messages: &[Message],
+        share: &Share,
         attempt: Attempt,
         spend: &mut Spend,
     ) -> Result<(Completion, &Target), StepError> {
@@ -255,7 +258,7 @@ impl LlmStep {
             let waited = Instant::now();
             let reservation = account
                 .admission
-                .acquire(estimate, u64::from(self.max_tokens))
+                .acquire(share, estimate, u64::from(self.max_tokens))
                 .await;
             m.admission_wait
                 .with_label_values(&[&target.model])

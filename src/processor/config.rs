@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{bounded, duration_ms, ConfigError};
+use crate::fair::FairnessConfig;
 use crate::kafka::KafkaConfig;
 
 /// Processor scheduling, buffering, offsets and lifecycle.
@@ -40,6 +41,10 @@ pub struct ProcessorConfig {
     /// `no_pipeline`, replayable) or `skip` (counted in `spillway_unmatched_events_total`).
     #[serde(default)]
     pub unmatched: Unmatched,
+    /// How the in-flight slots and each LLM account's admission are shared between sources, so
+    /// one source's backlog cannot hold back another's fresh events.
+    #[serde(default)]
+    pub fairness: FairnessConfig,
 }
 
 /// What happens to an event no pipeline takes (`processor.unmatched`).
@@ -124,6 +129,7 @@ impl Default for ProcessorConfig {
             rebalance_timeout_ms: default_rebalance_timeout_ms(),
             retry: RetryConfig::default(),
             unmatched: Unmatched::default(),
+            fairness: FairnessConfig::default(),
         }
     }
 }
@@ -139,6 +145,12 @@ impl Default for RetryConfig {
 }
 
 impl ProcessorConfig {
+    /// Capacity of the channel from the poll thread to the scheduler: records it may have
+    /// handed over before a pause takes effect.
+    pub fn handover_capacity(&self) -> usize {
+        self.max_buffered_per_partition.clamp(256, 4096)
+    }
+
     /// Commit interval as a duration.
     pub fn commit_interval(&self) -> Duration {
         Duration::from_millis(self.commit_interval_ms)
@@ -208,6 +220,7 @@ impl ProcessorConfig {
                 ),
             ));
         }
+        p.fairness.validate()?;
         if p.retry.initial_backoff_ms > p.retry.max_backoff_ms {
             return Err(ConfigError::invalid(
                 "processor.retry.initial_backoff_ms",

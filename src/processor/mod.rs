@@ -170,7 +170,7 @@ impl Processor {
             health: health.clone(),
             consecutive_panics: Default::default(),
         });
-        let capacity = config.processor.max_buffered_per_partition.clamp(256, 4096);
+        let capacity = config.processor.handover_capacity();
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;
         tracing::info!(
             topics = ?config.kafka.topics,

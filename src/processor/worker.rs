@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::dlq::{DlqWriter, Failure};
 use super::retry::backoff;
 use crate::codec::{Codec, CodecError};
+use crate::fair::Share;
 use crate::fault;
 use crate::journal::{Begin, Journal, JournalError, Session};
 use crate::processor::config::{RetryConfig, Unmatched};
@@ -133,7 +134,7 @@ impl Worker {
     /// Spillway itself, dead-letters the record as `task_panicked` ([`Worker::after_panic`]).
     /// Either way the record finishes, so its key's next record runs and its partition's
     /// commit moves on, instead of waiting for ever behind it.
-    pub async fn process(&self, record: Arc<OwnedMessage>) -> Outcome {
+    pub async fn process(&self, record: Arc<OwnedMessage>, share: Share) -> Outcome {
         use std::sync::atomic::Ordering;
         let span = tracing::info_span!(
             "event",
@@ -142,7 +143,10 @@ impl Worker {
             offset = record.offset(),
             event_id = tracing::field::Empty,
         );
-        let run = AssertUnwindSafe(self.process_inner(record.clone()).instrument(span));
+        let run = AssertUnwindSafe(
+            self.process_inner(record.clone(), share.clone())
+                .instrument(span),
+        );
         let (outcome, pipeline) = match run.catch_unwind().await {
             Ok((outcome, pipeline)) => {
                 // Only a record that got through counts as not panicking (one abandoned at
@@ -169,6 +173,10 @@ impl Worker {
             self.metrics
                 .end_to_end
                 .with_label_values(&[pipeline])
+                .observe(age_ms as f64 / 1000.0);
+            self.metrics
+                .source_end_to_end
+                .with_label_values(&[&*self.metrics.source_label(&share.class)])
                 .observe(age_ms as f64 / 1000.0);
         }
         outcome
@@ -214,7 +222,7 @@ impl Worker {
 
     /// Decodes the record, picks its pipeline and runs it; returns how the record finished and
     /// the pipeline that took it.
-    async fn process_inner(&self, record: Arc<OwnedMessage>) -> (Outcome, &str) {
+    async fn process_inner(&self, record: Arc<OwnedMessage>, share: Share) -> (Outcome, &str) {
         if self.health.is_fatal() {
             // The processor is stopping on a fatal client error: start nothing (an LLM call
             // now could not be recorded).
@@ -244,6 +252,7 @@ impl Worker {
             event: event.into(),
             dedup_key,
             outputs: Default::default(),
+            share,
         };
         let mut spend = Spend::default();
         let outcome = match self.journal.clone() {

@@ -123,9 +123,19 @@ pub struct Metrics {
     pub journal_transaction_records: Histogram,
     /// Time from `begin_transaction` to the end of the commit or abort.
     pub journal_transaction_duration: Histogram,
+    /// Time from the record's Kafka timestamp to the end of its processing, by the fairness
+    /// class it was shared in (its source, `processor.fairness`), bounded: see
+    /// [`Metrics::source_label`].
+    pub source_end_to_end: HistogramVec,
+    /// The `source` label values handed out so far.
+    source_labels: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     /// LLM collectors.
     pub llm: LlmMetrics,
 }
+
+/// Distinct `source` label values before the rest are counted as `other`: sources come from
+/// record headers, which a misbehaving producer could fill with unbounded values.
+pub const MAX_SOURCE_LABELS: usize = 32;
 
 /// Collectors of the LLM stage.
 pub struct LlmMetrics {
@@ -418,7 +428,7 @@ impl Metrics {
                         "spillway_llm_admission_wait_seconds",
                         "Time a request waited for admission (rate limits and Retry-After)."
                     )
-                    .buckets(latency_buckets),
+                    .buckets(latency_buckets.clone()),
                     &["model"]
                 )
                 .expect("valid metric")),
@@ -453,9 +463,34 @@ impl Metrics {
                     &["provider", "reason"]
                 )),
             },
+            source_end_to_end: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "spillway_source_end_to_end_seconds",
+                    "Time from the record's Kafka timestamp to the end of its processing, by \
+                     source (the first 32 distinct sources; later ones count as other)."
+                )
+                .buckets(latency_buckets),
+                &["source"]
+            )
+            .expect("valid metric")),
+            source_labels: Default::default(),
             registry,
         };
         Arc::new(m)
+    }
+
+    /// The `source` label of a fairness class: its name for the first
+    /// [`MAX_SOURCE_LABELS`] distinct ones, `other` after that, `all` without classes.
+    pub fn source_label(&self, class: &Arc<str>) -> Arc<str> {
+        if class.is_empty() {
+            return Arc::from("all");
+        }
+        let mut known = self.source_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if known.contains(class) || known.len() < MAX_SOURCE_LABELS {
+            known.insert(class.clone());
+            return class.clone();
+        }
+        Arc::from("other")
     }
 
     /// Prometheus text exposition of every collector.

@@ -28,3 +28,30 @@ fn liveness_follows_progress_not_readiness() {
     h.progress();
     assert!(h.is_live());
 }
+
+#[test]
+fn source_labels_stop_at_their_bound_and_the_rest_count_as_other() {
+    let m = Metrics::new();
+    let class = |i: usize| -> std::sync::Arc<str> { format!("/webhooks/s{i}").into() };
+    for i in 0..MAX_SOURCE_LABELS + 8 {
+        let label = m.source_label(&class(i));
+        let want = if i < MAX_SOURCE_LABELS {
+            format!("/webhooks/s{i}")
+        } else {
+            "other".into()
+        };
+        assert_eq!(&*label, want);
+        m.source_end_to_end
+            .with_label_values(&[&*label])
+            .observe(0.1);
+    }
+    // A source seen before the bound keeps its label; no class at all is `all`.
+    assert_eq!(&*m.source_label(&class(3)), "/webhooks/s3");
+    assert_eq!(&*m.source_label(&"".into()), "all");
+    let series = m
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("spillway_source_end_to_end_seconds_count"))
+        .count();
+    assert_eq!(series, MAX_SOURCE_LABELS + 1);
+}

@@ -6,6 +6,7 @@
 mod common;
 mod examples;
 mod failover;
+mod fairness;
 mod pipelines;
 mod routing;
 mod step;

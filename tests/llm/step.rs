@@ -50,6 +50,7 @@ fn context(text: &str) -> EventContext {
         }),
         dedup_key: "test|1".into(),
         outputs: Default::default(),
+        share: Default::default(),
     }
 }
 

@@ -34,6 +34,7 @@ use super::consumer::{tpl_of, Input, KafkaConsumer, Partition};
 use super::gate::Gate;
 use super::offsets::{OffsetTracker, Tracked};
 use super::worker::{Outcome, Worker};
+use crate::fair::{FairQueue, Share};
 use crate::processor::config::ProcessorConfig;
 use crate::telemetry::{Health, Metrics};
 
@@ -59,6 +60,8 @@ struct PartitionState {
 
 /// A record ready to start.
 struct Job {
+    /// Its class and weight in the fair sharing of the in-flight slots.
+    share: Share,
     partition: i32,
     topic: Arc<str>,
     epoch: u64,
@@ -91,7 +94,8 @@ pub(crate) struct Scheduler {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     partitions: HashMap<Arc<str>, HashMap<i32, PartitionState>>,
-    ready: VecDeque<Job>,
+    /// Records ready to start, by class, served by weight (`processor.fairness`).
+    ready: FairQueue<Job>,
     tasks: JoinSet<Outcome>,
     running: HashMap<Id, Running>,
     buffered_total: usize,
@@ -135,7 +139,7 @@ impl Scheduler {
             metrics,
             health,
             partitions: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: FairQueue::default(),
             tasks: JoinSet::new(),
             running: HashMap::new(),
             buffered_total: 0,
@@ -362,22 +366,40 @@ impl Scheduler {
                 None
             }
         });
+        let share = self.cfg.fairness.share_of(&record);
+        // With fair sharing, a full total pauses only the partitions of classes holding at least
+        // an equal share of what is ready, so a quiet source on its own topic keeps flowing
+        // behind another's spike. Everything pauses at twice the total plus what the poll
+        // thread may have handed over before the heavy classes' pauses took effect.
+        let heavy =
+            self.ready.class_len(&share.class) * self.ready.classes().max(1) >= self.ready.len();
+        let hard = max_total
+            .saturating_mul(2)
+            .saturating_add(self.cfg.handover_capacity());
+        let total_full = total + 1 >= max_total && (heavy || total + 1 >= hard);
         match waiting {
             Some(queue) => queue.push_back(record),
-            None => self.ready.push_back(Job {
-                partition,
-                topic: state.topic.clone(),
-                epoch: state.epoch,
-                key,
-                record,
-            }),
+            None => {
+                let class = share.class.clone();
+                self.ready.push(
+                    &class,
+                    Job {
+                        share,
+                        partition,
+                        topic: state.topic.clone(),
+                        epoch: state.epoch,
+                        key,
+                        record,
+                    },
+                )
+            }
         }
         self.buffered_total += 1;
         self.metrics.buffered.set(self.buffered_total as i64);
         // Also bound the offsets tracked behind a stuck record (a DLQ that cannot be written,
         // a long Retry-After): they cost memory and every one would be redelivered.
         let over = state.buffered >= max_part
-            || total + 1 >= max_total
+            || total_full
             || state.tracker.pending_len() >= PENDING_FACTOR * max_part;
         if over && !state.paused {
             state.paused = true;
@@ -454,7 +476,7 @@ impl Scheduler {
             return;
         }
         while self.tasks.len() < self.cfg.max_in_flight {
-            let Some(job) = self.ready.pop_front() else {
+            let Some(job) = self.ready.pop(|j| j.share.weight) else {
                 break;
             };
             let Some(state) = self
@@ -470,10 +492,10 @@ impl Scheduler {
             self.buffered_total -= 1;
             let offset = job.record.offset();
             let worker = self.worker.clone();
-            let record = job.record;
+            let (record, share) = (job.record, job.share);
             let abort = self
                 .tasks
-                .spawn(async move { worker.process(record).await });
+                .spawn(async move { worker.process(record, share).await });
             self.running.insert(
                 abort.id(),
                 Running {
@@ -539,13 +561,21 @@ impl Scheduler {
             None => None,
         };
         match next {
-            Some(record) => self.ready.push_back(Job {
-                partition: run.partition,
-                topic: run.topic,
-                epoch: run.epoch,
-                key: Some(key),
-                record,
-            }),
+            Some(record) => {
+                let share = self.cfg.fairness.share_of(&record);
+                let class = share.class.clone();
+                self.ready.push(
+                    &class,
+                    Job {
+                        share,
+                        partition: run.partition,
+                        topic: run.topic,
+                        epoch: run.epoch,
+                        key: Some(key),
+                        record,
+                    },
+                )
+            }
             None => {
                 state.keys.remove(&key);
             }
