@@ -27,6 +27,12 @@ mod disabled {
     /// Does nothing: this build has no fault injection.
     #[inline(always)]
     pub fn point(_point: &str, _step: &str) {}
+
+    /// The wall clock as budgets see it is not shifted in this build.
+    #[inline(always)]
+    pub fn clock_offset_ms() -> i64 {
+        0
+    }
 }
 #[cfg(not(feature = "fault-injection"))]
 pub use disabled::*;
@@ -37,8 +43,21 @@ pub use enabled::*;
 #[cfg(feature = "fault-injection")]
 mod enabled {
 
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
     use std::sync::OnceLock;
+
+    static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+    /// How far the clock budgets run on is shifted from the wall clock (a test's controllable
+    /// clock: it moves budgets to their period's roll-over without waiting a day).
+    pub fn clock_offset_ms() -> i64 {
+        CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+    }
+
+    /// Shifts the clock budgets run on by `ms` from the wall clock. Testing only.
+    pub fn set_clock_offset_ms(ms: i64) {
+        CLOCK_OFFSET_MS.store(ms, Ordering::Relaxed);
+    }
 
     struct Fault {
         point: String,

@@ -266,6 +266,18 @@ pub async fn ensure_journal_topic(
     create(&config, &[new]).await
 }
 
+/// Creates the spend budgets' topic where missing: one partition, compacted (one total per
+/// budget, period and instance) and deleted after [`crate::llm::budget::RETENTION_MS`].
+pub async fn ensure_budget_topic(k: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
+    let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    let retention = crate::llm::budget::RETENTION_MS.to_string();
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact,delete")
+        .set("retention.ms", &retention)
+        .set("segment.ms", "86400000");
+    create(&config, &[new]).await
+}
+
 /// Creates `new` where missing (an existing topic is left alone), then waits until every
 /// one is visible with its partitions led.
 async fn create(config: &ClientConfig, new: &[NewTopic<'_>]) -> Result<(), KafkaError> {

@@ -41,6 +41,13 @@ pub enum Action {
         /// A server-given earliest retry time (`Retry-After`).
         after: Option<Duration>,
     },
+    /// The event may not run yet (a spend budget is exhausted): wait `after`, without holding
+    /// an in-flight slot, and run the step again. Like `Defer`, it uses up no attempt and
+    /// never dead-letters the record.
+    Wait {
+        /// How long to wait before trying again.
+        after: Duration,
+    },
     /// Deterministic: retrying cannot help; write the record to the DLQ and move on.
     DeadLetter,
     /// Nothing to do for this event (a duplicate, a filtered event): finish it as skipped.
@@ -106,6 +113,17 @@ impl StepError {
         }
     }
 
+    /// The event may not run before `after` (its budget is spent); it waits without holding an
+    /// in-flight slot.
+    pub fn wait(code: &'static str, message: impl Into<String>, after: Duration) -> Self {
+        StepError {
+            action: Action::Wait { after },
+            code,
+            message: message.into(),
+            spend: Spend::default(),
+        }
+    }
+
     /// A deterministic error: the record goes to the DLQ.
     pub fn deterministic(code: &'static str, message: impl Into<String>) -> Self {
         StepError {
@@ -148,6 +166,8 @@ pub struct EventContext {
     pub outputs: Arc<Map<String, Json>>,
     /// The event's class and weight in the fair sharing of each LLM account's admission.
     pub share: Share,
+    /// The name of the pipeline running the event (`default` for top-level `[[steps]]`).
+    pub pipeline: Arc<str>,
 }
 
 /// Which attempt of a step this is.

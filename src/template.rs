@@ -375,6 +375,7 @@ pub(crate) fn test_context(data: Json) -> EventContext {
         dedup_key: "test|1".into(),
         outputs: Default::default(),
         share: Default::default(),
+        pipeline: "default".into(),
     }
 }
 

@@ -36,6 +36,7 @@ fn context(id: &str) -> EventContext {
         dedup_key: id.into(),
         outputs: Default::default(),
         share: Default::default(),
+        pipeline: "default".into(),
     }
 }
 

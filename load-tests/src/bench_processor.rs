@@ -244,6 +244,7 @@ fn condition_eval_ns(when: &str) -> (f64, f64) {
         dedup_key: "kafka://bench|bench/0/0".into(),
         outputs: Default::default(),
         share: Default::default(),
+        pipeline: "default".into(),
     };
     let time = |ctx: &spillway::step::EventContext| {
         const N: u32 = 200_000;

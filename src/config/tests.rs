@@ -513,3 +513,69 @@ fn pipelines_are_refused_naming_the_key_when_they_cannot_work() {
         }
     }
 }
+
+#[test]
+fn budgets_are_refused_naming_the_key_when_they_cannot_work() {
+    let example = include_str!("../../config/example.toml");
+    let with = |limits: &str| format!("{example}\n[llm.budget]\n{limits}");
+    let limit =
+        |extra: &str| format!("[[llm.budget.limits]]\nname = \"b\"\nperiod = \"day\"\n{extra}\n");
+    let build = |toml: &str| -> Result<(), ConfigError> {
+        let cfg = Config::from_toml(toml)?;
+        crate::pipeline::build(
+            &cfg,
+            &crate::telemetry::Metrics::new(),
+            &crate::processor::gate::Gate::new(),
+        )
+        .map(|_| ())
+    };
+    // A budget that works: USD over the priced classify step, for one source.
+    build(&with(&limit(
+        "usd = 5.0\nsource = \"/webhooks/blog\"\nstep = \"classify\"",
+    )))
+    .unwrap();
+    let unpriced =
+        with(&limit("usd = 5.0")).replace("[llm.prices.mock-small]", "[llm.prices.other]");
+    for (toml, key, says) in [
+        (with(&limit("")), "llm.budget.limits.b.usd", "exactly one"),
+        (
+            with(&limit("usd = 1.0\ntokens = 5")),
+            "llm.budget.limits.b.usd",
+            "exactly one",
+        ),
+        (
+            with(&limit("usd = -1.0")),
+            "llm.budget.limits.b.usd",
+            "above 0",
+        ),
+        (
+            with(&limit("tokens = 0")),
+            "llm.budget.limits.b.tokens",
+            "above 0",
+        ),
+        (
+            with(&(limit("tokens = 5") + &limit("tokens = 6"))),
+            "llm.budget.limits.b.name",
+            "two budgets",
+        ),
+        (
+            with(&limit("tokens = 5\npipeline = \"tickets\"")),
+            "llm.budget.limits.b.pipeline",
+            "no pipeline",
+        ),
+        (
+            with(&limit("tokens = 5\nstep = \"clasify\"")),
+            "llm.budget.limits.b.step",
+            "no step",
+        ),
+        (unpriced, "steps.classify.model", "no price for mock-small"),
+    ] {
+        match build(&toml) {
+            Err(ConfigError::Invalid { key: k, message }) => {
+                assert_eq!(k, key, "{message}");
+                assert!(message.contains(says), "{key}: {message}");
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+}

@@ -23,6 +23,9 @@ pub struct LlmConfig {
     /// Circuit breaker settings, applied to each provider.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Spend budgets, enforced before each call.
+    #[serde(default)]
+    pub budget: Option<super::budget::BudgetConfig>,
 }
 
 /// The wire API a provider speaks.
@@ -235,6 +238,9 @@ impl Default for OutputConfig {
 impl LlmConfig {
     /// The `[llm]` section's rules: providers, prices and the breaker.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(b) = &self.budget {
+            b.validate()?;
+        }
         duration_ms("llm.breaker.window_ms", self.breaker.window_ms, 1)?;
         duration_ms("llm.breaker.open_ms", self.breaker.open_ms, 1)?;
         bounded(

@@ -6,8 +6,11 @@
 //!   buckets, a governor request limiter.
 //! * [`breaker`]: the circuit breaker per account; it closes the processor's gate.
 //! * [`prompt`]: templates and output validation. [`step`]: the step that ties them together.
+//! * [`budget`]: spend budgets per day or month, reserved before each call, shared by
+//!   replicas through a compacted topic.
 
 pub mod breaker;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod limit;

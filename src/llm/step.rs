@@ -15,7 +15,7 @@ use futures_util::future::select_all;
 use serde_json::{json, Value as Json};
 use tracing::Instrument;
 
-use crate::fair::Share;
+use crate::llm::budget::{Budgets, Charge, Scope};
 
 use super::breaker::Breaker;
 use super::client::{CallError, ChatRequest, Completion, ErrorClass, Message, Provider, Role};
@@ -42,6 +42,8 @@ pub struct Account {
 /// The accounts of `llm.providers`, built once per processor.
 pub struct Accounts {
     accounts: BTreeMap<String, Arc<Account>>,
+    /// The spend budgets every LLM step reserves against, if configured.
+    budgets: Option<Arc<Budgets>>,
 }
 
 impl Accounts {
@@ -67,7 +69,14 @@ impl Accounts {
                 }),
             );
         }
-        Ok(Accounts { accounts })
+        let budgets = (config.budget.as_ref()).map(|b| Budgets::new(b, metrics));
+        Ok(Accounts { accounts, budgets })
+    }
+
+    /// The same accounts, reserving against `budgets` (connected to their topic) instead.
+    pub fn with_budgets(mut self, budgets: Option<Arc<Budgets>>) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     fn get(&self, name: &str, key: String) -> Result<Arc<Account>, ConfigError> {
@@ -97,6 +106,7 @@ pub struct LlmStep {
     max_tokens: u32,
     temperature: Option<f64>,
     metrics: Arc<Metrics>,
+    budgets: Option<Arc<Budgets>>,
 }
 
 /// Rough prompt size: one token per four characters plus a few per message. Admission
@@ -133,6 +143,28 @@ impl LlmStep {
                 price: llm.prices.get(&f.model).cloned(),
             });
         }
+        // A USD budget needs a price for every model it may pay for.
+        let budgets = accounts.budgets.clone();
+        if let Some(b) = &budgets {
+            if b.limits().iter().any(|l| l.may_cover_step(&config.name)) {
+                for (i, t) in chain.iter().enumerate() {
+                    if t.price.is_none() {
+                        return Err(ConfigError::invalid(
+                            if i == 0 {
+                                key("model")
+                            } else {
+                                key(&format!("fallback[{}].model", i - 1))
+                            },
+                            format!(
+                                "a USD budget covers this step, but llm.prices has no price \
+                                 for {}",
+                                t.model
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         let breakers: Vec<Arc<Breaker>> = chain.iter().map(|t| t.account.breaker.clone()).collect();
         gate.add_check(move || breakers.iter().any(|b| !b.is_open()));
         Ok(LlmStep {
@@ -144,6 +176,7 @@ impl LlmStep {
             max_tokens: config.max_tokens,
             temperature: config.temperature,
             metrics: metrics.clone(),
+            budgets,
         })
     }
 
@@ -164,7 +197,7 @@ impl LlmStep {
         let mut repairs = 0;
         loop {
             let (completion, target) = self
-                .call(system.as_deref(), &messages, &ctx.share, attempt, spend)
+                .call(system.as_deref(), &messages, ctx, attempt, spend)
                 .await?;
             match self.output.check(&completion.text) {
                 Ok(value) => {
@@ -224,11 +257,26 @@ impl LlmStep {
         &self,
         system: Option<&str>,
         messages: &[Message],
-        share: &Share,
+        ctx: &EventContext,
         attempt: Attempt,
         spend: &mut Spend,
     ) -> Result<(Completion, &Target), StepError> {
         let estimate = estimate_tokens(system, messages);
+        // The worst case, at the dearest price of the chain, is reserved before any provider
+        // is tried; the answer settles it.
+        let budget = match &self.budgets {
+            Some(b) => {
+                let scope = Scope {
+                    pipeline: &ctx.pipeline,
+                    source: &ctx.event.source,
+                    step: &self.name,
+                };
+                let worst = self.worst_case(estimate);
+                b.reserve(scope, worst).await?
+            }
+            None => None,
+        };
+        let share = &ctx.share;
         let mut last: Option<StepError> = None;
         let m = &self.metrics.llm;
         for (i, target) in self.chain.iter().enumerate() {
@@ -287,7 +335,13 @@ impl LlmStep {
                 Ok(c) => {
                     reservation.settle(c.input_tokens, c.output_tokens);
                     permit.success();
-                    self.account_spend(target, &c, spend);
+                    let cost = self.account_spend(target, &c, spend);
+                    if let Some(b) = budget {
+                        b.settle(Charge {
+                            usd: cost,
+                            tokens: c.input_tokens + c.output_tokens,
+                        });
+                    }
                     return Ok((c, target));
                 }
                 Err(e) => e,
@@ -349,7 +403,25 @@ impl LlmStep {
         })
     }
 
-    fn account_spend(&self, target: &Target, c: &Completion, spend: &mut Spend) {
+    /// What a call of `estimate` prompt tokens may cost at most: `max_tokens` of output at the
+    /// dearest model of the chain.
+    fn worst_case(&self, estimate: u64) -> Charge {
+        let output = u64::from(self.max_tokens);
+        let usd = (self.chain.iter())
+            .filter_map(|t| t.price.as_ref())
+            .map(|p| {
+                (estimate as f64 * p.input_usd_per_mtok + output as f64 * p.output_usd_per_mtok)
+                    / 1e6
+            })
+            .fold(0.0, f64::max);
+        Charge {
+            usd,
+            tokens: estimate + output,
+        }
+    }
+
+    /// Counts an answered call's tokens and cost; returns the cost in USD.
+    fn account_spend(&self, target: &Target, c: &Completion, spend: &mut Spend) -> f64 {
         let m = &self.metrics.llm;
         m.tokens
             .with_label_values(&[&target.model, "input"])
@@ -369,6 +441,7 @@ impl LlmStep {
             output_tokens: c.output_tokens,
             cost_usd: cost,
         };
+        cost
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 pub use config::{PipelineConfig, StepEntry};
 
 use crate::config::{Config, ConfigError};
+use crate::llm::budget::Budgets;
 use crate::llm::step::Accounts;
 use crate::processor::gate::Gate;
 use crate::processor::{Processor, ProcessorError};
@@ -141,7 +142,22 @@ pub fn build(
     metrics: &Arc<Metrics>,
     gate: &Gate,
 ) -> Result<Pipelines, ConfigError> {
-    let accounts = Accounts::new(&config.llm, gate, metrics)?;
+    build_with(config, metrics, gate, None)
+}
+
+/// Like [`build`], with the spend budgets (`[llm.budget]`) the steps reserve against;
+/// without them, budgets are built from the config but never connected to their topic.
+pub fn build_with(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    gate: &Gate,
+    budgets: Option<Arc<Budgets>>,
+) -> Result<Pipelines, ConfigError> {
+    check_budget_scopes(config)?;
+    let mut accounts = Accounts::new(&config.llm, gate, metrics)?;
+    if budgets.is_some() {
+        accounts = accounts.with_budgets(budgets);
+    }
     let cx = Assembly {
         config,
         metrics,
@@ -209,8 +225,55 @@ pub async fn start(
     config.validate()?;
     let metrics = Metrics::new();
     let gate = Gate::new();
-    let pipelines = build(&config, &metrics, &gate)?;
+    let budgets = match &config.llm.budget {
+        Some(b) => {
+            check_budget_scopes(&config)?;
+            let budgets = Budgets::new(b, &metrics);
+            budgets.connect(&config.kafka).await?;
+            Some(budgets)
+        }
+        None => None,
+    };
+    let pipelines = build_with(&config, &metrics, &gate, budgets)?;
     Processor::start_with(config, pipelines, metrics, gate, shutdown).await
+}
+
+/// A budget's `pipeline` and `step` name ones that exist: a typo would cover nothing.
+fn check_budget_scopes(config: &Config) -> Result<(), ConfigError> {
+    let Some(b) = &config.llm.budget else {
+        return Ok(());
+    };
+    let chains: Vec<(&str, &[crate::pipeline::config::StepEntry])> = if config.pipelines.is_empty()
+    {
+        vec![("default", &config.steps)]
+    } else {
+        (config.pipelines.iter())
+            .map(|p| (p.name.as_str(), p.steps.as_slice()))
+            .collect()
+    };
+    for l in &b.limits {
+        let key = |k: &str| format!("llm.budget.limits.{}.{k}", l.name);
+        if let Some(p) = &l.pipeline {
+            if !chains.iter().any(|(name, _)| name == p) {
+                return Err(ConfigError::invalid(
+                    key("pipeline"),
+                    format!("no pipeline is named {p:?}"),
+                ));
+            }
+        }
+        if let Some(s) = &l.step {
+            let found = (chains.iter())
+                .filter(|(name, _)| l.pipeline.as_deref().is_none_or(|p| p == *name))
+                .any(|(_, steps)| steps.iter().any(|e| e.name() == s));
+            if !found {
+                return Err(ConfigError::invalid(
+                    key("step"),
+                    format!("no step is named {s:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts a processor from configuration (pipelines built from `config`) and runs it.

@@ -169,6 +169,7 @@ impl Processor {
             journal,
             health: health.clone(),
             consecutive_panics: Default::default(),
+            parked: Default::default(),
         });
         let capacity = config.processor.handover_capacity();
         let (consumer, rx) = consumer::create(&config, metrics.clone(), capacity)?;

@@ -75,6 +75,48 @@ pub struct Worker {
     pub(crate) health: Arc<crate::telemetry::Health>,
     /// Record tasks that panicked outside a step since the last one that did not.
     pub(crate) consecutive_panics: std::sync::atomic::AtomicU32,
+    /// Records waiting on a spent budget, whose in-flight slots the scheduler gives to others.
+    pub(crate) parked: Parked,
+}
+
+/// Record tasks waiting on a spent budget ([`Action::Wait`]): they hold no in-flight slot, so
+/// the scheduler starts other records (other sources') in their place. Their offsets stay
+/// uncommitted, so their partitions pause once enough offsets wait behind them.
+#[derive(Default)]
+pub(crate) struct Parked {
+    count: std::sync::atomic::AtomicUsize,
+    /// Wakes the scheduler when a task parks or wakes.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl Parked {
+    /// Tasks waiting now.
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn park<'a>(&'a self, metrics: &'a Metrics) -> ParkedGuard<'a> {
+        let n = self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        metrics.budget_waiting.set(n as i64);
+        self.changed.notify_one();
+        ParkedGuard {
+            parked: self,
+            metrics,
+        }
+    }
+}
+
+struct ParkedGuard<'a> {
+    parked: &'a Parked,
+    metrics: &'a Metrics,
+}
+
+impl Drop for ParkedGuard<'_> {
+    fn drop(&mut self) {
+        let n = (self.parked.count).fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        self.metrics.budget_waiting.set(n as i64);
+        self.parked.changed.notify_one();
+    }
 }
 
 /// This many record tasks in a row panicking outside a step is not one bad record but a broken
@@ -253,6 +295,7 @@ impl Worker {
             dedup_key,
             outputs: Default::default(),
             share,
+            pipeline: pipeline.name.clone(),
         };
         let mut spend = Spend::default();
         let outcome = match self.journal.clone() {
@@ -523,7 +566,7 @@ impl Worker {
                     Ok(_) => "ok",
                     Err(e) => match e.action {
                         Action::Retry { .. } => "transient",
-                        Action::Defer { .. } => "deferred",
+                        Action::Defer { .. } | Action::Wait { .. } => "deferred",
                         Action::DeadLetter => "deterministic",
                         Action::Skip => "skip",
                         Action::Fatal => "fatal",
@@ -571,6 +614,26 @@ impl Worker {
                                 _ = self.drain.cancelled() => return Outcome::Abandoned,
                             },
                             None => tokio::task::yield_now().await,
+                        }
+                    }
+                    Action::Wait { after } => {
+                        // Not a failure either, and it gives its in-flight slot back meanwhile.
+                        attempt -= 1;
+                        self.metrics
+                            .deferrals
+                            .with_label_values(&[p, step.name(), err.code])
+                            .inc();
+                        tracing::debug!(
+                            step = step.name(),
+                            code = err.code,
+                            message = %err.message,
+                            "step waiting"
+                        );
+                        let _parked = self.parked.park(&self.metrics);
+                        tokio::select! {
+                            biased;
+                            _ = tokio::time::sleep(after) => {}
+                            _ = self.drain.cancelled() => return Outcome::Abandoned,
                         }
                     }
                     Action::Retry { after } if attempt < self.retry.max_attempts => {

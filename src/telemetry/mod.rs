@@ -20,8 +20,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +127,15 @@ pub struct Metrics {
     /// class it was shared in (its source, `processor.fairness`), bounded: see
     /// [`Metrics::source_label`].
     pub source_end_to_end: HistogramVec,
+    /// Each spend budget's cap, in its unit (USD or tokens), by budget.
+    pub budget_limit: GaugeVec,
+    /// What every instance spent against each budget in its current period, reservations in
+    /// flight included, by budget.
+    pub budget_spent: GaugeVec,
+    /// 1 while a budget has had no room for a call this period, by budget.
+    pub budget_exhausted: GaugeVec,
+    /// Events waiting on a spent budget (holding no in-flight slot).
+    pub budget_waiting: IntGauge,
     /// The `source` label values handed out so far.
     source_labels: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     /// LLM collectors.
@@ -474,6 +483,35 @@ impl Metrics {
             )
             .expect("valid metric")),
             source_labels: Default::default(),
+            budget_limit: reg!(GaugeVec::new(
+                Opts::new(
+                    "spillway_budget_limit",
+                    "Each spend budget's cap per period, in its unit (USD or tokens)."
+                ),
+                &["budget"]
+            )
+            .expect("valid metric")),
+            budget_spent: reg!(GaugeVec::new(
+                Opts::new(
+                    "spillway_budget_spent",
+                    "Spent against each budget this period by every instance, reservations in \
+                     flight included, in its unit."
+                ),
+                &["budget"]
+            )
+            .expect("valid metric")),
+            budget_exhausted: reg!(GaugeVec::new(
+                Opts::new(
+                    "spillway_budget_exhausted",
+                    "1 while a budget has had no room for a call this period: its events wait."
+                ),
+                &["budget"]
+            )
+            .expect("valid metric")),
+            budget_waiting: reg!(gauge(
+                "spillway_budget_waiting_events",
+                "Events waiting on a spent budget."
+            )),
             registry,
         };
         Arc::new(m)

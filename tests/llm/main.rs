@@ -2,6 +2,7 @@
 //! the breaker pausing intake, quota, hangs, deterministic failures, repairs, fallbacks, and
 //! per-event cost.
 
+mod budget;
 #[path = "../common/mod.rs"]
 mod common;
 mod examples;

@@ -51,6 +51,7 @@ fn context(text: &str) -> EventContext {
         dedup_key: "test|1".into(),
         outputs: Default::default(),
         share: Default::default(),
+        pipeline: "default".into(),
     }
 }
 

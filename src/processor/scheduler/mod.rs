@@ -187,6 +187,7 @@ impl Scheduler {
                 }
                 _ = tokio::time::sleep_until(revoke_deadline), if self.pending_revoke.is_some() => {}
                 Ok(()) = self.gate_rx.changed() => self.on_gate(),
+                _ = self.worker.parked.changed.notified() => {}
                 _ = health_tick.tick() => {
                     if !poll_alive.load(Ordering::Acquire) {
                         tracing::error!("poll thread died; shutting down");
@@ -475,7 +476,8 @@ impl Scheduler {
             // starts meanwhile (it could call the LLM and then not record it).
             return;
         }
-        while self.tasks.len() < self.cfg.max_in_flight {
+        // Tasks waiting on a spent budget hold no slot.
+        while self.tasks.len() < self.cfg.max_in_flight + self.worker.parked.count() {
             let Some(job) = self.ready.pop(|j| j.share.weight) else {
                 break;
             };

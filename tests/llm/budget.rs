@@ -1,0 +1,361 @@
+//! Spend budgets: an exhausted budget makes events wait (never dropped) and they resume at the
+//! period's roll-over; replicas share one budget through the spend topic; spend survives a
+//! SIGKILL.
+
+use super::*;
+
+/// The clock budgets run on is process-wide (`fault::set_clock_offset_ms`): the tests that
+/// run processors in this process take turns.
+static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `[llm.budget]` on `topic` with one budget, `daily`, of `tokens` per UTC day.
+fn budget(topic: &str, tokens: u64) -> String {
+    format!(
+        "[llm.budget]\ntopic = \"{topic}\"\nrecheck_ms = 200\n\
+         [[llm.budget.limits]]\nname = \"daily\"\nperiod = \"day\"\ntokens = {tokens}\n"
+    )
+}
+
+fn gauge(m: &str, series: &str) -> f64 {
+    metric_value(m, series).unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_over_with_nothing_lost(
+) {
+    let _clock = CLOCK.lock().await;
+    let (broker, topic, dlq, group) = setup(1).await;
+    let spend = unique("spend");
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, posts) = recording_sink().await;
+    // Each call reserves its prompt estimate plus 64 tokens; 600 a day take about six.
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &format!(
+            "{}\n{}\n[processor]\nmax_buffered_per_partition = 2\n",
+            provider("primary", "openai", &sim, ""),
+            budget(&spend, 600)
+        ),
+    );
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..40).map(|i| text_rec(&format!("k{i}"), &format!("comment {i}"))),
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let (addr, task) = start_configured(&toml, stop.clone()).await;
+    // The budget runs out: the rest wait (none dead-lettered), and once 20 offsets wait behind
+    // the first waiting one (10 × max_buffered_per_partition) the partition pauses.
+    wait_until_async(
+        "the budget runs out and intake pauses",
+        Duration::from_secs(60),
+        || async {
+            let m = metrics(addr).await;
+            gauge(&m, "spillway_budget_exhausted{budget=\"daily\"}") == 1.0
+                && gauge(&m, "spillway_paused_partitions") >= 1.0
+                && gauge(&m, "spillway_budget_waiting_events") >= 1.0
+        },
+    )
+    .await;
+    let m = metrics(addr).await;
+    let before = posts.len();
+    assert!(
+        (1..40).contains(&before),
+        "{before} posted before the budget ran out"
+    );
+    let spent = gauge(&m, "spillway_budget_spent{budget=\"daily\"}");
+    assert!(
+        spent <= 600.0,
+        "spent {spent} of 600: reservations never exceed the cap"
+    );
+    assert_eq!(metric_sum(&m, "spillway_dlq_records_total"), 0.0);
+    assert!(metric_sum(&m, "spillway_events_total") < 40.0);
+    assert!(
+        metric_sum(
+            &m,
+            "spillway_step_deferrals_total{pipeline=\"default\",reason=\"budget_exhausted\""
+        ) >= 1.0,
+        "waits are counted"
+    );
+    // Nothing moves while the day lasts: the calls already answered are posted, then none
+    // follows within five rechecks.
+    let calls = sim.stats().await.completed;
+    wait_until(
+        "the answered calls are posted",
+        Duration::from_secs(10),
+        || posts.len() as u64 >= calls,
+    )
+    .await;
+    let before = posts.len();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(posts.len(), before);
+    assert_eq!(
+        sim.stats().await.completed,
+        calls,
+        "no call while the budget is spent"
+    );
+
+    // The clock reaches the next UTC day: the waiting events run until the new day's 600
+    // tokens run out too, and so on each day until every event is done.
+    let day = 86_400_000i64;
+    let mut days = 0;
+    while posts.len() < 40 {
+        days += 1;
+        assert!(
+            days <= 20,
+            "events stopped moving after {} posts",
+            posts.len()
+        );
+        let now = spillway::telemetry::now_ms() as i64 + spillway::fault::clock_offset_ms();
+        let before = posts.len();
+        spillway::fault::set_clock_offset_ms(
+            spillway::fault::clock_offset_ms() + (now / day + 1) * day - now + 1_000,
+        );
+        wait_until(
+            "the new day's budget runs waiting events",
+            Duration::from_secs(30),
+            || posts.len() > before,
+        )
+        .await;
+        wait_until_async(
+            "that day's budget runs out, or every event is done",
+            Duration::from_secs(30),
+            || async {
+                posts.len() >= 40
+                    || gauge(
+                        &metrics(addr).await,
+                        "spillway_budget_exhausted{budget=\"daily\"}",
+                    ) == 1.0
+            },
+        )
+        .await;
+    }
+    assert!(
+        days >= 2,
+        "the budget held each day to a few events ({days} days)"
+    );
+    spillway::fault::set_clock_offset_ms(0);
+    let mut texts: Vec<String> = (posts.bodies.lock().unwrap().iter())
+        .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
+        .collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(
+        texts.len(),
+        40,
+        "every event posted once: nothing lost, nothing twice"
+    );
+    assert_eq!(posts.len(), 40);
+    wait_until_async("intake resumes", Duration::from_secs(30), || async {
+        gauge(&metrics(addr).await, "spillway_paused_partitions") == 0.0
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let offsets = blocking(|| committed(&broker.bootstrap(), &group, &topic, 1));
+    assert_eq!(
+        offsets.get(&0),
+        Some(&40),
+        "the group committed every offset"
+    );
+}
+
+/// The tokens every answer of the simulator used, input and output.
+async fn tokens_used(sim: &Sim) -> u64 {
+    let s = sim.stats().await;
+    s.input_tokens + s.output_tokens
+}
+
+/// The most one call reserves here: its prompt estimate (under 40 tokens for these prompts)
+/// plus `max_tokens` (64).
+const WORST_CALL: f64 = 104.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_a_budget_overshoot_by_no_more_than_their_in_flight_reservations() {
+    let _clock = CLOCK.lock().await;
+    let (broker, topic, dlq, group) = setup(4).await;
+    let spend = unique("spend");
+    // Calls take 100 ms, so each replica has its 4 slots' reservations in flight most of the
+    // time while the other reads them.
+    let sim = Sim::start(|c| c.latency_ms = 100).await;
+    let (sink, posts) = recording_sink().await;
+    const CAP: f64 = 3_000.0;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &format!(
+            "{}\n{}\n[processor]\nmax_in_flight = 4\n",
+            provider("primary", "openai", &sim, ""),
+            budget(&spend, CAP as u64)
+        ),
+    );
+    let stop = CancellationToken::new();
+    let (a, task_a) = start_configured(&toml, stop.clone()).await;
+    let (b, task_b) = start_configured(&toml, stop.clone()).await;
+    wait_until_async(
+        "both replicas have partitions",
+        Duration::from_secs(60),
+        || async {
+            let assigned = |m: &str| gauge(m, "spillway_assigned_partitions");
+            assigned(&metrics(a).await) >= 1.0 && assigned(&metrics(b).await) >= 1.0
+        },
+    )
+    .await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..300).map(|i| text_rec(&format!("k{i}"), &format!("comment {i}"))),
+    )
+    .await;
+    wait_until_async(
+        "both replicas run out of the shared budget",
+        Duration::from_secs(90),
+        || async {
+            let (ma, mb) = (metrics(a).await, metrics(b).await);
+            [&ma, &mb].iter().all(|m| {
+                gauge(m, "spillway_budget_exhausted{budget=\"daily\"}") == 1.0
+                    && gauge(m, "spillway_budget_waiting_events") >= 1.0
+            })
+        },
+    )
+    .await;
+    // Calls in flight finish; then neither replica sends another.
+    let mut last = tokens_used(&sim).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = tokens_used(&sim).await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let used = tokens_used(&sim).await as f64;
+    let (ma, mb) = (metrics(a).await, metrics(b).await);
+    let finished = |m: &str| metric_sum(m, "spillway_events_total");
+    assert!(
+        finished(&ma) >= 1.0 && finished(&mb) >= 1.0,
+        "both replicas spent from the budget: {} and {}",
+        finished(&ma),
+        finished(&mb)
+    );
+    // Each replica's reservations fit what it had read of the other's; what it had not read
+    // yet is at most the other's reservations in flight: 4 slots each.
+    let bound = CAP + 2.0 * 4.0 * WORST_CALL;
+    assert!(
+        used <= bound,
+        "the providers were paid for {used} tokens; the budget is {CAP} plus at most {} in flight",
+        bound - CAP
+    );
+    assert!(used >= CAP / 2.0, "the budget was used ({used} of {CAP})");
+    // Both replicas see the same total, which is what the provider counted.
+    wait_until_async(
+        "the replicas agree on the spend",
+        Duration::from_secs(10),
+        || async {
+            let spent = |m: &str| gauge(m, "spillway_budget_spent{budget=\"daily\"}");
+            let (sa, sb) = (spent(&metrics(a).await), spent(&metrics(b).await));
+            (sa - used).abs() < 1.0 && (sb - used).abs() < 1.0
+        },
+    )
+    .await;
+    assert!(posts.len() < 300, "the events past the budget wait");
+    stop.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_survives_a_sigkill_and_restart() {
+    let (broker, topic, dlq, group) = setup(1).await;
+    let spend = unique("spend");
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, posts) = recording_sink().await;
+    const CAP: u64 = 1_500;
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &format!(
+            "{}\n{}",
+            provider("primary", "openai", &sim, ""),
+            budget(&spend, CAP)
+        ),
+    );
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (0..15).map(|i| text_rec(&format!("k{i}"), &format!("comment {i}"))),
+    )
+    .await;
+    let mut first = SpillwayProc::spawn(&toml);
+    first
+        .wait_finished(15, "the first run finishes its events")
+        .await;
+    let spent_before = gauge(
+        &first.try_scrape().await.unwrap_or_default(),
+        "spillway_budget_spent{budget=\"daily\"}",
+    );
+    let used_before = tokens_used(&sim).await;
+    assert!(
+        spent_before >= used_before as f64,
+        "{spent_before} < {used_before}"
+    );
+    first.kill9();
+    // A new instance starts from every instance's spend on the topic.
+    let second = SpillwayProc::spawn(&toml);
+    let spent_after = async {
+        loop {
+            if let Some(m) = second.try_scrape().await {
+                let v = gauge(&m, "spillway_budget_spent{budget=\"daily\"}");
+                if v >= 0.0 {
+                    return v;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let spent_after = tokio::time::timeout(Duration::from_secs(60), spent_after)
+        .await
+        .expect("the restarted processor reports its budget");
+    assert!(
+        spent_after >= used_before as f64,
+        "the restarted instance counts the {used_before} tokens spent before the kill: {spent_after}"
+    );
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        (15..60).map(|i| text_rec(&format!("k{i}"), &format!("comment {i}"))),
+    )
+    .await;
+    let exhausted = async {
+        loop {
+            if let Some(m) = second.try_scrape().await {
+                if gauge(&m, "spillway_budget_exhausted{budget=\"daily\"}") == 1.0
+                    && gauge(&m, "spillway_budget_waiting_events") >= 1.0
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), exhausted)
+        .await
+        .unwrap_or_else(|_| panic!("the budget never ran out; log:\n{}", second.log_text()));
+    // One instance's reservations never pass the cap; an answer may use a few more prompt
+    // tokens than estimated, never a whole call's worth.
+    let used = tokens_used(&sim).await;
+    assert!(
+        used as f64 <= CAP as f64 + WORST_CALL,
+        "{used} tokens paid across the kill, against a budget of {CAP}"
+    );
+    assert!(posts.len() < 60, "the events past the budget wait");
+    drop(second);
+}
