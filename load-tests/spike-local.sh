@@ -7,7 +7,8 @@
 # (default 240) s and a spike of SPIKE_EVENTS (default 10000) from the other source, and
 # prints the verdict; its exit code is this script's. FAIRNESS (default source) sets the
 # processor's processor.fairness.by; FAIRNESS=none runs the same profile first come, first
-# served, for comparison. The same binary and flags run against
+# served, for comparison. BUDGET_USD gives the spiky source a daily budget of that many USD:
+# the campaign's events past it wait (counted apart from lost ones) while the blog's go on. The same binary and flags run against
 # `docker compose up` (README). Everything listens on 127.0.0.1 and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ SPIKE_EVENTS="${SPIKE_EVENTS:-10000}"
 STEADY_RATE="${STEADY_RATE:-2}"
 DURATION="${DURATION:-240}"
 FAIRNESS="${FAIRNESS:-source}"
+BUDGET_USD="${BUDGET_USD:-}"
 REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PORT="${BROKER_PORT:-19094}"
 export BROKER_PORT="$PORT"
@@ -58,9 +60,17 @@ for _ in $(seq 1 300); do
 done
 target/release/spillway-mock-llm --listen 127.0.0.1:8089 --rpm 3000 --latency-ms 200 \
   --latency-jitter-ms 100 >"$RUN/mock-llm.log" 2>&1 & pids+=($!)
+processor_config=load-tests/config/spike-processor.toml
+if [ -n "$BUDGET_USD" ]; then
+  processor_config="$RUN/processor.toml"
+  { cat load-tests/config/spike-processor.toml
+    printf '\n[llm.budget]\ntopic = "spillway.budget"\nrecheck_ms = 1000\n'
+    printf '\n[[llm.budget.limits]]\nname = "campaign-daily"\nperiod = "day"\nusd = %s\nsource = "/webhooks/campaign"\n' "$BUDGET_USD"
+  } >"$processor_config"
+fi
 SPILLWAY_KAFKA__BROKERS="127.0.0.1:$PORT" SPILLWAY_CODEC__SCHEMA_REGISTRY_URL="http://127.0.0.1:$REGISTRY_PORT" \
   SPILLWAY_JOURNAL__STATE_DIR="$RUN/state" SPILLWAY_PROCESSOR__FAIRNESS__BY="$FAIRNESS" \
-  target/release/spillway processor --config load-tests/config/spike-processor.toml \
+  target/release/spillway processor --config "$processor_config" \
   >"$RUN/processor.log" 2>&1 & proc=$!; pids+=($proc)
 wait_ready processor "$proc" 9464
 export STEADY_WEBHOOK_SECRET="whsec_c3BpbGx3YXktbG9hZC10ZXN0LXN0ZWFkeS1zZWNyZXQ="
@@ -74,5 +84,7 @@ verdict=0
 target/release/load-test --ingress http://127.0.0.1:8088 --brokers "127.0.0.1:$PORT" \
   --results spillway.results --dlq spillway.dlq --simulator http://127.0.0.1:8089 \
   --steady-source blog --spike-source campaign --steady-rate "$STEADY_RATE" \
-  --duration-secs "$DURATION" --spike-events "$SPIKE_EVENTS" || verdict=$?
+  --duration-secs "$DURATION" --spike-events "$SPIKE_EVENTS" \
+  --processor-metrics http://127.0.0.1:9464/metrics --group spillway-spike \
+  --input-topic spillway.events || verdict=$?
 exit "$verdict"

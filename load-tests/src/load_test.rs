@@ -76,6 +76,17 @@ struct Args {
     /// How long to wait after the last send for every result, in seconds.
     #[arg(long, default_value_t = 600)]
     drain_secs: u64,
+    /// The processor's /metrics (e.g. http://127.0.0.1:9464/metrics): its spend budgets are
+    /// printed, and events waiting on a spent budget are told apart from lost ones.
+    #[arg(long)]
+    processor_metrics: Option<String>,
+    /// The processor's consumer group: events waiting on a spent budget must still be
+    /// uncommitted (its lag on `--input-topic`), or they count as lost.
+    #[arg(long, default_value = "spillway-compose")]
+    group: String,
+    /// The topic the ingress writes the events to.
+    #[arg(long, default_value = "spillway.events")]
+    input_topic: String,
 }
 
 fn now_ms() -> i64 {
@@ -368,6 +379,9 @@ async fn main() {
     };
     let drain_until = Instant::now() + Duration::from_secs(args.drain_secs);
     let (mut results, mut dead, mut complete);
+    // With a spent budget, the events behind it wait for the period's roll-over: the drain
+    // stops once nothing has moved for 30 s while a budget is exhausted.
+    let mut stalled = (usize::MAX, Instant::now());
     loop {
         let (brokers, r, d) = (args.brokers.clone(), args.results.clone(), args.dlq.clone());
         let (r, d) = tokio::task::spawn_blocking(move || {
@@ -387,6 +401,17 @@ async fn main() {
             .filter(|id| !found.contains(id))
             .count();
         if missing == 0 || Instant::now() > drain_until {
+            break;
+        }
+        if missing != stalled.0 {
+            stalled = (missing, Instant::now());
+        } else if stalled.1.elapsed() > Duration::from_secs(30)
+            && budgets(args.processor_metrics.as_deref())
+                .await
+                .iter()
+                .any(|b| b.exhausted)
+        {
+            println!("  {missing} events wait on a spent budget; nothing moved for 30 s");
             break;
         }
         println!("  {missing} accepted events not yet a result or a dead letter; waiting");
@@ -410,13 +435,26 @@ async fn main() {
             .await
         }
     };
+    let budget_figures = budgets(args.processor_metrics.as_deref()).await;
+    let lag = if budget_figures.iter().any(|b| b.exhausted) {
+        let (brokers, group, topic) = (
+            args.brokers.clone(),
+            args.group.clone(),
+            args.input_topic.clone(),
+        );
+        tokio::task::spawn_blocking(move || group_lag(&brokers, &group, &topic))
+            .await
+            .expect("lag reader")
+    } else {
+        0
+    };
     let l = ledger.lock().unwrap();
     let mine = |id: &String| l.sent.contains_key(id);
     let result_ids: Vec<&(String, Option<i64>)> = results.iter().filter(|r| mine(&r.0)).collect();
     let dead_ids: Vec<&(String, Option<i64>)> = dead.iter().filter(|d| mine(&d.0)).collect();
     let distinct_results: HashSet<&String> = result_ids.iter().map(|r| &r.0).collect();
     let distinct_dead: HashSet<&String> = dead_ids.iter().map(|d| &d.0).collect();
-    let lost = expected_results
+    let missing = expected_results
         .iter()
         .filter(|id| !distinct_results.contains(id))
         .count()
@@ -424,6 +462,10 @@ async fn main() {
             .iter()
             .filter(|id| !distinct_dead.contains(id))
             .count();
+    // Events behind a spent budget are not lost while their offsets are uncommitted: at most
+    // the group's lag of them wait; any more are lost.
+    let waiting = missing.min(lag as usize);
+    let lost = missing - waiting;
     // Results commit in a transaction with the journal: a second one is a duplicate effect.
     // The DLQ is at-least-once (a record dead-lettered again after a restart): shown apart.
     let duplicated = result_ids.len() - distinct_results.len();
@@ -460,6 +502,9 @@ async fn main() {
         expected_dead.len()
     );
     println!("| **refused** (not 2xx after retries) | **{refused}** |");
+    if !budget_figures.is_empty() {
+        println!("| waiting on a spent budget (uncommitted: group lag {lag}) | {waiting} |");
+    }
     println!("| **lost** | **{lost}** |");
     println!("| **duplicated** | **{duplicated}** |");
     println!("| in the wrong place (a result for poison or the reverse) | {misrouted} |");
@@ -513,6 +558,21 @@ async fn main() {
             }
         );
     }
+    if !budget_figures.is_empty() {
+        println!("\nBudgets (the processor's view: every replica's spend this period):");
+        println!("| budget | limit | spent | exhausted | overshoot |");
+        println!("|---|---|---|---|---|");
+        for b in &budget_figures {
+            println!(
+                "| {} | {} | {:.6} | {} | {:.6} |",
+                b.name,
+                b.limit,
+                b.spent,
+                b.exhausted,
+                (b.spent - b.limit).max(0.0)
+            );
+        }
+    }
     if !complete {
         println!("\nthe result topic or the DLQ was not read to its end within two minutes");
     }
@@ -528,6 +588,83 @@ async fn main() {
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// One spend budget as the processor reports it.
+struct Budget {
+    name: String,
+    limit: f64,
+    spent: f64,
+    exhausted: bool,
+}
+
+/// The processor's budgets from its /metrics, or none.
+async fn budgets(url: Option<&str>) -> Vec<Budget> {
+    let Some(url) = url else {
+        return Vec::new();
+    };
+    let Ok(text) = async { reqwest::get(url).await?.text().await }.await else {
+        return Vec::new();
+    };
+    let value = |metric: &str, name: &str| -> f64 {
+        let series = format!("{metric}{{budget=\"{name}\"}} ");
+        (text.lines())
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let names: Vec<String> = (text.lines())
+        .filter_map(|l| l.strip_prefix("spillway_budget_limit{budget=\""))
+        .filter_map(|l| l.split('"').next())
+        .map(str::to_string)
+        .collect();
+    names
+        .into_iter()
+        .map(|name| Budget {
+            limit: value("spillway_budget_limit", &name),
+            spent: value("spillway_budget_spent", &name),
+            exhausted: value("spillway_budget_exhausted", &name) >= 1.0,
+            name,
+        })
+        .collect()
+}
+
+/// Records of `topic` past `group`'s committed offsets.
+fn group_lag(brokers: &str, group: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = match rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+    {
+        Ok(c) => c,
+        Err(_) => return 0,
+    };
+    let timeout = Duration::from_secs(10);
+    let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
+        return 0;
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, timeout) else {
+        return 0;
+    };
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, e.partition(), timeout)
+                .unwrap_or((0, 0));
+            let at = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(low);
+            (high - at).max(0)
+        })
+        .sum()
 }
 
 #[cfg(test)]

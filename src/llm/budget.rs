@@ -271,6 +271,9 @@ struct State {
     others: HashMap<String, Record>,
     /// Bumped by every change of `own`.
     version: u64,
+    /// The period in which each budget (by index) last refused a reservation, until one fits
+    /// again: the budget is exhausted while that period lasts.
+    refused: HashMap<usize, String>,
 }
 
 /// The budgets of one process: its own spend, the others' as read from the topic, and the
@@ -367,10 +370,8 @@ impl Budgets {
                 let (period, next_ms) = period_of(l.period, now);
                 let spent = self.spent(&s, i, &period);
                 if spent + l.amount(worst) > l.cap() {
-                    self.metrics
-                        .budget_exhausted
-                        .with_label_values(&[&l.name])
-                        .set(1.0);
+                    s.refused.insert(i, period.clone());
+                    self.publish(&s);
                     let until = Duration::from_millis((next_ms - now).max(1) as u64);
                     let after = until.min(Duration::from_millis(self.config.recheck_ms));
                     return Err(StepError::wait(
@@ -397,6 +398,7 @@ impl Budgets {
             for e in &entries {
                 s.own.entry(e.clone()).or_default().add(worst);
                 s.dirty.push(e.clone());
+                s.refused.remove(&e.0);
             }
             s.version += 1;
             self.publish(&s);
@@ -474,12 +476,11 @@ impl Budgets {
                 .budget_spent
                 .with_label_values(&[&l.name])
                 .set(spent);
-            if spent < l.cap() {
-                self.metrics
-                    .budget_exhausted
-                    .with_label_values(&[&l.name])
-                    .set(0.0);
-            }
+            let exhausted = s.refused.get(&i) == Some(&period);
+            self.metrics
+                .budget_exhausted
+                .with_label_values(&[&l.name])
+                .set(if exhausted { 1.0 } else { 0.0 });
         }
     }
 
