@@ -191,14 +191,22 @@ impl<T> FairQueue<T> {
         let c = self.classes.get_mut(&class)?;
         let item = c.items.pop_front()?;
         self.len -= 1;
-        self.vtime = pass;
         c.pass = pass + STRIDE / u64::from(weight(&item).clamp(1, MAX_WEIGHT));
-        if c.items.is_empty() {
+        let next = c.pass;
+        let drained = c.items.is_empty();
+        if drained {
             self.classes.remove(&class);
         } else {
-            let next = c.pass;
             self.activate(class, next);
         }
+        // Virtual time moves to the lowest pass still backlogged and, when the served class
+        // drained, to where its next item would have been served: a class that comes back
+        // starts there, so re-arriving just in time earns it nothing over its weight.
+        let mut at = self.order.first().map_or(next, |(p, _, _)| *p);
+        if drained {
+            at = at.max(next);
+        }
+        self.vtime = self.vtime.max(at);
         Some(item)
     }
 
@@ -364,6 +372,27 @@ mod tests {
         assert_eq!(q.pop(|_| 1), Some(3));
         assert!(q.pop(|_| 1).is_none());
         assert_eq!(q.classes(), 0);
+    }
+
+    #[test]
+    fn a_class_that_drains_and_comes_back_just_in_time_gets_only_its_weight() {
+        // `a` (weight 1) has one item at a time, refilled right after each pop, as a source
+        // paced at the dispatch rate would; `b` (weight 2) is backlogged.
+        let mut q = FairQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        for _ in 0..1_000 {
+            q.push(&b, ('b', 2));
+        }
+        q.push(&a, ('a', 1));
+        let mut served_a = 0;
+        for _ in 0..300 {
+            let (who, _) = q.pop(|t| t.1).unwrap();
+            if who == 'a' {
+                served_a += 1;
+                q.push(&a, ('a', 1));
+            }
+        }
+        assert!((99..=101).contains(&served_a), "a served {served_a} of 300");
     }
 
     proptest! {

@@ -266,12 +266,13 @@ pub async fn ensure_journal_topic(
     create(&config, &[new]).await
 }
 
-/// Creates the spend budgets' topic where missing: one partition, compacted (one total per
-/// budget, period and instance) and deleted after [`crate::llm::budget::RETENTION_MS`].
+/// Creates the spend budgets' topic where missing: one partition with the broker's default
+/// replication factor, compacted (one total per budget, period and instance) and deleted after
+/// [`crate::llm::budget::RETENTION_MS`].
 pub async fn ensure_budget_topic(k: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
     let config = base_config(k).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     let retention = crate::llm::budget::RETENTION_MS.to_string();
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1))
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
         .set("cleanup.policy", "compact,delete")
         .set("retention.ms", &retention)
         .set("segment.ms", "86400000");

@@ -156,6 +156,12 @@ pub struct Charge {
 }
 
 impl Charge {
+    /// The sum of both.
+    pub fn plus(mut self, other: Charge) -> Charge {
+        self.add(other);
+        self
+    }
+
     fn add(&mut self, other: Charge) {
         self.usd += other.usd;
         self.tokens += other.tokens;
@@ -282,7 +288,7 @@ pub struct Budgets {
     config: BudgetConfig,
     instance: String,
     state: Mutex<State>,
-    changed: Notify,
+    changed: Arc<Notify>,
     /// The highest `version` durable on the topic.
     flushed: watch::Sender<u64>,
     connected: AtomicBool,
@@ -299,6 +305,14 @@ pub struct Reserved {
 }
 
 impl Reserved {
+    /// Settles a call that got no answer: what it may have been billed (`maybe_billed`, a
+    /// timed-out or failed request the provider may have run) is charged, the rest comes back.
+    pub fn settle_failed(self, maybe_billed: Charge) {
+        if maybe_billed != Charge::default() {
+            self.settle(maybe_billed);
+        }
+    }
+
     /// The call cost `actual`: the rest of the reservation comes back.
     pub fn settle(mut self, actual: Charge) {
         self.settled = true;
@@ -330,7 +344,7 @@ impl Budgets {
             config: config.clone(),
             instance,
             state: Mutex::new(State::default()),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
             flushed: watch::channel(0).0,
             connected: AtomicBool::new(false),
             metrics: metrics.clone(),
@@ -359,6 +373,14 @@ impl Budgets {
         scope: Scope<'_>,
         worst: Charge,
     ) -> Result<Option<Reserved>, StepError> {
+        if !self.connected.load(Ordering::Acquire) {
+            // A processor started without `pipeline::start` (which connects the budgets):
+            // no call may go unaccounted, so none goes at all.
+            return Err(StepError::fatal(
+                "budget_not_connected",
+                "spend budgets are configured but not connected to their topic",
+            ));
+        }
         let now = now_ms();
         let version = {
             let mut s = self.lock();
@@ -366,6 +388,18 @@ impl Budgets {
             for (i, l) in self.config.limits.iter().enumerate() {
                 if !l.covers(scope) {
                     continue;
+                }
+                if l.amount(worst) > l.cap() {
+                    return Err(StepError::deterministic(
+                        "budget_too_small",
+                        format!(
+                            "one call may cost {} and budget {} allows {} a period: it could \
+                             never run",
+                            l.amount(worst),
+                            l.name,
+                            l.cap()
+                        ),
+                    ));
                 }
                 let (period, next_ms) = period_of(l.period, now);
                 let spent = self.spent(&s, i, &period);
@@ -516,7 +550,10 @@ impl Budgets {
         self: &Arc<Self>,
         kafka: &KafkaConfig,
     ) -> Result<(), rdkafka::error::KafkaError> {
-        crate::kafka::ensure_budget_topic(kafka, &self.config.topic).await?;
+        // A processor without the right to create topics finds the topic made by an operator.
+        if let Err(e) = crate::kafka::ensure_budget_topic(kafka, &self.config.topic).await {
+            tracing::warn!(topic = %self.config.topic, error = %e, "could not create the spend topic; expecting it to exist");
+        }
         let producer: FutureProducer = crate::kafka::producer_config(kafka)
             .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?
             .create()?;
@@ -533,13 +570,23 @@ impl Budgets {
         for t in md.topics() {
             for p in t.partitions() {
                 tpl.add_partition_offset(&self.config.topic, p.id(), Offset::Beginning)?;
-                let (_, high) = consumer.fetch_watermarks(
+                let (low, high) = consumer.fetch_watermarks(
                     &self.config.topic,
                     p.id(),
                     Duration::from_secs(10),
                 )?;
-                ends.push((p.id(), high));
+                // A partition that retention emptied (low = high) has nothing to read.
+                if low < high {
+                    ends.push((p.id(), high));
+                }
             }
+        }
+        if tpl.count() == 0 {
+            return Err(rdkafka::error::KafkaError::ClientCreation(format!(
+                "the spend topic {} does not exist; create it with one partition, \
+                 cleanup.policy=compact,delete and retention.ms={RETENTION_MS}",
+                self.config.topic
+            )));
         }
         consumer.assign(&tpl)?;
         // Restore: every record up to the end as of now, before any reservation.
@@ -579,29 +626,40 @@ impl Budgets {
         }
         self.connected.store(true, Ordering::Release);
         // The follower (other instances' totals as they come) and the writer (this instance's
-        // changed totals, then `flushed`) hold the budgets weakly: they stop once the steps
-        // that use them are gone.
+        // changed totals, then `flushed`) hold the budgets only while they work on them, so
+        // they stop within a second once the steps that use them are gone.
         let weak = Arc::downgrade(&me);
+        let changed = me.changed.clone();
         drop(me);
         std::thread::Builder::new()
             .name("spillway-budget".into())
             .spawn({
                 let weak = weak.clone();
-                move || {
-                    while let Some(me) = weak.upgrade() {
-                        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                            me.take_in(&m);
+                move || loop {
+                    let polled = consumer.poll(Duration::from_millis(100));
+                    let Some(me) = weak.upgrade() else {
+                        break;
+                    };
+                    match polled {
+                        Some(Ok(m)) => me.take_in(&m),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "reading the spend topic");
+                            me.metrics
+                                .kafka_errors
+                                .with_label_values(&["budget_read"])
+                                .inc();
                         }
+                        None => {}
                     }
                 }
             })
             .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
         tokio::spawn(async move {
-            while let Some(me) = weak.upgrade() {
-                tokio::select! {
-                    _ = me.changed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+            loop {
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed.notified()).await;
+                let Some(me) = weak.upgrade() else {
+                    break;
+                };
                 me.write(&producer).await;
             }
         });

@@ -262,6 +262,7 @@ impl LlmStep {
         spend: &mut Spend,
     ) -> Result<(Completion, &Target), StepError> {
         let estimate = estimate_tokens(system, messages);
+        let worst = self.worst_case(estimate);
         // The worst case, at the dearest price of the chain, is reserved before any provider
         // is tried; the answer settles it.
         let budget = match &self.budgets {
@@ -271,11 +272,13 @@ impl LlmStep {
                     source: &ctx.event.source,
                     step: &self.name,
                 };
-                let worst = self.worst_case(estimate);
                 b.reserve(scope, worst).await?
             }
             None => None,
         };
+        // What failed attempts may have been billed for: a request that timed out or failed
+        // after the provider took it may still be charged, so it counts at its worst case.
+        let mut maybe_billed = Charge::default();
         let share = &ctx.share;
         let mut last: Option<StepError> = None;
         let m = &self.metrics.llm;
@@ -337,10 +340,11 @@ impl LlmStep {
                     permit.success();
                     let cost = self.account_spend(target, &c, spend);
                     if let Some(b) = budget {
-                        b.settle(Charge {
+                        let actual = Charge {
                             usd: cost,
                             tokens: c.input_tokens + c.output_tokens,
-                        });
+                        };
+                        b.settle(actual.plus(maybe_billed));
                     }
                     return Ok((c, target));
                 }
@@ -357,6 +361,7 @@ impl LlmStep {
                     last = Some(StepError::defer(err.code(), message, Some(after)));
                 }
                 ErrorClass::Transient => {
+                    maybe_billed = maybe_billed.plus(worst);
                     if let Some(after) = headers.retry_after {
                         account.admission.hold(after);
                     }
@@ -385,9 +390,15 @@ impl LlmStep {
                 }
                 ErrorClass::Deterministic => {
                     permit.success();
+                    if let Some(b) = budget {
+                        b.settle_failed(maybe_billed);
+                    }
                     return Err(StepError::deterministic(err.code(), message));
                 }
             }
+        }
+        if let Some(b) = budget {
+            b.settle_failed(maybe_billed);
         }
         let chain_down = !self.chain.iter().any(|t| t.account.breaker.available());
         Err(match last {

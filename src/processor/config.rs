@@ -13,14 +13,17 @@ use crate::kafka::KafkaConfig;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessorConfig {
-    /// Global limit of events being processed at once, across all partitions.
+    /// Global limit of events being processed at once, across all partitions. Events waiting
+    /// on a spent budget do not count, up to this many of them.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Records a partition may hold waiting (not yet started) before it is paused.
     /// It resumes when the buffer has drained to half.
     #[serde(default = "default_max_buffered_per_partition")]
     pub max_buffered_per_partition: usize,
-    /// Records all partitions together may hold waiting before intake pauses.
+    /// Records all partitions together may hold waiting before intake pauses (with
+    /// `processor.fairness`, only for the sources holding at least an equal share, up to
+    /// twice this plus the poll thread's hand-over).
     #[serde(default = "default_max_buffered_total")]
     pub max_buffered_total: usize,
     /// How often finished offsets are stored and committed, in milliseconds.

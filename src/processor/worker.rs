@@ -96,8 +96,8 @@ impl Parked {
     }
 
     fn park<'a>(&'a self, metrics: &'a Metrics) -> ParkedGuard<'a> {
-        let n = self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-        metrics.budget_waiting.set(n as i64);
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        metrics.budget_waiting.inc();
         self.changed.notify_one();
         ParkedGuard {
             parked: self,
@@ -113,8 +113,8 @@ struct ParkedGuard<'a> {
 
 impl Drop for ParkedGuard<'_> {
     fn drop(&mut self) {
-        let n = (self.parked.count).fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
-        self.metrics.budget_waiting.set(n as i64);
+        (self.parked.count).fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.metrics.budget_waiting.dec();
         self.parked.changed.notify_one();
     }
 }

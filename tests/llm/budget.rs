@@ -8,6 +8,15 @@ use super::*;
 /// run processors in this process take turns.
 static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Puts the budgets' clock back to the wall clock when the test ends, passed or not.
+struct WallClock;
+
+impl Drop for WallClock {
+    fn drop(&mut self) {
+        spillway::fault::set_clock_offset_ms(0);
+    }
+}
+
 /// `[llm.budget]` on `topic` with one budget, `daily`, of `tokens` per UTC day.
 fn budget(topic: &str, tokens: u64) -> String {
     format!(
@@ -24,6 +33,7 @@ fn gauge(m: &str, series: &str) -> f64 {
 async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_over_with_nothing_lost(
 ) {
     let _clock = CLOCK.lock().await;
+    let _wall = WallClock;
     let (broker, topic, dlq, group) = setup(1).await;
     let spend = unique("spend");
     let sim = Sim::start(|c| c.latency_ms = 5).await;

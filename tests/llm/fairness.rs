@@ -75,7 +75,7 @@ async fn a_spike_from_one_source_does_not_hold_back_another_sources_fresh_events
     // admission (plus what was already being answered); first come, first served at either
     // would post them after at least 200 more of the spike.
     assert!(
-        last_steady < produced_at + 60,
+        last_steady < produced_at + 100,
         "the last steady event was posted at {last_steady}, {} posts after they were produced; \
          order: {:?}",
         last_steady - produced_at,
@@ -90,7 +90,7 @@ async fn a_quiet_source_on_its_own_topic_keeps_flowing_while_a_spike_fills_the_t
     let (broker, spiky, dlq, group) = setup(2).await;
     let quiet = unique("quiet");
     create_topic(&broker.bootstrap(), &quiet, 1).await;
-    // 10 requests a second; the look-ahead holds 40 records in all, 30 per partition: the
+    // 5 requests a second; the look-ahead holds 40 records in all, 30 per partition: the
     // spike's 300 fill it, and its partitions pause on the total.
     let sim = Sim::start(|c| c.latency_ms = 5).await;
     let (sink, posts) = recording_sink().await;
@@ -106,7 +106,7 @@ async fn a_quiet_source_on_its_own_topic_keeps_flowing_while_a_spike_fills_the_t
                 "primary",
                 "openai",
                 &sim,
-                "requests_per_minute = 600\nburst_ms = 100"
+                "requests_per_minute = 300\nburst_ms = 200"
             )
         ),
     )

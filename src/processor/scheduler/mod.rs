@@ -476,8 +476,10 @@ impl Scheduler {
             // starts meanwhile (it could call the LLM and then not record it).
             return;
         }
-        // Tasks waiting on a spent budget hold no slot.
-        while self.tasks.len() < self.cfg.max_in_flight + self.worker.parked.count() {
+        // Tasks waiting on a spent budget hold no slot, up to `max_in_flight` of them: at most
+        // twice `max_in_flight` tasks exist, and no more than that resume at a roll-over.
+        let parked = self.worker.parked.count().min(self.cfg.max_in_flight);
+        while self.tasks.len() < self.cfg.max_in_flight + parked {
             let Some(job) = self.ready.pop(|j| j.share.weight) else {
                 break;
             };
