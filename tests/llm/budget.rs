@@ -281,7 +281,7 @@ async fn two_replicas_sharing_a_budget_overshoot_by_no_more_than_their_in_flight
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spend_survives_a_sigkill_and_restart() {
+async fn spend_survives_a_sigkill_and_restart_and_a_raised_budget_resumes_the_waiting_events() {
     let (broker, topic, dlq, group) = setup(1).await;
     let spend = unique("spend");
     let sim = Sim::start(|c| c.latency_ms = 5).await;
@@ -368,4 +368,25 @@ async fn spend_survives_a_sigkill_and_restart() {
     );
     assert!(posts.len() < 60, "the events past the budget wait");
     drop(second);
+    // A restart with a higher budget runs the events that waited: none was lost.
+    let raised = toml.replace(&format!("tokens = {CAP}"), "tokens = 100000");
+    let third = SpillwayProc::spawn(&raised);
+    let done = async {
+        loop {
+            let distinct: std::collections::HashSet<String> = (posts.bodies.lock().unwrap().iter())
+                .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
+                .collect();
+            if distinct.len() >= 60 {
+                return distinct.len();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let distinct = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .unwrap_or_else(|_| panic!("the waiting events never ran; log:\n{}", third.log_text()));
+    assert_eq!(
+        distinct, 60,
+        "every event posted, after the budget was raised"
+    );
 }
