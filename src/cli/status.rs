@@ -88,6 +88,23 @@ pub struct PipelineEvents {
     pub duplicates: f64,
 }
 
+/// One spend budget this period, as the processor sees it (every replica's spend).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetStatus {
+    /// Its name.
+    pub name: String,
+    /// Its cap per period, in USD or tokens.
+    pub limit: f64,
+    /// `usd` or `tokens`.
+    pub unit: &'static str,
+    /// Spent this period, reservations in flight included; `None` without the processor.
+    pub spent: Option<f64>,
+    /// Whether it has refused a call this period (its events wait).
+    pub exhausted: Option<bool>,
+    /// Events waiting on a spent budget, across budgets; `None` without the processor.
+    pub waiting_events: Option<f64>,
+}
+
 /// The whole picture.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
@@ -103,6 +120,8 @@ pub struct Status {
     pub pipelines: Vec<PipelineStatus>,
     /// Events no pipeline took (skipped or dead-lettered), from the processor's `/metrics`.
     pub unmatched: Option<f64>,
+    /// Each configured spend budget this period, from the processor's `/metrics`.
+    pub budgets: Vec<BudgetStatus>,
     /// The processor, if its metrics endpoint answered.
     pub processor: Option<ProcessorStatus>,
     /// Why the processor's figures are missing, if they are.
@@ -221,6 +240,25 @@ pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, Stat
     let unmatched = text
         .as_deref()
         .map(|t| labelled_sum(t, "spillway_unmatched_events_total", &[]));
+    let budgets = (config.llm.budget.iter())
+        .flat_map(|b| &b.limits)
+        .map(|l| {
+            let of = |metric: &str| {
+                text.as_deref()
+                    .map(|t| labelled_sum(t, metric, &[("budget", l.name.as_str())]))
+            };
+            BudgetStatus {
+                name: l.name.clone(),
+                limit: l.usd.unwrap_or(l.tokens.unwrap_or(0) as f64),
+                unit: if l.usd.is_some() { "usd" } else { "tokens" },
+                spent: of("spillway_budget_spent"),
+                exhausted: of("spillway_budget_exhausted").map(|v| v >= 1.0),
+                waiting_events: text
+                    .as_deref()
+                    .map(|t| labelled_sum(t, "spillway_budget_waiting_events", &[])),
+            }
+        })
+        .collect();
     Ok(Status {
         group: config.kafka.group_id.clone(),
         partitions,
@@ -228,6 +266,7 @@ pub fn gather(config: &Config, metrics_url: Option<&str>) -> Result<Status, Stat
         dlq,
         pipelines,
         unmatched,
+        budgets,
         processor,
         processor_error,
     })
@@ -406,6 +445,21 @@ impl std::fmt::Display for Status {
         }
         if let Some(u) = self.unmatched.filter(|u| *u > 0.0) {
             writeln!(f, "unmatched events (no pipeline took them): {u}")?;
+        }
+        for b in &self.budgets {
+            let n = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
+            writeln!(
+                f,
+                "budget {}: {} of {} {} spent this period{}",
+                b.name,
+                n(b.spent),
+                b.limit,
+                b.unit,
+                match b.exhausted {
+                    Some(true) => format!("; EXHAUSTED, {} events waiting", n(b.waiting_events)),
+                    _ => String::new(),
+                }
+            )?;
         }
         match self.dlq.oldest_age_secs {
             Some(age) => writeln!(

@@ -91,6 +91,20 @@ async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_
         ) >= 1.0,
         "waits are counted"
     );
+    // `spillway status` says so.
+    let config = Config::from_toml(&toml).unwrap();
+    let url = format!("http://{addr}/metrics");
+    let status = tokio::task::block_in_place(|| {
+        spillway::cli::status::gather(&config, Some(&url)).expect("status")
+    });
+    let b = &status.budgets[0];
+    assert_eq!(
+        (b.name.as_str(), b.limit, b.unit),
+        ("daily", 600.0, "tokens")
+    );
+    assert_eq!(b.exhausted, Some(true));
+    assert!(b.spent.is_some_and(|s| s > 0.0 && s <= 600.0), "{b:?}");
+    assert!(status.to_string().contains("budget daily:"), "{status}");
     // Nothing moves while the day lasts: the calls already answered are posted, then none
     // follows within five rechecks.
     let calls = sim.stats().await.completed;
