@@ -119,8 +119,12 @@ pub struct FairQueue<T> {
     /// Arrival number of each backlogged class, to find its entry in `order`.
     arrival: HashMap<Arc<str>, u64>,
     next_arrival: u64,
-    /// The pass of the item served last: where a newly backlogged class starts.
+    /// The lowest pass backlogged (or of the item served last): where a newly backlogged
+    /// class starts.
     vtime: u64,
+    /// Where classes that drained would have been served next, until virtual time passes it:
+    /// a class that comes back starts there, so draining and returning earns it nothing.
+    drained: HashMap<Arc<str>, u64>,
     len: usize,
 }
 
@@ -132,6 +136,7 @@ impl<T> Default for FairQueue<T> {
             arrival: HashMap::new(),
             next_arrival: 0,
             vtime: 0,
+            drained: HashMap::new(),
             len: 0,
         }
     }
@@ -165,7 +170,7 @@ impl<T> FairQueue<T> {
             c.items.push_back(item);
             return;
         }
-        let pass = self.vtime;
+        let pass = (self.drained.remove(class)).map_or(self.vtime, |p| p.max(self.vtime));
         self.classes.insert(
             class.clone(),
             Class {
@@ -186,27 +191,40 @@ impl<T> FairQueue<T> {
     /// Takes the next item: the front of the backlogged class with the lowest pass, whose pass
     /// then grows by `STRIDE / weight(item)`.
     pub fn pop(&mut self, weight: impl Fn(&T) -> u32) -> Option<T> {
-        let (pass, _, class) = self.order.pop_first()?;
+        self.pop_where(weight, |_| true)
+    }
+
+    /// Like [`FairQueue::pop`], among the classes `allowed` accepts only (the others keep
+    /// their place).
+    pub fn pop_where(
+        &mut self,
+        weight: impl Fn(&T) -> u32,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Option<T> {
+        let entry = self.order.iter().find(|(_, _, c)| allowed(c)).cloned()?;
+        self.order.remove(&entry);
+        let (pass, _, class) = entry;
         self.arrival.remove(&class);
         let c = self.classes.get_mut(&class)?;
         let item = c.items.pop_front()?;
         self.len -= 1;
         c.pass = pass + STRIDE / u64::from(weight(&item).clamp(1, MAX_WEIGHT));
         let next = c.pass;
-        let drained = c.items.is_empty();
-        if drained {
+        if c.items.is_empty() {
             self.classes.remove(&class);
+            self.drained.insert(class, next);
         } else {
             self.activate(class, next);
         }
-        // Virtual time moves to the lowest pass still backlogged and, when the served class
-        // drained, to where its next item would have been served: a class that comes back
-        // starts there, so re-arriving just in time earns it nothing over its weight.
-        let mut at = self.order.first().map_or(next, |(p, _, _)| *p);
-        if drained {
-            at = at.max(next);
-        }
+        // Virtual time moves to the lowest pass still backlogged: a new class starts level
+        // with the others.
+        let at = self.order.first().map_or(next, |(p, _, _)| *p);
         self.vtime = self.vtime.max(at);
+        // Bounded: a drained class's pass matters only while virtual time is below it.
+        if self.drained.len() > 2 * self.classes.len() + 64 {
+            let vtime = self.vtime;
+            self.drained.retain(|_, p| *p > vtime);
+        }
         Some(item)
     }
 
@@ -393,6 +411,41 @@ mod tests {
             }
         }
         assert!((99..=101).contains(&served_a), "a served {served_a} of 300");
+    }
+
+    #[test]
+    fn a_held_class_keeps_its_place_while_the_others_are_served() {
+        let mut q = FairQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        for i in 0..3 {
+            q.push(&a, ('a', i));
+            q.push(&b, ('b', i));
+        }
+        let not_a = |c: &str| c != "a";
+        let served: Vec<_> = std::iter::from_fn(|| q.pop_where(|_| 1, not_a)).collect();
+        assert_eq!(served, [('b', 0), ('b', 1), ('b', 2)]);
+        assert_eq!((q.len(), q.class_len("a")), (3, 3));
+        assert_eq!(q.pop(|_| 1), Some(('a', 0)));
+    }
+
+    #[test]
+    fn drained_classes_are_forgotten_once_virtual_time_passes_them() {
+        // A backlogged class and a stream of one-item classes (every event its own source).
+        let mut q = FairQueue::default();
+        let busy: Arc<str> = Arc::from("busy");
+        for i in 0..20_000 {
+            q.push(&busy, i);
+        }
+        for i in 0..10_000 {
+            q.push(&Arc::from(format!("once-{i}")), i);
+            q.pop(|_| 1);
+            q.pop(|_| 1);
+            assert!(
+                q.drained.len() <= 2 * q.classes() + 64 + 1,
+                "{}",
+                q.drained.len()
+            );
+        }
     }
 
     proptest! {

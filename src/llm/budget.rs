@@ -648,6 +648,8 @@ impl Budgets {
                                 .kafka_errors
                                 .with_label_values(&["budget_read"])
                                 .inc();
+                            drop(me);
+                            std::thread::sleep(Duration::from_millis(500));
                         }
                         None => {}
                     }

@@ -276,8 +276,8 @@ impl LlmStep {
             }
             None => None,
         };
-        // What failed attempts may have been billed for: a request that timed out or failed
-        // after the provider took it may still be charged, so it counts at its worst case.
+        // What failed attempts may have been billed for: a request that timed out or whose
+        // answer broke off may still be charged, so it counts at the worst case reserved.
         let mut maybe_billed = Charge::default();
         let share = &ctx.share;
         let mut last: Option<StepError> = None;
@@ -361,7 +361,12 @@ impl LlmStep {
                     last = Some(StepError::defer(err.code(), message, Some(after)));
                 }
                 ErrorClass::Transient => {
-                    maybe_billed = maybe_billed.plus(worst);
+                    // A request that timed out or whose answer broke off may have run and been
+                    // billed; a refused connection or a 5xx was not. At most the one worst case
+                    // reserved is charged for the call's failed attempts.
+                    if matches!(err, CallError::Timeout | CallError::Malformed(_)) {
+                        maybe_billed = worst;
+                    }
                     if let Some(after) = headers.retry_after {
                         account.admission.hold(after);
                     }

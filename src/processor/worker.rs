@@ -79,11 +79,13 @@ pub struct Worker {
     pub(crate) parked: Parked,
 }
 
-/// Record tasks waiting on a spent budget ([`Action::Wait`]): they hold no in-flight slot, so
-/// the scheduler starts other records (other sources') in their place. Their offsets stay
-/// uncommitted, so their partitions pause once enough offsets wait behind them.
+/// Record tasks waiting on a spent budget ([`Action::Wait`]), by fairness class: they hold no
+/// in-flight slot, and the scheduler starts no more records of a class that has one waiting
+/// (the others' records run in their place) until it stops waiting. Their offsets stay
+/// uncommitted, so their partitions pause once their buffers fill.
 #[derive(Default)]
 pub(crate) struct Parked {
+    by_class: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
     count: std::sync::atomic::AtomicUsize,
     /// Wakes the scheduler when a task parks or wakes.
     pub(crate) changed: tokio::sync::Notify,
@@ -95,12 +97,24 @@ impl Parked {
         self.count.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn park<'a>(&'a self, metrics: &'a Metrics) -> ParkedGuard<'a> {
+    /// Whether no task of `class` is waiting.
+    pub(crate) fn is_free(&self, class: &str) -> bool {
+        !self.lock().contains_key(class)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Arc<str>, usize>> {
+        // Plain counts; a panic elsewhere cannot leave them inconsistent.
+        self.by_class.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn park<'a>(&'a self, class: &Arc<str>, metrics: &'a Metrics) -> ParkedGuard<'a> {
+        *self.lock().entry(class.clone()).or_default() += 1;
         self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         metrics.budget_waiting.inc();
         self.changed.notify_one();
         ParkedGuard {
             parked: self,
+            class: class.clone(),
             metrics,
         }
     }
@@ -108,11 +122,21 @@ impl Parked {
 
 struct ParkedGuard<'a> {
     parked: &'a Parked,
+    class: Arc<str>,
     metrics: &'a Metrics,
 }
 
 impl Drop for ParkedGuard<'_> {
     fn drop(&mut self) {
+        {
+            let mut by_class = self.parked.lock();
+            if let Some(n) = by_class.get_mut(&self.class) {
+                *n -= 1;
+                if *n == 0 {
+                    by_class.remove(&self.class);
+                }
+            }
+        }
         (self.parked.count).fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.metrics.budget_waiting.dec();
         self.parked.changed.notify_one();
@@ -539,6 +563,9 @@ impl Worker {
             fault::point("before_step", step.name());
             let mut attempts = Attempts::new();
             let mut attempt = 0u32;
+            // Held from the first `Wait` until the step answers anything else, so the class
+            // stays held between rechecks.
+            let mut waiting = None;
             let output: StepOutput = loop {
                 // A step whose dependency is down (an open breaker) holds the event here,
                 // unless shutdown begins: then it is left unfinished and redelivered later.
@@ -580,6 +607,9 @@ impl Worker {
                     Ok(output) => break output,
                     Err(e) => e,
                 };
+                if !matches!(err.action, Action::Wait { .. }) {
+                    waiting = None;
+                }
                 *spend += err.spend;
                 match err.action {
                     Action::Fatal => {
@@ -629,7 +659,9 @@ impl Worker {
                             message = %err.message,
                             "step waiting"
                         );
-                        let _parked = self.parked.park(&self.metrics);
+                        if waiting.is_none() {
+                            waiting = Some(self.parked.park(&ctx.share.class, &self.metrics));
+                        }
                         tokio::select! {
                             biased;
                             _ = tokio::time::sleep(after) => {}

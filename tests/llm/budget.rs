@@ -404,3 +404,95 @@ async fn spend_survives_a_sigkill_and_restart_and_a_raised_budget_resumes_the_wa
         "every event posted, after the budget was raised"
     );
 }
+
+/// `sourced` records: `n` events of `source`, keyed and named `<tag>-<i>`.
+fn sourced(source: &str, tag: &str, range: std::ops::Range<usize>) -> Vec<Rec> {
+    range
+        .map(|i| {
+            let mut rec = text_rec(&format!("{tag}-{i}"), &format!("{tag} {i}"));
+            rec.headers = vec![
+                ("ce_id".into(), format!("{tag}-{i}")),
+                ("ce_source".into(), source.into()),
+            ];
+            rec
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_whose_budget_is_spent_waits_while_other_sources_go_on() {
+    let _clock = CLOCK.lock().await;
+    let (broker, topic, dlq, group) = setup(2).await;
+    let spend = unique("spend");
+    let sim = Sim::start(|c| c.latency_ms = 5).await;
+    let (sink, posts) = recording_sink().await;
+    // The campaign's 600 tokens a day run out after a few of its 100 events; the blog has no
+    // budget. Four slots: a campaign holding them while it waits would starve the blog.
+    let toml = pipeline_toml(
+        &broker,
+        (&topic, &dlq, &group),
+        sink,
+        "",
+        &format!(
+            "{}\n[llm.budget]\ntopic = \"{spend}\"\nrecheck_ms = 200\n\
+             [[llm.budget.limits]]\nname = \"campaign\"\nperiod = \"day\"\ntokens = 600\n\
+             source = \"/webhooks/campaign\"\n[processor]\nmax_in_flight = 4\n",
+            provider("primary", "openai", &sim, ""),
+        ),
+    );
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        sourced("/webhooks/campaign", "campaign", 0..100),
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let (addr, task) = start_configured(&toml, stop.clone()).await;
+    wait_until_async(
+        "the campaign's budget runs out",
+        Duration::from_secs(60),
+        || async {
+            gauge(
+                &metrics(addr).await,
+                "spillway_budget_exhausted{budget=\"campaign\"}",
+            ) == 1.0
+        },
+    )
+    .await;
+    produce_all(
+        &broker.bootstrap(),
+        &topic,
+        sourced("/webhooks/blog", "blog", 0..20),
+    )
+    .await;
+    let blog_posted = || {
+        (posts.bodies.lock().unwrap().iter())
+            .filter(|b| {
+                b["data"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("blog"))
+            })
+            .count()
+    };
+    wait_until(
+        "every blog event is posted",
+        Duration::from_secs(60),
+        || blog_posted() == 20,
+    )
+    .await;
+    let m = metrics(addr).await;
+    let waiting = gauge(&m, "spillway_budget_waiting_events");
+    // Only the campaign events dispatched before the first one waited are parked; the source
+    // is held after that, so the waiting tasks never pile up.
+    assert!(
+        (1.0..=4.0).contains(&waiting),
+        "{waiting} campaign events parked"
+    );
+    let campaign_posted = posts.len() - 20;
+    assert!(
+        campaign_posted < 100,
+        "{campaign_posted} campaign events posted"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -476,11 +476,18 @@ impl Scheduler {
             // starts meanwhile (it could call the LLM and then not record it).
             return;
         }
-        // Tasks waiting on a spent budget hold no slot, up to `max_in_flight` of them: at most
-        // twice `max_in_flight` tasks exist, and no more than that resume at a roll-over.
-        let parked = self.worker.parked.count().min(self.cfg.max_in_flight);
-        while self.tasks.len() < self.cfg.max_in_flight + parked {
-            let Some(job) = self.ready.pop(|j| j.share.weight) else {
+        // Tasks waiting on a spent budget hold no slot; a class with one waiting starts no more
+        // records until it stops waiting, so the waiting tasks stay few (those dispatched
+        // before the first one parked) and the other classes take the slots.
+        let parked = &self.worker.parked;
+        while self.tasks.len() < self.cfg.max_in_flight + parked.count() {
+            let job = if parked.count() == 0 {
+                self.ready.pop(|j| j.share.weight)
+            } else {
+                self.ready
+                    .pop_where(|j| j.share.weight, |class| parked.is_free(class))
+            };
+            let Some(job) = job else {
                 break;
             };
             let Some(state) = self
