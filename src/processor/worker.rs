@@ -625,29 +625,9 @@ impl Worker {
                         tracing::debug!(step = step.name(), code = err.code, "event skipped");
                         return Outcome::Skipped;
                     }
-                    Action::Defer { after } => {
-                        // Flow control, not failure: the attempt is not used up.
-                        attempt -= 1;
-                        self.metrics
-                            .deferrals
-                            .with_label_values(&[p, step.name(), err.code])
-                            .inc();
-                        tracing::debug!(
-                            step = step.name(),
-                            code = err.code,
-                            "step deferred; waiting for its dependency"
-                        );
-                        match after {
-                            Some(after) => tokio::select! {
-                                biased;
-                                _ = tokio::time::sleep(after) => {}
-                                _ = self.drain.cancelled() => return Outcome::Abandoned,
-                            },
-                            None => tokio::task::yield_now().await,
-                        }
-                    }
-                    Action::Wait { after } => {
-                        // Not a failure either, and it gives its in-flight slot back meanwhile.
+                    Action::Defer { .. } | Action::Wait { .. } => {
+                        // Flow control, not failure: the attempt is not used up. A `Wait` (a
+                        // spent budget) also gives the in-flight slot back meanwhile.
                         attempt -= 1;
                         self.metrics
                             .deferrals
@@ -657,15 +637,26 @@ impl Worker {
                             step = step.name(),
                             code = err.code,
                             message = %err.message,
-                            "step waiting"
+                            "step deferred; waiting for its dependency or budget"
                         );
-                        if waiting.is_none() {
-                            waiting = Some(self.parked.park(&ctx.share.class, &self.metrics));
-                        }
-                        tokio::select! {
-                            biased;
-                            _ = tokio::time::sleep(after) => {}
-                            _ = self.drain.cancelled() => return Outcome::Abandoned,
+                        let after = match err.action {
+                            Action::Wait { after } => {
+                                if waiting.is_none() {
+                                    waiting =
+                                        Some(self.parked.park(&ctx.share.class, &self.metrics));
+                                }
+                                Some(after)
+                            }
+                            Action::Defer { after } => after,
+                            _ => None,
+                        };
+                        match after {
+                            Some(after) => tokio::select! {
+                                biased;
+                                _ = tokio::time::sleep(after) => {}
+                                _ = self.drain.cancelled() => return Outcome::Abandoned,
+                            },
+                            None => tokio::task::yield_now().await,
                         }
                     }
                     Action::Retry { after } if attempt < self.retry.max_attempts => {

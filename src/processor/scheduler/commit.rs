@@ -253,7 +253,7 @@ impl Scheduler {
                 let lim = limit_of(topic, *partition);
                 let mut n = dropped.remove(&(topic.clone(), *partition)).unwrap_or(0);
                 for waiting in state.keys.values_mut() {
-                    while waiting.back().is_some_and(|r| r.offset() >= lim) {
+                    while waiting.back().is_some_and(|(r, _)| r.offset() >= lim) {
                         waiting.pop_back();
                         n += 1;
                     }

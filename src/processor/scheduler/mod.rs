@@ -47,7 +47,8 @@ struct PartitionState {
     epoch: u64,
     tracker: OffsetTracker,
     /// Keys with a record running or waiting, and the records waiting behind it.
-    keys: HashMap<u64, VecDeque<Arc<OwnedMessage>>>,
+    /// (Each with its class and weight, found once when it arrived.)
+    keys: HashMap<u64, VecDeque<(Arc<OwnedMessage>, Share)>>,
     /// Records received and not started yet.
     buffered: usize,
     /// Records of this partition running now.
@@ -379,7 +380,7 @@ impl Scheduler {
             .saturating_add(self.cfg.handover_capacity());
         let total_full = total + 1 >= max_total && (heavy || total + 1 >= hard);
         match waiting {
-            Some(queue) => queue.push_back(record),
+            Some(queue) => queue.push_back((record, share)),
             None => {
                 let class = share.class.clone();
                 self.ready.push(
@@ -572,8 +573,7 @@ impl Scheduler {
             None => None,
         };
         match next {
-            Some(record) => {
-                let share = self.cfg.fairness.share_of(&record);
+            Some((record, share)) => {
                 let class = share.class.clone();
                 self.ready.push(
                     &class,
