@@ -186,6 +186,13 @@ impl Received {
             .collect()
     }
 
+    /// Each body's `data.text`, in arrival order (`?` where there is none).
+    pub fn texts(&self) -> Vec<String> {
+        (self.bodies.lock().unwrap().iter())
+            .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
     /// (key, seq) pairs in arrival order.
     pub fn seqs(&self) -> Vec<(String, u64)> {
         self.bodies

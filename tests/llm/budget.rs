@@ -2,6 +2,8 @@
 //! period's roll-over; replicas share one budget through the spend topic; spend survives a
 //! SIGKILL.
 
+use std::collections::HashSet;
+
 use super::*;
 
 /// The clock budgets run on is process-wide (`fault::set_clock_offset_ms`): the tests that
@@ -115,7 +117,17 @@ async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_
     )
     .await;
     let before = posts.len();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let waits = |m: &str| {
+        metric_sum(
+            m,
+            "spillway_step_deferrals_total{pipeline=\"default\",reason=\"budget_exhausted\"",
+        )
+    };
+    let rechecks = waits(&metrics(addr).await);
+    wait_until_async("five more rechecks", Duration::from_secs(30), || async {
+        waits(&metrics(addr).await) >= rechecks + 5.0
+    })
+    .await;
     assert_eq!(posts.len(), before);
     assert_eq!(
         sim.stats().await.completed,
@@ -163,9 +175,7 @@ async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_
         "the budget held each day to a few events ({days} days)"
     );
     spillway::fault::set_clock_offset_ms(0);
-    let mut texts: Vec<String> = (posts.bodies.lock().unwrap().iter())
-        .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
-        .collect();
+    let mut texts = posts.texts();
     texts.sort();
     texts.dedup();
     assert_eq!(
@@ -186,6 +196,22 @@ async fn an_exhausted_daily_budget_defers_events_pauses_and_resumes_at_the_roll_
         Some(&40),
         "the group committed every offset"
     );
+}
+
+/// `p`'s `/metrics` once `ready` holds for it; after 60 s panics with its log.
+async fn scraped_when(p: &SpillwayProc, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(m) = p.try_scrape().await.filter(|m| ready(m)) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}; log:\n{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The tokens every answer of the simulator used, input and output.
@@ -249,16 +275,14 @@ async fn two_replicas_sharing_a_budget_overshoot_by_no_more_than_their_in_flight
         },
     )
     .await;
-    // Calls in flight finish; then neither replica sends another.
-    let mut last = tokens_used(&sim).await;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = tokens_used(&sim).await;
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    // Calls in flight finish: every task left on either replica waits on the budget.
+    wait_until_async("no call is in flight", Duration::from_secs(30), || async {
+        let idle = |m: &str| {
+            gauge(m, "spillway_inflight_events") == gauge(m, "spillway_budget_waiting_events")
+        };
+        idle(&metrics(a).await) && idle(&metrics(b).await)
+    })
+    .await;
     let used = tokens_used(&sim).await as f64;
     let (ma, mb) = (metrics(a).await, metrics(b).await);
     let finished = |m: &str| metric_sum(m, "spillway_events_total");
@@ -334,20 +358,12 @@ async fn spend_survives_a_sigkill_and_restart_and_a_raised_budget_resumes_the_wa
     first.kill9();
     // A new instance starts from every instance's spend on the topic.
     let second = SpillwayProc::spawn(&toml);
-    let spent_after = async {
-        loop {
-            if let Some(m) = second.try_scrape().await {
-                let v = gauge(&m, "spillway_budget_spent{budget=\"daily\"}");
-                if v >= 0.0 {
-                    return v;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let spent_after = tokio::time::timeout(Duration::from_secs(60), spent_after)
-        .await
-        .expect("the restarted processor reports its budget");
+    let spent = "spillway_budget_spent{budget=\"daily\"}";
+    let m = scraped_when(&second, "the restarted processor reports its budget", |m| {
+        gauge(m, spent) >= 0.0
+    })
+    .await;
+    let spent_after = gauge(&m, spent);
     assert!(
         spent_after >= used_before as f64,
         "the restarted instance counts the {used_before} tokens spent before the kill: {spent_after}"
@@ -358,21 +374,11 @@ async fn spend_survives_a_sigkill_and_restart_and_a_raised_budget_resumes_the_wa
         (15..60).map(|i| text_rec(&format!("k{i}"), &format!("comment {i}"))),
     )
     .await;
-    let exhausted = async {
-        loop {
-            if let Some(m) = second.try_scrape().await {
-                if gauge(&m, "spillway_budget_exhausted{budget=\"daily\"}") == 1.0
-                    && gauge(&m, "spillway_budget_waiting_events") >= 1.0
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), exhausted)
-        .await
-        .unwrap_or_else(|_| panic!("the budget never ran out; log:\n{}", second.log_text()));
+    scraped_when(&second, "the budget runs out in the second run", |m| {
+        gauge(m, "spillway_budget_exhausted{budget=\"daily\"}") == 1.0
+            && gauge(m, "spillway_budget_waiting_events") >= 1.0
+    })
+    .await;
     // One instance's reservations never pass the cap; an answer may use a few more prompt
     // tokens than estimated, never a whole call's worth.
     let used = tokens_used(&sim).await;
@@ -385,36 +391,25 @@ async fn spend_survives_a_sigkill_and_restart_and_a_raised_budget_resumes_the_wa
     // A restart with a higher budget runs the events that waited: none was lost.
     let raised = toml.replace(&format!("tokens = {CAP}"), "tokens = 100000");
     let third = SpillwayProc::spawn(&raised);
-    let done = async {
-        loop {
-            let distinct: std::collections::HashSet<String> = (posts.bodies.lock().unwrap().iter())
-                .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
-                .collect();
-            if distinct.len() >= 60 {
-                return distinct.len();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let distinct = tokio::time::timeout(Duration::from_secs(60), done)
-        .await
-        .unwrap_or_else(|_| panic!("the waiting events never ran; log:\n{}", third.log_text()));
+    let distinct = || posts.texts().into_iter().collect::<HashSet<_>>().len();
+    third
+        .wait_until("the waiting events run", Duration::from_secs(60), || {
+            distinct() >= 60
+        })
+        .await;
     assert_eq!(
-        distinct, 60,
+        distinct(),
+        60,
         "every event posted, after the budget was raised"
     );
 }
 
-/// `sourced` records: `n` events of `source`, keyed and named `<tag>-<i>`.
+/// Events of `source` with ids `<tag>-<i>` and texts `<tag> <i>`.
 fn sourced(source: &str, tag: &str, range: std::ops::Range<usize>) -> Vec<Rec> {
     range
         .map(|i| {
-            let mut rec = text_rec(&format!("{tag}-{i}"), &format!("{tag} {i}"));
-            rec.headers = vec![
-                ("ce_id".into(), format!("{tag}-{i}")),
-                ("ce_source".into(), source.into()),
-            ];
-            rec
+            let (id, text) = (format!("{tag}-{i}"), format!("{tag} {i}"));
+            cloud_event(&id, source, "com.example.comment", &text)
         })
         .collect()
 }
@@ -466,12 +461,8 @@ async fn a_source_whose_budget_is_spent_waits_while_other_sources_go_on() {
     )
     .await;
     let blog_posted = || {
-        (posts.bodies.lock().unwrap().iter())
-            .filter(|b| {
-                b["data"]["text"]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("blog"))
-            })
+        (posts.texts().iter())
+            .filter(|t| t.starts_with("blog"))
             .count()
     };
     wait_until(

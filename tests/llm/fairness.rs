@@ -4,16 +4,9 @@
 
 use super::*;
 
-/// An event of `source` (`ce_source`), keyed by its id, with `{"text": ..}` as data.
+/// A comment of `source` (`ce_source`), keyed by its id.
 fn sourced(source: &str, id: &str, text: &str) -> Rec {
-    let mut rec = text_rec(id, text);
-    rec.headers = vec![
-        ("ce_specversion".into(), "1.0".into()),
-        ("ce_id".into(), id.into()),
-        ("ce_source".into(), source.into()),
-        ("ce_type".into(), "com.example.comment".into()),
-    ];
-    rec
+    cloud_event(id, source, "com.example.comment", text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,9 +56,7 @@ async fn a_spike_from_one_source_does_not_hold_back_another_sources_fresh_events
         posts.len() >= SPIKE + 10
     })
     .await;
-    let order: Vec<String> = (posts.bodies.lock().unwrap().iter())
-        .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
-        .collect();
+    let order = posts.texts();
     assert_eq!(order.len(), SPIKE + 10, "each event posted once");
     let last_steady = order
         .iter()
@@ -147,7 +138,7 @@ async fn a_quiet_source_on_its_own_topic_keeps_flowing_while_a_spike_fills_the_t
         )
         .await;
         wait_until("the quiet event is posted", Duration::from_secs(60), || {
-            (posts.bodies.lock().unwrap().iter()).any(|b| b["data"]["text"] == text.as_str())
+            posts.texts().contains(&text)
         })
         .await;
         waits.push(posts.len() - before);

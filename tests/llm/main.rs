@@ -73,6 +73,19 @@ output_usd_per_mtok = 0.6
     )
 }
 
+/// A CloudEvents record keyed by its id: id, source and type in `ce_*` headers,
+/// `{"text": ..}` as data.
+fn cloud_event(id: &str, source: &str, event_type: &str, text: &str) -> Rec {
+    let mut rec = text_rec(id, text);
+    rec.headers = vec![
+        ("ce_specversion".into(), "1.0".into()),
+        ("ce_id".into(), id.into()),
+        ("ce_source".into(), source.into()),
+        ("ce_type".into(), event_type.into()),
+    ];
+    rec
+}
+
 fn provider(name: &str, api: &str, sim: &Sim, extra: &str) -> String {
     format!(
         "[llm.providers.{name}]\napi = \"{api}\"\nbase_url = \"{}\"\napi_key = \"test-key\"\n{extra}\n",

@@ -4,18 +4,6 @@
 
 use super::*;
 
-/// A CloudEvents record: id, source and type in `ce_*` headers, `{"text": ..}` as data.
-fn cloud_event(id: &str, event_type: &str, text: &str) -> Rec {
-    let mut rec = text_rec(id, text);
-    rec.headers = vec![
-        ("ce_specversion".into(), "1.0".into()),
-        ("ce_id".into(), id.into()),
-        ("ce_source".into(), "/app".into()),
-        ("ce_type".into(), event_type.into()),
-    ];
-    rec
-}
-
 /// A pipeline `name` taking `topics`/`types`: classify with account `primary`, then post to
 /// `sink`; `journal` is its `[pipelines.journal]` table, if any.
 fn pipeline(name: &str, takes: &str, journal: &str, sink: SocketAddr) -> String {
@@ -44,9 +32,7 @@ url = "http://{sink}/events"
 }
 
 fn texts(received: &Received) -> Vec<String> {
-    let mut texts: Vec<String> = (received.bodies.lock().unwrap().iter())
-        .map(|b| b["data"]["text"].as_str().unwrap_or("?").to_string())
-        .collect();
+    let mut texts = received.texts();
     texts.sort();
     texts
 }
@@ -105,6 +91,7 @@ async fn two_pipelines_in_one_processor_keep_their_own_steps_and_ttls_and_share_
             .map(|i| {
                 cloud_event(
                     &format!("evt-{i}"),
+                    "/app",
                     &format!("com.example.{kind}"),
                     &format!("{kind} {i}"),
                 )
@@ -245,6 +232,7 @@ async fn an_event_no_pipeline_takes_is_dead_lettered_or_skipped_as_configured() 
                 let kind = if i % 4 == 0 { "presence" } else { "comment" };
                 cloud_event(
                     &format!("e{i}"),
+                    "/app",
                     &format!("com.example.{kind}"),
                     &format!("{i}"),
                 )
