@@ -771,6 +771,50 @@ impl Budgets {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_not_durable_within_the_write_timeout_defers_and_is_given_back() {
+        let config = BudgetConfig {
+            topic: default_topic(),
+            recheck_ms: 200,
+            write_timeout_ms: 5_000,
+            limits: vec![LimitConfig {
+                name: "t".into(),
+                period: Period::Day,
+                usd: None,
+                tokens: Some(1_000),
+                pipeline: None,
+                source: None,
+                step: None,
+            }],
+        };
+        let b = Budgets::new(&config, &Metrics::new());
+        // Connected, but no writer runs: nothing ever becomes durable.
+        b.connected.store(true, Ordering::Release);
+        let scope = Scope {
+            pipeline: "default",
+            source: "/webhooks/blog",
+            step: "classify",
+        };
+        let worst = Charge {
+            usd: 0.0,
+            tokens: 400,
+        };
+        let started = tokio::time::Instant::now();
+        let err = match b.reserve(scope, worst).await {
+            Err(e) => e,
+            Ok(_) => panic!("a reservation nobody wrote was taken as durable"),
+        };
+        assert_eq!(err.code, "budget_unavailable");
+        assert!(matches!(err.action, crate::step::Action::Defer { .. }));
+        assert!(started.elapsed() >= Duration::from_millis(5_000));
+        let (period, _) = period_of(Period::Day, now_ms());
+        assert_eq!(
+            b.spent(&b.lock(), 0, &period),
+            0.0,
+            "the reservation was given back"
+        );
+    }
+
     #[test]
     fn totals_of_past_periods_are_forgotten() {
         let limit = |name: &str, period, usd, tokens| LimitConfig {
